@@ -1,0 +1,1 @@
+"""Shared by server and clients: example-set data, loaders, losses, metrics, models, config."""

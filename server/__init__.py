@@ -1,0 +1,1 @@
+"""The central server: teacher training, teacher score table, Flower ServerApp."""

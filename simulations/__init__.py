@@ -1,0 +1,1 @@
+"""Local federated simulations: partitioners, scenarios, sweeps, reports."""
