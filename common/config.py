@@ -1,0 +1,364 @@
+"""Every tunable of a fedrank federation, in one place.
+
+:class:`FedrankConfig` is the single source of truth for the keys of ``[tool.flwr.app.config]``
+(hyphenated, as Flower writes them) and their defaults; the dataclass fields are the same names
+in snake_case. :meth:`FedrankConfig.from_run_config` validates a mapping of keys (a Flower
+``run_config``, ``--run-config`` overrides or a dict from Python) and raises
+:class:`~common.errors.ConfigError` naming the key for any unknown key or bad value, so a bad
+configuration fails before the first round.
+
+The server sends the client-side keys (:data:`CLIENT_KEYS`) to every client in its train and
+evaluate ``ConfigRecord``; a device needs nothing but ``data-path`` in its own ``node_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from common.errors import ConfigError
+
+__all__ = [
+    "CHOICES",
+    "CLIENT_KEYS",
+    "FedrankConfig",
+    "LOSS_KEYS",
+    "to_key",
+    "to_field",
+]
+
+# allowed values of the string options that are a choice
+CHOICES: dict[str, tuple[str, ...]] = {
+    "strategy": ("fedavg", "fedprox", "fedadam", "fedtrimmedavg"),
+    "score_mode": ("broadcast", "targeted"),
+    "score_dtype": ("float32", "float16"),
+    "optimizer": ("adam", "sgd"),
+    "student_features": ("device", "all"),
+    "partition_scheme": ("iid", "dirichlet", "sizes"),
+    "eval_split": ("test", "vali"),
+}
+
+# loss family -> (key of the loss name, key of the weight)
+LOSS_KEYS: dict[str, tuple[str, str]] = {
+    "label": ("label_loss", "label_weight"),
+    "score": ("score_loss", "score_weight"),
+    "rank_label": ("rank_label_loss", "rank_label_weight"),
+    "rank": ("rank_loss", "rank_weight"),
+}
+
+
+def to_key(field_name: str) -> str:
+    """``local_epochs`` -> ``local-epochs`` (the Flower configuration key)."""
+    return field_name.replace("_", "-")
+
+
+def to_field(key: str) -> str:
+    """``local-epochs`` -> ``local_epochs``."""
+    return key.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class FedrankConfig:
+    """All settings of a run; see ``docs/federation.md`` for each key.
+
+    Field ``x_y`` is the configuration key ``x-y``. Defaults give a quick run on the default
+    synthetic data: a small student, five rounds, rank distillation on.
+    """
+
+    # ---- data and models ------------------------------------------------------------------
+    data_path: str = "synthetic"
+    seed: int = 0
+    student_hidden: str = "16"
+    student_features: str = "device"
+    # ---- federation -----------------------------------------------------------------------
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_available_nodes: int = 2
+    round_timeout: float = 3600.0
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.05
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
+    trim_beta: float = 0.2
+    score_mode: str = "targeted"
+    score_dtype: str = "float32"
+    client_policy: str = "uniform"
+    # ---- local training on the clients ----------------------------------------------------
+    local_epochs: int = 2
+    local_steps: int = 0
+    learning_rate: float = 0.01
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    batch_size: int = 16
+    label_loss: str = "label_sigmoid_ce"
+    label_weight: float | str = 0.2
+    score_loss: str = "score_sigmoid_ce"
+    score_weight: float | str = 0.0
+    rank_label_loss: str = "label_softmax"
+    rank_label_weight: float | str = 1.0
+    rank_loss: str = "rank_softmax_ce"
+    rank_weight: float | str = 1.0
+    temperature: float = 1.0
+    label_fraction: float = 1.0
+    # ---- simulated clients ----------------------------------------------------------------
+    partition_scheme: str = "iid"
+    partition_alpha: float = 0.5
+    # ---- teacher (trained once on the server, cached) -------------------------------------
+    teacher_epochs: int = 30
+    teacher_d_model: int = 64
+    teacher_layers: int = 2
+    teacher_heads: int = 4
+    teacher_lr: float = 0.002
+    teacher_cache_dir: str = ""
+    # ---- evaluation and outputs -----------------------------------------------------------
+    eval_split: str = "test"
+    out_dir: str = "runs/fedrank"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        self._check_values()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        """Every configuration key (hyphenated), in declaration order."""
+        return [to_key(f.name) for f in fields(cls)]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{key: default}`` for every key: what ``[tool.flwr.app.config]`` holds."""
+        return {to_key(f.name): f.default for f in fields(cls)}
+
+    @classmethod
+    def from_run_config(cls, mapping: Mapping[str, Any] | None = None, **overrides: Any) -> FedrankConfig:
+        """Validate ``mapping`` (hyphenated or snake_case keys) on top of the defaults.
+
+        Unknown keys and bad values raise :class:`ConfigError` naming the key.
+        """
+        values: dict[str, Any] = {}
+        names = {f.name for f in fields(cls)}
+        for key, value in {**dict(mapping or {}), **overrides}.items():
+            name = to_field(str(key))
+            if name not in names:
+                raise ConfigError(
+                    f"unknown configuration key {key!r}; valid keys: {', '.join(cls.keys())}"
+                )
+            values[name] = value
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{key: value}`` with hyphenated keys (JSON-able; what ``config.json`` holds)."""
+        return {to_key(k): v for k, v in asdict(self).items()}
+
+    def replace(self, **changes: Any) -> FedrankConfig:
+        """A copy with ``changes`` (hyphenated or snake_case keys), validated again."""
+        return FedrankConfig.from_run_config({**self.to_dict(), **changes})
+
+    def client_dict(self) -> dict[str, Any]:
+        """The keys a client needs, to travel in its ``ConfigRecord``."""
+        return {k: v for k, v in self.to_dict().items() if k in CLIENT_KEYS}
+
+    # ---- derived objects ----------------------------------------------------------------
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """``student-hidden`` as layer widths; ``""`` gives a linear student."""
+        text = self.student_hidden.strip()
+        if not text:
+            return ()
+        try:
+            widths = tuple(int(p) for p in text.replace(" ", "").split(","))
+        except ValueError:
+            raise ConfigError(
+                f"'student-hidden' must be comma-separated widths such as '32,16' or '' "
+                f"for a linear student, got {self.student_hidden!r}"
+            ) from None
+        if any(w < 1 for w in widths):
+            raise ConfigError(f"'student-hidden' widths must be >= 1, got {self.student_hidden!r}")
+        return widths
+
+    def loss_terms(self) -> list[Any]:
+        """The :class:`~common.losses.LossTerm` list of the composite loss (zero weights kept,
+        so each term's value is still logged)."""
+        import inspect
+
+        from common.losses import FAMILY_LOSSES, LOSS_TARGETS, LOSSES, LossTerm, WeightSchedule
+
+        terms = []
+        for family, (loss_field, weight_field) in LOSS_KEYS.items():
+            loss = getattr(self, loss_field)
+            weight = getattr(self, weight_field)
+            if loss not in FAMILY_LOSSES[family]:
+                raise ConfigError(
+                    f"{to_key(loss_field)!r}: unknown loss {loss!r} for the {family} term; "
+                    f"valid: {', '.join(FAMILY_LOSSES[family])}"
+                )
+            try:
+                WeightSchedule.parse(weight, context=to_key(weight_field))
+            except ConfigError as err:
+                raise ConfigError(f"{to_key(weight_field)!r}: {err}") from None
+            options: dict[str, Any] = {}
+            if LOSS_TARGETS[loss] == "teacher":
+                if "temperature" in inspect.signature(LOSSES[loss]).parameters:
+                    options["temperature"] = float(self.temperature)
+            terms.append(LossTerm(family, loss, weight, options))
+        return terms
+
+    def composite_loss(self) -> Any:
+        """The client's training loss :class:`~common.losses.CompositeLoss`."""
+        from common.losses import CompositeLoss
+
+        return CompositeLoss(self.loss_terms())
+
+    @property
+    def uses_teacher(self) -> bool:
+        """True when some loss term with a non-zero weight needs the teacher's scores."""
+        return bool(self.composite_loss().needs_teacher)
+
+    def teacher_config(self) -> Any:
+        """The :class:`server.teacher.TeacherConfig` of this run (server side only)."""
+        from server.teacher import TeacherConfig
+
+        return TeacherConfig(
+            d_model=self.teacher_d_model,
+            num_heads=self.teacher_heads,
+            num_layers=self.teacher_layers,
+            lr=self.teacher_lr,
+            epochs=self.teacher_epochs,
+            seed=self.seed,
+        )
+
+    def check_data_path(self, base: str | Path | None = None) -> None:
+        """Raise ConfigError naming ``data-path`` unless it is ``synthetic`` or exists."""
+        if self.data_path == "synthetic":
+            return
+        path = Path(self.data_path)
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        if not path.exists():
+            raise ConfigError(
+                f"'data-path' {self.data_path!r} does not exist; give 'synthetic' or a LETOR "
+                "file or fold folder (e.g. ../shared/data/MQ2008/Fold1)"
+            )
+
+    # ---- validation ---------------------------------------------------------------------
+    def _check_types(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            key = to_key(f.name)
+            expected = type(f.default)
+            if f.name.endswith("_weight"):
+                # a number or a schedule string ('linear:START:END:STEPS', 'step:V0:V1:AT')
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise ConfigError(f"{key!r} must be a number or a schedule string, got {value!r}")
+                if not isinstance(value, str):
+                    object.__setattr__(self, f.name, float(value))
+                continue
+            if expected is bool:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{key!r} must be true or false, got {value!r}")
+            elif expected is int:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    if isinstance(value, float) and value.is_integer():
+                        object.__setattr__(self, f.name, int(value))
+                        continue
+                    raise ConfigError(f"{key!r} must be an integer, got {value!r}")
+            elif expected is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{key!r} must be a number, got {value!r}")
+                if not math.isfinite(float(value)):
+                    raise ConfigError(f"{key!r} must be finite, got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif expected is str and not isinstance(value, str):
+                raise ConfigError(f"{key!r} must be a string, got {value!r}")
+
+    def _check_values(self) -> None:
+        def fail(name: str, what: str) -> None:
+            raise ConfigError(f"{to_key(name)!r} {what}, got {getattr(self, name)!r}")
+
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                fail(name, f"must be one of {', '.join(valid)}")
+        if not self.data_path.strip():
+            fail("data_path", "is missing: give 'synthetic' or a LETOR file or fold folder")
+        if not self.out_dir.strip():
+            fail("out_dir", "must name an output folder")
+        for name in ("num_server_rounds", "min_available_nodes", "batch_size", "teacher_epochs"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        for name in ("teacher_d_model", "teacher_heads"):
+            if getattr(self, name) < 1:
+                fail(name, "must be >= 1")
+        for name in ("local_epochs", "local_steps", "teacher_layers", "seed"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        if self.local_epochs == 0 and self.local_steps == 0:
+            fail("local_epochs", "and 'local-steps' are both 0: clients would not train")
+        if not 0.0 < self.fraction_train <= 1.0:
+            fail("fraction_train", "must lie in (0, 1]")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            fail("fraction_evaluate", "must lie in [0, 1]")
+        for name in ("learning_rate", "server_learning_rate", "teacher_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                fail(name, "must be > 0")
+        for name in ("round_timeout", "partition_alpha", "server_tau"):
+            if getattr(self, name) <= 0:
+                fail(name, "must be > 0")
+        for name in ("proximal_mu", "weight_decay"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        for name in ("server_beta1", "server_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, "must lie in [0, 1)")
+        if not 0.0 <= self.trim_beta < 0.5:
+            fail("trim_beta", "must lie in [0, 0.5)")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            fail("label_fraction", "must lie in [0, 1]")
+        if self.teacher_d_model % self.teacher_heads:
+            fail("teacher_d_model", f"must be divisible by 'teacher-heads' ({self.teacher_heads})")
+        self.hidden_sizes()
+        loss = self.composite_loss()  # unknown loss names, wrong family, negative weights
+        if all(t.schedule.always_zero for t in loss.terms):
+            raise ConfigError(
+                "all loss weights ('label-weight', 'score-weight', 'rank-label-weight', "
+                "'rank-weight') are 0: clients would have nothing to train on"
+            )
+        if self.label_fraction == 0 and not loss.needs_teacher:
+            fail("label_fraction", "is 0 and no teacher loss has a weight: nothing to learn from")
+        if self.client_policy != "uniform":
+            # policies are registered by server.client_policy; checked there (server side)
+            pass
+
+
+# keys that travel to clients in every train/evaluate ConfigRecord
+CLIENT_KEYS: frozenset[str] = frozenset(
+    to_key(n)
+    for n in (
+        "data_path",
+        "seed",
+        "local_epochs",
+        "local_steps",
+        "learning_rate",
+        "optimizer",
+        "weight_decay",
+        "batch_size",
+        "label_loss",
+        "label_weight",
+        "score_loss",
+        "score_weight",
+        "rank_label_loss",
+        "rank_label_weight",
+        "rank_loss",
+        "rank_weight",
+        "temperature",
+        "label_fraction",
+        "partition_scheme",
+        "partition_alpha",
+        "score_mode",
+    )
+)

@@ -1,0 +1,162 @@
+"""Conversion of model weights and teacher score tables to and from Flower records.
+
+Everything travels as plain numpy arrays inside an :class:`flwr.app.ArrayRecord` (serialised
+with ``np.save``, loaded with ``allow_pickle=False``): set ids as a utf-8 byte buffer plus
+lengths, version and checksum as utf-8 byte arrays. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from common.errors import CheckpointError, ScoreTableError
+from common.score_table import FORMAT, ScoreTable
+
+__all__ = [
+    "ArrayRecord",
+    "ConfigRecord",
+    "load_arrays",
+    "model_to_arrays",
+    "record_nbytes",
+    "score_table_from_record",
+    "score_table_to_record",
+]
+
+_TABLE_KEYS = (
+    "format",
+    "set_ids_utf8",
+    "set_id_lengths",
+    "offsets",
+    "scores",
+    "version",
+    "checksum",
+)
+
+
+# ---- model weights -------------------------------------------------------------------------
+def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
+    """The model's state dict (parameters and buffers) as an ArrayRecord."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return ArrayRecord(torch_state_dict=state)
+
+
+def _as_numpy(arrays: ArrayRecord | Mapping[str, Any]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for key, value in arrays.items():
+        if isinstance(value, Array):
+            out[key] = value.numpy()
+        elif isinstance(value, torch.Tensor):
+            out[key] = value.detach().cpu().numpy()
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+def load_arrays(model: torch.nn.Module, arrays: ArrayRecord | Mapping[str, Any]) -> None:
+    """Load ``arrays`` into ``model`` after checking them.
+
+    Raises :class:`CheckpointError` naming the key for a missing or unexpected key, a shape
+    mismatch or a non-finite value; the model is left unchanged in that case.
+    """
+    state = model.state_dict()
+    given = _as_numpy(arrays)
+    missing = [k for k in state if k not in given]
+    if missing:
+        raise CheckpointError(f"weights are missing key {missing[0]!r} ({len(missing)} missing)")
+    unexpected = [k for k in given if k not in state]
+    if unexpected:
+        raise CheckpointError(
+            f"weights hold unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"
+        )
+    new_state: dict[str, torch.Tensor] = {}
+    for key, current in state.items():
+        value = given[key]
+        if tuple(value.shape) != tuple(current.shape):
+            raise CheckpointError(
+                f"weights key {key!r} has shape {tuple(value.shape)}, "
+                f"expected {tuple(current.shape)}"
+            )
+        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+            raise CheckpointError(f"weights key {key!r} holds non-finite values (NaN or inf)")
+        if value.dtype.kind not in "fcbiu":
+            raise CheckpointError(f"weights key {key!r} has unsupported dtype {value.dtype}")
+        new_state[key] = torch.from_numpy(np.array(value)).to(dtype=current.dtype)
+    model.load_state_dict(new_state, strict=True)
+
+
+# ---- teacher score tables ------------------------------------------------------------------
+def _utf8(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
+
+
+def _text(arr: np.ndarray) -> str:
+    return np.asarray(arr, dtype=np.uint8).tobytes().decode("utf-8")
+
+
+def score_table_to_record(table: ScoreTable) -> ArrayRecord:
+    """A score table as an ArrayRecord: scores keep their dtype (float32 or float16)."""
+    encoded = [s.encode("utf-8") for s in table.set_ids.tolist()]
+    arrays = {
+        "format": _utf8(FORMAT),
+        "set_ids_utf8": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
+        "set_id_lengths": np.array([len(e) for e in encoded], dtype=np.int64),
+        "offsets": np.array(table.offsets, dtype=np.int64),
+        "scores": np.array(table.scores),
+        "version": _utf8(table.version),
+        "checksum": _utf8(table.checksum),
+    }
+    return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
+
+
+def score_table_from_record(record: ArrayRecord) -> ScoreTable:
+    """Rebuild a table from :func:`score_table_to_record`; verifies its checksum.
+
+    A record with missing keys, malformed arrays or content that does not match its checksum
+    raises :class:`ScoreTableError`.
+    """
+    missing = [k for k in _TABLE_KEYS if k not in record]
+    if missing:
+        raise ScoreTableError(f"score table record is missing key {missing[0]!r}")
+    try:
+        arrays = _as_numpy(record)
+        fmt = _text(arrays["format"])
+        if fmt != FORMAT:
+            raise ScoreTableError(f"score table record has format {fmt!r}, expected {FORMAT!r}")
+        blob = arrays["set_ids_utf8"].astype(np.uint8).tobytes()
+        lengths = arrays["set_id_lengths"].astype(np.int64)
+        if lengths.ndim != 1 or np.any(lengths < 0) or int(lengths.sum()) != len(blob):
+            raise ScoreTableError("score table record: set id lengths do not match the id bytes")
+        ends = np.cumsum(lengths)
+        set_ids = [
+            blob[e - n : e].decode("utf-8")
+            for e, n in zip(ends.tolist(), lengths.tolist(), strict=True)
+        ]
+        scores = arrays["scores"]
+        if scores.dtype not in (np.float32, np.float16):
+            raise ScoreTableError(
+                f"score table record holds {scores.dtype} scores, expected float32 or float16"
+            )
+        table = ScoreTable(
+            np.array(set_ids, dtype=str), arrays["offsets"], scores, _text(arrays["version"])
+        )
+        checksum = _text(arrays["checksum"])
+    except UnicodeDecodeError as err:
+        raise ScoreTableError(f"score table record holds invalid utf-8 text: {err}") from err
+    if table.checksum != checksum:
+        raise ScoreTableError(
+            f"score table record does not match its checksum (stored {checksum}, "
+            f"content {table.checksum}, version {table.version})"
+        )
+    return table
+
+
+def record_nbytes(record: ArrayRecord | ConfigRecord | Any) -> int:
+    """Bytes a record carries (array bytes incl. npy headers, plus key names)."""
+    if hasattr(record, "count_bytes"):
+        return int(record.count_bytes())
+    raise TypeError(f"cannot count bytes of {type(record).__name__}")

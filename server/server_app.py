@@ -1,0 +1,327 @@
+"""fedrank ServerApp: teacher on the server, teacher scores to the clients, global student.
+
+One run (:func:`run_server`):
+
+1. validate the configuration (``[tool.flwr.app.config]`` + overrides): a bad key or value
+   fails here, before any round;
+2. load the data, train the teacher or load it from the cache, score every set;
+3. each round: sample nodes; send teacher scores to nodes that lack the current version
+   (:mod:`server.score_distribution`); send each node the global student and its own
+   ``ConfigRecord``; aggregate (FedAvg, FedProx, FedAdam or FedTrimmedAvg); federated
+   evaluation on the nodes' held-out sets; server-side evaluation on held-out sets through
+   ``evaluate_fn``; log the round, write ``metrics.jsonl`` and an atomic checkpoint;
+4. save the student for devices and write ``summary.json`` and the plot.
+
+``resume = true`` continues from the checkpoint in ``out-dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.atomic_io import atomic_path, atomic_write_json
+from common.config import FedrankConfig
+from common.errors import FedrankError
+from common.models import StudentModel, count_parameters
+from common.records import model_to_arrays, record_nbytes
+from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from server.client_policy import make_policy
+from server.evaluation import evaluate_model, make_evaluate_fn
+from server.run_output import RunOutput
+from server.score_distribution import ScoreDistributor
+from server.strategy import build_strategy, load_strategy_state, strategy_state
+
+__all__ = ["app", "make_server_app", "run_server", "STUDENT_DIR"]
+
+log = logging.getLogger("fedrank")
+if not log.handlers:  # progress lines of the ServerApp, also under `flwr run`
+    _handler = logging.StreamHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s fedrank: %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+STUDENT_DIR = "student"  # <out-dir>/student/{student.pt, student.json}
+
+
+def _resolve_path(path: str) -> str:
+    return path if path == "synthetic" else str(Path(path).expanduser().resolve())
+
+
+def _log(text: str, *args: Any) -> None:
+    log.info(text, *args)
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise FedrankError(
+                f"only {len(nodes)} node(s) connected after {timeout:.0f}s, "
+                f"'min-available-nodes' is {minimum}"
+            )
+        time.sleep(0.05)
+    return nodes
+
+
+def _save_student(model: torch.nn.Module, out_dir: Path, info: dict[str, Any]) -> Path:
+    """The global student for devices: ``student.pt`` (state dict, loads with
+    ``weights_only=True``) and ``student.json`` (spec to rebuild it, metrics, feature names)."""
+    folder = out_dir / STUDENT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "student.pt") as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    atomic_write_json(folder / "student.json", {"spec": model.spec, **info})
+    return folder
+
+
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Run one federation on ``grid`` with ``run_config``; returns the summary."""
+    from common.datasets import load_dataset
+    from server.teacher import train_or_load_teacher
+
+    t_run = time.perf_counter()
+    cfg = FedrankConfig.from_run_config(dict(run_config))
+    policy = make_policy(cfg)
+    cfg.check_data_path()
+    out = RunOutput(cfg.out_dir)
+    out.write_config(cfg.to_dict())
+    loss = cfg.composite_loss()
+    uses_teacher = bool(loss.needs_teacher)
+    _log("run: data %s, strategy %s, %d rounds, loss %s", cfg.data_path, cfg.strategy,
+         cfg.num_server_rounds, loss)
+
+    # ---- data and teacher ------------------------------------------------------------------
+    data_spec = _resolve_path(cfg.data_path)
+    dataset = load_dataset(data_spec, seed=cfg.seed)
+    splits = dataset.splits
+    cache_dir = cfg.teacher_cache_dir or str(Path(cfg.out_dir) / "teacher")
+    t0 = time.perf_counter()
+    bundle = train_or_load_teacher(dataset, cfg.teacher_config(), cache_dir)
+    teacher_model, table = bundle
+    teacher_seconds = time.perf_counter() - t0
+    _log("teacher %s in %.1fs (table %s, %d sets)",
+         "loaded" if getattr(bundle, "cached", False) else "trained", teacher_seconds,
+         table.version, table.num_sets)
+    eval_sets = splits[cfg.eval_split]
+    eval_teacher = table.align(eval_sets)
+    teacher_metrics = evaluate_model(teacher_model, eval_sets)
+    device_ids = np.concatenate([splits[s].set_ids for s in ("train", "vali") if s in splits])
+    device_table = table.subset(device_ids)
+
+    # ---- student -------------------------------------------------------------------------
+    columns = None
+    if cfg.student_features == "device":
+        columns = [int(c) for c in np.asarray(dataset.student_columns).tolist()]
+    torch.manual_seed(cfg.seed)
+    student = StudentModel(dataset.num_features, hidden=cfg.hidden_sizes(), feature_indices=columns)
+    arrays = model_to_arrays(student)
+    evaluate_fn = make_evaluate_fn(student, eval_sets, eval_teacher)
+
+    # ---- federation pieces -----------------------------------------------------------------
+    client_settings = {**cfg.client_dict(), "data-path": data_spec}
+    distributor = ScoreDistributor(
+        device_table if uses_teacher else None,
+        cfg.score_mode,
+        cfg.score_dtype,
+        client_settings,
+        timeout=cfg.round_timeout,
+    )
+    strategy = build_strategy(cfg, policy, lambda n: distributor.node(n).policy_view())
+    train_config = ConfigRecord(
+        {
+            **client_settings,
+            "model-spec": json.dumps(student.spec),
+            "teacher-version": distributor.version or "none",
+        }
+    )
+
+    # ---- resume --------------------------------------------------------------------------
+    history: list[dict[str, Any]] = []
+    start_round = 1
+    checkpoint = load_checkpoint(cfg.out_dir) if cfg.resume else None
+    if checkpoint is not None:
+        check_compatible(checkpoint, cfg.to_dict(), Path(cfg.out_dir))
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.weights.items()})
+        load_strategy_state(strategy, checkpoint.strategy)
+        policy.load_state(checkpoint.meta.get("policy", {}))
+        history = list(checkpoint.meta.get("metrics", []))
+        start_round = checkpoint.round + 1
+        out.reset_metrics(history)
+        _log("resuming from %s after round %d", cfg.out_dir, checkpoint.round)
+    else:
+        if cfg.resume:
+            _log("resume requested but %s holds no checkpoint: starting afresh", cfg.out_dir)
+        out.reset_metrics()
+        first = {k: float(v) for k, v in evaluate_fn(0, arrays).items()}
+        row0 = {"round": 0, **first, "bytes_to_clients": 0, "bytes_from_clients": 0,
+                "seconds": 0.0}
+        history.append(row0)
+        out.append_round(row0)
+        _log("round 0 (start): ndcg@10 %.4f  log_loss %.4f", first["ndcg@10"], first["log_loss"])
+
+    _wait_for_nodes(grid, cfg.min_available_nodes, cfg.round_timeout)
+
+    # ---- rounds --------------------------------------------------------------------------
+    for rnd in range(start_round, cfg.num_server_rounds + 1):
+        t_round = time.perf_counter()
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
+        nodes = [m.metadata.dst_node_id for m in messages]
+        score_bytes = distributor.ensure(grid, rnd, nodes) if uses_teacher else {}
+        t_train = time.perf_counter()
+        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        if new_arrays is None:
+            raise FedrankError(f"round {rnd}: no client returned weights")
+        arrays = new_arrays
+        train_seconds = time.perf_counter() - t_train
+        eval_metrics = None
+        if cfg.fraction_evaluate > 0:
+            eval_messages = list(
+                strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(train_config)), grid)
+            )
+            eval_replies = grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)
+            eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
+        server = {k: float(v) for k, v in evaluate_fn(rnd, arrays).items()}
+        seconds = time.perf_counter() - t_round
+        per_client = {
+            str(n): int(strategy.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes
+        }
+        slowest = max((float(r.get("train-seconds", 0.0)) for r in strategy.last_train), default=0.0)
+        row = {
+            "round": rnd,
+            **server,
+            "bytes_to_clients": int(sum(per_client.values())),
+            "bytes_weights_to_clients": int(sum(strategy.last_sent.values())),
+            "bytes_scores_to_clients": int(sum(score_bytes.values())),
+            "bytes_per_client": per_client,
+            "bytes_from_clients": int(strategy.last_received),
+            "score_deliveries": int(sum(1 for b in score_bytes.values() if b)),
+            "clients": len(nodes),
+            "seconds": seconds,
+            "seconds_train_phase": train_seconds,
+            "seconds_slowest_client_train": slowest,
+            "seconds_server_eval": server.get("eval-seconds", 0.0),
+            "train": {k: float(v) for k, v in (train_metrics or {}).items()},
+            "clients_train": [
+                {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+                for r in strategy.last_train
+            ],
+        }
+        if eval_metrics is not None:
+            row["client_eval"] = {k: float(v) for k, v in eval_metrics.items()}
+        history.append(row)
+        out.append_round(row)
+        save_checkpoint(
+            cfg.out_dir,
+            server_round=rnd,
+            weights={k: v.numpy() for k, v in arrays.items()},
+            strategy=strategy_state(strategy),
+            meta={
+                "config": cfg.to_dict(),
+                "metrics": history,
+                "policy": policy.state(),
+                "teacher_version": distributor.version,
+            },
+        )
+        _log(
+            "round %d/%d: ndcg@10 %.4f  map %.4f  log_loss %.4f  tau %.3f  train loss %.4f  "
+            "%d clients  %s bytes out (%s scores)  %.1fs",
+            rnd,
+            cfg.num_server_rounds,
+            server["ndcg@10"],
+            server["map"],
+            server["log_loss"],
+            server.get("kendall_tau", float("nan")),
+            row["train"].get("loss-total", float("nan")),
+            len(nodes),
+            f"{row['bytes_to_clients']:,}",
+            f"{row['bytes_scores_to_clients']:,}",
+            seconds,
+        )
+
+    # ---- outputs -------------------------------------------------------------------------
+    from common.records import load_arrays
+
+    load_arrays(student, arrays)
+    final = dict(history[-1])
+    student_metrics = {k: v for k, v in final.items() if isinstance(v, float) and not k.startswith(("seconds", "bytes"))}
+    student_metrics.pop("eval-seconds", None)
+    student_folder = _save_student(
+        student,
+        Path(cfg.out_dir),
+        {"round": final["round"], "metrics": student_metrics, "data": dataset.name},
+    )
+    summary = {
+        "teacher": {
+            "metrics": teacher_metrics,
+            "parameters": count_parameters(teacher_model),
+            "cached": bool(getattr(bundle, "cached", False)),
+            "path": str(getattr(bundle, "path", "")),
+            "score_table_version": table.version,
+            "seconds": teacher_seconds,
+        },
+        "student": {
+            "metrics": student_metrics,
+            "start_metrics": {k: v for k, v in history[0].items() if isinstance(v, float)},
+            "parameters": count_parameters(student),
+            "spec": student.spec,
+            "rounds": final["round"],
+            "path": str(student_folder),
+        },
+        "data": {
+            "name": dataset.name,
+            "spec": cfg.data_path,
+            "num_features": int(dataset.num_features),
+            "student_columns": columns,
+            "splits": {k: {"sets": v.num_sets, "items": v.num_items} for k, v in splits.items()},
+            "eval_split": cfg.eval_split,
+        },
+        "federation": {
+            "strategy": cfg.strategy,
+            "score_mode": cfg.score_mode,
+            "score_dtype": cfg.score_dtype,
+            "uses_teacher": uses_teacher,
+            "nodes": len(distributor.nodes) or len(list(grid.get_node_ids())),
+            "score_deliveries": [d.to_dict() for d in distributor.deliveries],
+            "bytes_to_clients": int(sum(r.get("bytes_to_clients", 0) for r in history)),
+            "bytes_from_clients": int(sum(r.get("bytes_from_clients", 0) for r in history)),
+            "weights_bytes": record_nbytes(arrays),
+        },
+        "config": cfg.to_dict(),
+        "seconds": time.perf_counter() - t_run,
+    }
+    out.write_summary(summary)
+    out.plot(history, teacher_metrics.get("ndcg@10"), title=f"{dataset.name}: {cfg.strategy}")
+    _log("done: student ndcg@10 %.4f (start %.4f), teacher %.4f; outputs in %s",
+         student_metrics.get("ndcg@10", float("nan")), history[0]["ndcg@10"],
+         teacher_metrics.get("ndcg@10", float("nan")), os.fspath(cfg.out_dir))
+    return summary
+
+
+def make_server_app(runs: Sequence[Mapping[str, Any]] | None = None) -> ServerApp:
+    """A ServerApp that runs one federation per entry of ``runs`` (each a dict of config
+    overrides on top of the run config), one after the other on the same nodes; ``None``: one
+    federation with the run config as is (what ``flwr run`` uses)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        base = dict(context.run_config)
+        for overrides in runs or [{}]:
+            run_server(grid, {**base, **dict(overrides)})
+
+    return server_app
+
+
+app = make_server_app()

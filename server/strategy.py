@@ -1,0 +1,245 @@
+"""Flower strategies with per-client ConfigRecords, deterministic aggregation and checkpointable
+state.
+
+:func:`build_strategy` returns FedAvg (default), FedProx, FedAdam or FedTrimmedAvg from
+``flwr.serverapp.strategy``, each extended by :class:`FedrankStrategyMixin`:
+
+- every sampled node gets its own ``ConfigRecord``: the run's client settings plus what the
+  :class:`~server.client_policy.ClientConfigPolicy` returns for that node (loss weights, ...);
+- replies are aggregated in a fixed order (by the content of their weights), so a run with the
+  same seed gives the same global weights whatever order the replies arrive in;
+- integer buffers of the model (the student's feature columns) are kept, never averaged;
+- client metrics are averaged weighted by ``num-examples``; per-node metrics, bytes and
+  failures of the last round are kept for the server's logs;
+- :func:`strategy_state` / :func:`load_strategy_state` give the server optimiser's state
+  (FedAdam's moments) as arrays for checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
+
+from common.config import FedrankConfig
+from common.errors import CheckpointError, FedrankError
+from common.records import record_nbytes
+from server.client_policy import ClientConfigPolicy, check_overrides
+
+__all__ = [
+    "FedrankStrategyMixin",
+    "build_strategy",
+    "strategy_state",
+    "load_strategy_state",
+    "NOT_AVERAGED",
+]
+
+# reported per node but meaningless as an average
+NOT_AVERAGED = frozenset({"client-key", "scores-received", "on-train-sets"})
+
+
+def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean (by ``weight_key``) of every metric but :data:`NOT_AVERAGED`; adds
+    ``clients`` and the total of ``weight_key``."""
+    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
+    total = sum(weights)
+    out: dict[str, float] = {}
+    for record, w in zip(records, weights, strict=True):
+        for metrics in record.metric_records.values():
+            for key, value in metrics.items():
+                if key == weight_key or key in NOT_AVERAGED or isinstance(value, list):
+                    continue
+                out[key] = out.get(key, 0.0) + float(value) * (w / total if total else 0.0)
+    out["clients"] = float(len(records))
+    out[weight_key] = float(total)
+    return MetricRecord(out)
+
+
+def _fingerprint(msg: Message) -> str:
+    h = hashlib.sha256()
+    for record in msg.content.array_records.values():
+        for key in sorted(record.keys()):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(record[key].numpy()).tobytes())
+    return h.hexdigest()
+
+
+class FedrankStrategyMixin:
+    """Per-node ConfigRecords from a policy, ordered aggregation, bookkeeping (see module)."""
+
+    policy: ClientConfigPolicy
+    node_info: Any  # callable node_id -> dict (what the server knows about the node)
+
+    def setup_fedrank(self, policy: ClientConfigPolicy, seed: int, node_info: Any) -> None:
+        self.policy = policy
+        self.seed = seed
+        self.node_info = node_info
+        self.global_arrays: ArrayRecord | None = None
+        self.last_train: list[dict[str, Any]] = []
+        self.last_sent: dict[int, int] = {}
+        self.last_received: int = 0
+
+    # ---- training --------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_arrays = arrays
+        random.seed(f"fedrank-sample-{self.seed}-{server_round}")  # node sampling, per round
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        out: list[Message] = []
+        self.last_sent = {}
+        weight_bytes = record_nbytes(arrays)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            base = msg.content[self.configrecord_key]  # type: ignore[attr-defined]
+            overrides = self.policy.configure(server_round, node, self.node_info(node))
+            overrides = check_overrides(dict(overrides or {}), node)
+            node_config = ConfigRecord({**dict(base), **overrides})
+            content = RecordDict(
+                {self.arrayrecord_key: arrays, self.configrecord_key: node_config}  # type: ignore[attr-defined]
+            )
+            out.append(Message(content, dst_node_id=node, message_type=msg.metadata.message_type))
+            self.last_sent[node] = weight_bytes + record_nbytes(node_config)
+        return out
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        failed = [m for m in replies if m.has_error()]
+        for msg in failed:
+            reason = msg.error.reason
+            raise FedrankError(
+                f"round {server_round}: node {msg.metadata.src_node_id} failed to train: {reason}"
+            )
+        replies.sort(key=_fingerprint)
+        self.last_train = []
+        self.last_received = 0
+        for msg in replies:
+            metrics = {}
+            for record in msg.content.metric_records.values():
+                metrics.update(dict(record))
+            nbytes = sum(record_nbytes(r) for r in msg.content.array_records.values())
+            self.last_received += nbytes
+            node = msg.metadata.src_node_id
+            self.last_train.append({"node": node, "bytes": nbytes, **metrics})
+            self.policy.observe(server_round, node, metrics)
+        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        if arrays is not None and self.global_arrays is not None:
+            arrays = self._keep_integer_buffers(arrays, self.global_arrays)
+        return arrays, metrics
+
+    @staticmethod
+    def _keep_integer_buffers(arrays: ArrayRecord, previous: ArrayRecord) -> ArrayRecord:
+        out = ArrayRecord()
+        for key in previous.keys():
+            old = previous[key].numpy()
+            if key not in arrays:
+                raise CheckpointError(f"aggregated weights lack key {key!r}")
+            if old.dtype.kind in "iub":
+                out[key] = Array(np.array(old))
+            else:
+                out[key] = Array(np.asarray(arrays[key].numpy(), dtype=old.dtype))
+        return out
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        random.seed(f"fedrank-evaluate-{self.seed}-{server_round}")
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for msg in replies:
+            if msg.has_error():
+                raise FedrankError(
+                    f"round {server_round}: node {msg.metadata.src_node_id} failed to "
+                    f"evaluate: {msg.error.reason}"
+                )
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+
+
+class FedrankFedAvg(FedrankStrategyMixin, FedAvg):
+    """FedAvg with per-node ConfigRecords."""
+
+
+class FedrankFedProx(FedrankStrategyMixin, FedProx):
+    """FedProx (clients add ``proximal-mu / 2 * ||w - w_global||^2``)."""
+
+
+class FedrankFedAdam(FedrankStrategyMixin, FedAdam):
+    """FedAdam: server-side Adam on the averaged update."""
+
+
+class FedrankFedTrimmedAvg(FedrankStrategyMixin, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean of the client weights."""
+
+
+def build_strategy(
+    config: FedrankConfig, policy: ClientConfigPolicy, node_info: Any
+) -> FedrankStrategyMixin:
+    """The strategy named by ``strategy``, set up with ``policy``."""
+    common: dict[str, Any] = {
+        "fraction_train": config.fraction_train,
+        "fraction_evaluate": config.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if config.fraction_evaluate > 0 else 0,
+        "min_available_nodes": config.min_available_nodes,
+        "train_metrics_aggr_fn": aggregate_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_metrics,
+    }
+    name = config.strategy
+    strategy: FedrankStrategyMixin
+    if name == "fedavg":
+        strategy = FedrankFedAvg(**common)
+    elif name == "fedprox":
+        strategy = FedrankFedProx(**common, proximal_mu=config.proximal_mu)
+    elif name == "fedadam":
+        strategy = FedrankFedAdam(
+            **common,
+            eta=config.server_learning_rate,
+            eta_l=config.learning_rate,
+            beta_1=config.server_beta1,
+            beta_2=config.server_beta2,
+            tau=config.server_tau,
+        )
+    elif name == "fedtrimmedavg":
+        strategy = FedrankFedTrimmedAvg(**common, beta=config.trim_beta)
+    else:  # FedrankConfig validates the name; this guards programmatic misuse
+        raise FedrankError(f"'strategy' {name!r} is unknown")
+    strategy.setup_fedrank(policy, config.seed, node_info)
+    return strategy
+
+
+_STATE_ATTRS = ("m_t", "v_t")
+
+
+def strategy_state(strategy: Any) -> dict[str, np.ndarray]:
+    """The server optimiser's state as flat arrays (``m_t/<key>``, ``v_t/<key>``)."""
+    out: dict[str, np.ndarray] = {}
+    for attr in _STATE_ATTRS:
+        values = getattr(strategy, attr, None)
+        if values:
+            for key, value in values.items():
+                out[f"{attr}/{key}"] = np.asarray(value)
+    return out
+
+
+def load_strategy_state(strategy: Any, state: dict[str, np.ndarray]) -> None:
+    """Restore :func:`strategy_state` into ``strategy``."""
+    for attr in _STATE_ATTRS:
+        values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(attr + "/")}
+        if values:
+            if not hasattr(strategy, attr):
+                raise CheckpointError(
+                    f"checkpoint holds {attr} state, but strategy {type(strategy).__name__} "
+                    "has none: resume with the strategy the run started with"
+                )
+            setattr(strategy, attr, values)

@@ -1,0 +1,363 @@
+"""Per-client and adaptive loss weights: :class:`~server.client_policy.ClientConfigPolicy`
+subclasses that the server asks, every round, for each sampled node's settings.
+
+Clients are identified by their ``client-key`` (the simulated partition id; a checksum of the
+data path on a device), which the server learns from the node's hello and the node repeats in
+every training reply.
+
+``per-client`` (:class:`PerClientWeights`): fixed settings per client from configuration::
+
+    [client-weights]
+    policy = "per-client"
+    default = { rank-weight = 1.0 }                # every client not named below
+    [[client-weights.groups]]
+    clients = [0, 1, 2, 3, 4, 5, 6]                # partition ids
+    label-fraction = 0.1                           # these clients are label-scarce ...
+    [[client-weights.by-label-fraction]]           # ... so rules by scarcity apply to them
+    below = 0.5                                    # label-fraction < 0.5
+    label-weight = 0.1
+    rank-weight = 2.0
+
+Order: ``default``, then the client's ``groups`` and ``clients."<id>"`` entries, then the first
+``by-label-fraction`` rule whose ``below`` exceeds the client's label fraction (its own, or the
+run's). Any client setting may be given (loss weights and loss names, ``temperature``,
+``label-fraction``, ``learning-rate``, ``local-epochs``, ...).
+
+``adaptive`` (:class:`AdaptiveWeights`): the server picks, per client and per round, one of a
+few candidate weight settings with **Exp3** (Auer et al., 2002), the multiplicative-weights
+algorithm for bandit feedback. Why this method: each round a client trains with one setting
+and only that setting's outcome is observed (bandit feedback); the outcome drifts as the
+global model improves and as the other clients change theirs (non-stationary, not i.i.d.), and
+Exp3's guarantee holds for such adversarial reward sequences, while it needs nothing but the
+metric the client already reports. The reward of a round is the client's *local validation
+gain*: NDCG@10 on its held-out sets after local training minus NDCG@10 of the global model it
+started from (metrics ``val-ndcg@10`` and ``val-ndcg@10-start`` of the training reply), which
+isolates the effect of that client's weights from everyone else's. Gains are mapped to
+``[0, 1]`` by ``0.5 + gain / (2 * scale)`` (clipped); the exploration rate defaults to Auer's
+``min(1, sqrt(K ln K / ((e - 1) T)))`` for ``K`` candidates and ``T`` rounds. Draws are seeded
+by the run's seed, the client and the round, so runs are reproducible::
+
+    [client-weights]
+    policy = "adaptive"
+    candidates = [ { rank-weight = 0.0 }, { rank-weight = 1.0 }, { rank-weight = 4.0 } ]
+    scale = 0.05                                    # a gain of +-0.05 NDCG@10 is a 1 or a 0
+
+How a policy reaches the server: :func:`policy_config` turns the table into run-configuration
+keys (``client-policy`` and, when the configuration has it, ``client-policy-options`` holding
+the options as JSON). Importing this module registers the policies with
+:func:`server.client_policy.register_policy`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from common.config import CLIENT_KEYS, FedrankConfig
+from common.errors import ConfigError, FedrankError
+from server.client_policy import ClientConfigPolicy, register_policy
+
+__all__ = [
+    "AdaptiveWeights",
+    "PerClientWeights",
+    "POLICY_NAMES",
+    "check_policy_options",
+    "make_client_policy",
+    "policy_config",
+]
+
+log = logging.getLogger("fedrank.client_weights")
+
+POLICY_NAMES = ("uniform", "per-client", "adaptive")
+PER_CLIENT_KEYS = ("policy", "default", "groups", "clients", "by-label-fraction")
+ADAPTIVE_KEYS = ("policy", "candidates", "scale", "gamma", "reward", "start-metric", "rounds")
+OPTIONS_KEY = "client-policy-options"
+
+
+def _check_settings(settings: Any, where: str) -> dict[str, Any]:
+    """A table of client settings: only client keys, values the configuration accepts."""
+    if not isinstance(settings, Mapping):
+        raise ConfigError(f"{where} must be a table of client settings, got {settings!r}")
+    unknown = sorted(k for k in settings if k not in CLIENT_KEYS or k in ("data-path", "seed"))
+    if unknown:
+        valid = sorted(k for k in CLIENT_KEYS if k not in ("data-path", "seed"))
+        raise ConfigError(f"{where}: {unknown} are not per-client settings; valid: {valid}")
+    try:
+        FedrankConfig.from_run_config(dict(settings))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return dict(settings)
+
+
+def _client_ids(value: Any, where: str) -> list[int]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where} 'clients' must be a non-empty list of client ids")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConfigError(f"{where} 'clients' holds {v!r}; client ids are integers >= 0")
+        out.append(int(v))
+    return out
+
+
+# ---- per-client weights from configuration ----------------------------------------------------
+class PerClientWeights(ClientConfigPolicy):
+    """Fixed per-client settings from configuration (see the module docstring)."""
+
+    def __init__(self, options: Mapping[str, Any], base: FedrankConfig | None = None) -> None:
+        check_policy_options({"policy": "per-client", **dict(options)})
+        self.default = dict(options.get("default", {}))
+        self.groups = [
+            (set(g["clients"]), {k: v for k, v in g.items() if k != "clients"})
+            for g in options.get("groups", [])
+        ]
+        self.clients = {int(k): dict(v) for k, v in dict(options.get("clients", {})).items()}
+        self.rules = [
+            (float(r["below"]), {k: v for k, v in r.items() if k != "below"})
+            for r in options.get("by-label-fraction", [])
+        ]
+        self.base_fraction = 1.0 if base is None else float(base.label_fraction)
+        self.assigned: dict[int, dict[str, Any]] = {}
+
+    def settings_for(self, client_key: int) -> dict[str, Any]:
+        """The overrides of client ``client_key`` (independent of the round)."""
+        out = dict(self.default)
+        for members, settings in self.groups:
+            if client_key in members:
+                out.update(settings)
+        out.update(self.clients.get(client_key, {}))
+        fraction = float(out.get("label-fraction", self.base_fraction))
+        for below, settings in self.rules:
+            if fraction < below:
+                out.update(settings)
+                break
+        return out
+
+    def configure(self, server_round: int, node_id: int, node_info: dict[str, Any]) -> dict:
+        key = node_info.get("client-key")
+        if key is None:
+            raise FedrankError(
+                f"per-client weights: the server does not know node {node_id}'s client-key "
+                "(its partition id); the node must answer the hello query first"
+            )
+        settings = self.settings_for(int(key))
+        self.assigned[int(key)] = settings
+        return settings
+
+    def state(self) -> dict[str, Any]:
+        return {"assigned": {str(k): v for k, v in sorted(self.assigned.items())}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.assigned = {int(k): dict(v) for k, v in state.get("assigned", {}).items()}
+
+
+# ---- adaptive weights: Exp3 per client --------------------------------------------------------
+class AdaptiveWeights(ClientConfigPolicy):
+    """Exp3 per client over candidate settings, rewarded by the local validation gain."""
+
+    def __init__(
+        self, options: Mapping[str, Any], base: FedrankConfig | None = None, seed: int | None = None
+    ) -> None:
+        check_policy_options({"policy": "adaptive", **dict(options)})
+        self.candidates = [dict(c) for c in options["candidates"]]
+        k = len(self.candidates)
+        rounds = int(options.get("rounds", base.num_server_rounds if base is not None else 10))
+        default_gamma = min(1.0, math.sqrt(k * math.log(k) / ((math.e - 1) * max(rounds, 1))))
+        self.gamma = float(options.get("gamma", default_gamma))
+        self.scale = float(options.get("scale", 0.05))
+        self.reward_key = str(options.get("reward", "val-ndcg@10"))
+        self.start_key = str(options.get("start-metric", "val-ndcg@10-start"))
+        self.seed = int(seed if seed is not None else (base.seed if base is not None else 0))
+        self.log_weights: dict[int, list[float]] = {}
+        self.pending: dict[int, tuple[int, int, float]] = {}  # key -> (round, arm, prob)
+        self.history: list[dict[str, Any]] = []
+        self.node_keys: dict[int, int] = {}
+        self._warned = False
+
+    def probabilities(self, client_key: int) -> np.ndarray:
+        """Exp3's distribution over the candidates for ``client_key``."""
+        k = len(self.candidates)
+        logw = np.asarray(self.log_weights.get(client_key, [0.0] * k), dtype=np.float64)
+        w = np.exp(logw - logw.max())
+        return (1.0 - self.gamma) * w / w.sum() + self.gamma / k
+
+    def configure(self, server_round: int, node_id: int, node_info: dict[str, Any]) -> dict:
+        key = node_info.get("client-key")
+        if key is None:
+            raise FedrankError(
+                f"adaptive weights: the server does not know node {node_id}'s client-key; "
+                "the node must answer the hello query first"
+            )
+        key = int(key)
+        self.node_keys[node_id] = key
+        p = self.probabilities(key)
+        rng = np.random.default_rng([self.seed, key, server_round, 7])
+        arm = int(rng.choice(len(p), p=p))
+        self.pending[key] = (server_round, arm, float(p[arm]))
+        return dict(self.candidates[arm])
+
+    def reward(self, metrics: Mapping[str, Any]) -> float | None:
+        """The ``[0, 1]`` reward of a training reply, or None if it lacks the metrics."""
+        after, before = metrics.get(self.reward_key), metrics.get(self.start_key)
+        if not isinstance(after, (int, float)) or not isinstance(before, (int, float)):
+            return None
+        gain = float(after) - float(before)
+        return float(np.clip(0.5 + gain / (2.0 * self.scale), 0.0, 1.0))
+
+    def observe(self, server_round: int, node_id: int, metrics: dict[str, Any]) -> None:
+        key = metrics.get("client-key", self.node_keys.get(node_id))
+        if key is None or int(key) not in self.pending:
+            return
+        key = int(key)
+        rnd, arm, prob = self.pending.pop(key)
+        reward = self.reward(metrics)
+        if reward is None:
+            if not self._warned:
+                log.warning(
+                    "adaptive weights: training replies lack %r and %r; weights stay uniform",
+                    self.reward_key,
+                    self.start_key,
+                )
+                self._warned = True
+            return
+        k = len(self.candidates)
+        logw = self.log_weights.setdefault(key, [0.0] * k)
+        logw[arm] += self.gamma * (reward / prob) / k  # Exp3's importance-weighted update
+        self.history.append({"round": rnd, "client": key, "arm": arm, "reward": reward})
+
+    def preferred(self) -> dict[int, int]:
+        """Each client's currently most likely candidate."""
+        return {key: int(np.argmax(self.probabilities(key))) for key in sorted(self.log_weights)}
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "log_weights": {str(k): v for k, v in self.log_weights.items()},
+            "history": list(self.history),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.log_weights = {int(k): list(v) for k, v in state.get("log_weights", {}).items()}
+        self.history = list(state.get("history", []))
+
+
+# ---- checking, building, wiring into the server -----------------------------------------------
+def check_policy_options(spec: Mapping[str, Any]) -> None:
+    """Raise ConfigError naming the key for anything wrong in a ``[client-weights]`` table."""
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"client weights must be a table, got {spec!r}")
+    name = spec.get("policy", "per-client")
+    if name not in POLICY_NAMES:
+        raise ConfigError(f"'policy' {name!r} is unknown; valid: {list(POLICY_NAMES)}")
+    if name == "uniform":
+        if set(spec) - {"policy"}:
+            raise ConfigError("policy 'uniform' takes no options")
+        return
+    valid = PER_CLIENT_KEYS if name == "per-client" else ADAPTIVE_KEYS
+    unknown = sorted(k for k in spec if k not in valid)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for policy {name!r}; valid: {list(valid)}")
+    if name == "per-client":
+        _check_settings(spec.get("default", {}), "'default'")
+        groups = spec.get("groups", [])
+        if not isinstance(groups, list):
+            raise ConfigError("'groups' must be a list of tables")
+        for i, group in enumerate(groups):
+            where = f"groups[{i}]"
+            if not isinstance(group, Mapping):
+                raise ConfigError(f"{where} must be a table")
+            _client_ids(group.get("clients"), where)
+            _check_settings({k: v for k, v in group.items() if k != "clients"}, where)
+        clients = spec.get("clients", {})
+        if not isinstance(clients, Mapping):
+            raise ConfigError("'clients' must be a table: client id -> settings")
+        for cid, settings in clients.items():
+            if not str(cid).isdigit():
+                raise ConfigError(f"clients.{cid}: client ids are integers >= 0")
+            _check_settings(settings, f"clients.{cid}")
+        rules = spec.get("by-label-fraction", [])
+        if not isinstance(rules, list):
+            raise ConfigError("'by-label-fraction' must be a list of tables")
+        for i, rule in enumerate(rules):
+            where = f"by-label-fraction[{i}]"
+            below = rule.get("below") if isinstance(rule, Mapping) else None
+            if isinstance(below, bool) or not isinstance(below, (int, float)):
+                raise ConfigError(f"{where} needs 'below' (a label fraction), got {below!r}")
+            _check_settings({k: v for k, v in rule.items() if k != "below"}, where)
+        return
+    candidates = spec.get("candidates")
+    if not isinstance(candidates, list) or len(candidates) < 2:
+        raise ConfigError("'candidates' must list at least two tables of client settings")
+    for i, cand in enumerate(candidates):
+        _check_settings(cand, f"candidates[{i}]")
+    for key, low, high in (("scale", 0.0, math.inf), ("gamma", 0.0, 1.0)):
+        if key in spec:
+            v = spec[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v <= high:
+                raise ConfigError(f"{key!r} must lie in ({low}, {high}], got {v!r}")
+    if "rounds" in spec and (not isinstance(spec["rounds"], int) or spec["rounds"] < 1):
+        raise ConfigError(f"'rounds' must be an integer >= 1, got {spec['rounds']!r}")
+
+
+def make_client_policy(
+    spec: Mapping[str, Any], base: FedrankConfig | None = None
+) -> ClientConfigPolicy:
+    """The policy a ``[client-weights]`` table describes."""
+    check_policy_options(spec)
+    name = spec.get("policy", "per-client")
+    options = {k: v for k, v in spec.items() if k != "policy"}
+    if name == "per-client":
+        return PerClientWeights(options, base)
+    if name == "adaptive":
+        return AdaptiveWeights(options, base)
+    return ClientConfigPolicy()
+
+
+def _options_from_config(name: str, config: FedrankConfig) -> dict[str, Any]:
+    text = getattr(config, OPTIONS_KEY.replace("-", "_"), "") or "{}"
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{OPTIONS_KEY!r} is not valid JSON: {err.msg}") from None
+    if not isinstance(options, dict):
+        raise ConfigError(f"{OPTIONS_KEY!r} must hold a JSON object")
+    return {"policy": name, **options}
+
+
+def _factory(name: str) -> Any:
+    return lambda config: make_client_policy(_options_from_config(name, config), config)
+
+
+def _has_options_key() -> bool:
+    return OPTIONS_KEY in FedrankConfig.keys()
+
+
+def policy_config(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Run-configuration keys that select the policy of a ``[client-weights]`` table.
+
+    With a ``client-policy-options`` configuration key the options travel as JSON in the run
+    configuration. Without it the policy is registered in this process under a name carrying
+    a hash of its options (``per-client#1a2b3c4d``), which the in-process server of a
+    simulation finds.
+    """
+    check_policy_options(spec)
+    name = str(spec.get("policy", "per-client"))
+    options = {k: v for k, v in spec.items() if k != "policy"}
+    if name == "uniform":
+        return {"client-policy": "uniform"}
+    text = json.dumps(options, sort_keys=True)
+    if _has_options_key():
+        return {"client-policy": name, OPTIONS_KEY: text}
+    tagged = f"{name}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    frozen = {"policy": name, **json.loads(text)}
+    register_policy(tagged, lambda config: make_client_policy(frozen, config))
+    return {"client-policy": tagged}
+
+
+for _name in ("per-client", "adaptive"):
+    register_policy(_name, _factory(_name))

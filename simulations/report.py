@@ -1,0 +1,371 @@
+"""Turn finished simulation runs into a table (CSV and Markdown) and PNG plots.
+
+A *run directory* holds ``config.json`` (the run's configuration), ``metrics.jsonl`` (one JSON
+object per round with at least ``round``, ``ndcg@10`` and ``log_loss``) and, once the run has
+finished, ``summary.json``. ``fedrank report DIR...`` accepts run directories or any directory
+above them (a sweep directory), finds every run below, and writes into ``--out``:
+
+- ``report.csv`` / ``report.md``: one row per run, sorted by the final NDCG@10: the run's label,
+  the configuration keys that differ between the runs, the final round's metrics and the best
+  NDCG@10 over rounds;
+- ``groups.csv`` / ``groups.md`` when some runs differ only by seed: mean and standard
+  deviation over seeds per configuration;
+- ``ndcg_per_round.png``: NDCG@10 per round, one line per configuration;
+- ``ndcg_vs_log_loss.png``: final NDCG@10 against final log loss per run (ranking against
+  calibration; up and to the left is better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic_io import atomic_path, atomic_write_text
+from common.errors import DataFormatError, FedrankError
+
+METRIC = "ndcg@10"
+CALIBRATION = "log_loss"
+# final-round metrics shown when present, in this order
+SHOWN_METRICS = (
+    "ndcg@10",
+    "map",
+    "log_loss",
+    "kendall_tau",
+    "ndcg@5",
+    "mrr",
+    "auc",
+    "ece",
+)
+SEED_KEYS = ("seed", "run-seed", "data-seed", "partition-seed")
+# keys recorded by the tools that are not part of what was configured
+IGNORED_KEYS = ("label", "name", "sweep", "out-dir", "out_dir")
+
+
+@dataclass
+class Run:
+    """One run directory read back from disk."""
+
+    path: Path
+    config: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    label: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+    def final(self) -> dict[str, Any]:
+        """Final metrics: the last round's record, overridden by the summary's numbers."""
+        out: dict[str, Any] = dict(self.rounds[-1]) if self.rounds else {}
+        if self.summary:
+            for source in (self.summary, self.summary.get("final"), self.summary.get("metrics")):
+                if isinstance(source, dict):
+                    out.update({k: v for k, v in source.items() if _is_number(v)})
+        return out
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        xs, ys = [], []
+        for i, rec in enumerate(self.rounds):
+            if _is_number(rec.get(key)):
+                xs.append(float(rec.get("round", i + 1)))
+                ys.append(float(rec[key]))
+        return np.asarray(xs), np.asarray(ys)
+
+    def best(self, key: str = METRIC) -> float:
+        _, ys = self.series(key)
+        return float(np.max(ys)) if ys.size else math.nan
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataFormatError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from err
+    if not isinstance(obj, dict):
+        raise DataFormatError(f"{path}: expected a JSON object")
+    return obj
+
+
+def read_run(path: str | Path) -> Run:
+    """Read one run directory (``summary.json`` may be missing for an unfinished run)."""
+    path = Path(path)
+    metrics_path = path / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise DataFormatError(f"{path}: no metrics.jsonl, so not a run directory")
+    rounds: list[dict[str, Any]] = []
+    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            # a run killed mid-write can leave a torn last line; anything else is corrupt
+            if lineno == len(lines):
+                break
+            raise DataFormatError(f"{metrics_path}:{lineno}: not a JSON object") from None
+        if isinstance(rec, dict):
+            rounds.append(rec)
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
+    meta = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else {}
+    label = str(meta.get("label") or config.get("label") or path.name)
+    return Run(path, config, rounds, summary, label=label, params=dict(meta.get("params", {})))
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Run]:
+    """Every run directory at or below ``paths`` (sorted by path, duplicates dropped)."""
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise DataFormatError(f"{p}: no such directory")
+        if (p / "metrics.jsonl").is_file():
+            found[p.resolve()] = None
+        for metrics in sorted(p.rglob("metrics.jsonl")):
+            found[metrics.parent.resolve()] = None
+    return [read_run(p) for p in sorted(found)]
+
+
+# ---- tables -----------------------------------------------------------------------------------
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Configuration keys whose values differ between runs (swept parameters first)."""
+    keys: dict[str, None] = {}
+    for run in runs:
+        keys.update(dict.fromkeys(run.params))
+    for run in runs:
+        keys.update(dict.fromkeys(run.config))
+    out = []
+    for key in keys:
+        if key in IGNORED_KEYS:
+            continue
+        values = {_canonical(r.params.get(key, r.config.get(key))) for r in runs}
+        if len(values) > 1:
+            out.append(key)
+    return out
+
+
+def _value(run: Run, key: str) -> Any:
+    return run.params.get(key, run.config.get(key))
+
+
+def _metric_columns(runs: Sequence[Run]) -> list[str]:
+    present = {k for run in runs for k, v in run.final().items() if _is_number(v)}
+    return [m for m in SHOWN_METRICS if m in present]
+
+
+def run_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the per-run table, best final NDCG@10 first."""
+    keys = varying_keys(runs)
+    metrics = _metric_columns(runs)
+    header = ["run", *keys, *metrics, "best_ndcg@10", "rounds", "bytes_to_clients", "seconds"]
+    header.append("status")
+    rows = []
+    for run in runs:
+        final = run.final()
+        bytes_total = sum(float(r.get("bytes_to_clients", 0) or 0) for r in run.rounds)
+        seconds = sum(float(r.get("seconds", 0) or 0) for r in run.rounds)
+        rows.append(
+            [
+                run.label,
+                *[_value(run, k) for k in keys],
+                *[final.get(m, math.nan) for m in metrics],
+                run.best(METRIC),
+                len(run.rounds),
+                int(bytes_total),
+                round(seconds, 2),
+                "complete" if run.complete else "incomplete",
+            ]
+        )
+    col = header.index(METRIC) if METRIC in header else None
+    if col is not None:
+        rows.sort(key=lambda r: -r[col] if _is_number(r[col]) and not math.isnan(r[col]) else 1e9)
+    return header, rows
+
+
+def group_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]] | None:
+    """Mean and std over seeds of the final metrics per configuration, or None if no repeats."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        cfg = {**run.config, **run.params}
+        key = _canonical({k: v for k, v in cfg.items() if k not in (*SEED_KEYS, *IGNORED_KEYS)})
+        groups.setdefault(key, []).append(run)
+    if all(len(g) == 1 for g in groups.values()):
+        return None
+    keys = [k for k in varying_keys(runs) if k not in SEED_KEYS]
+    metrics = _metric_columns(runs)
+    header = ["configuration", *keys, "runs"]
+    for m in metrics:
+        header += [f"{m}_mean", f"{m}_std"]
+    rows = []
+    for members in groups.values():
+        finals = [r.final() for r in members]
+        row: list[Any] = [members[0].label, *[_value(members[0], k) for k in keys], len(members)]
+        for m in metrics:
+            vals = np.asarray([f.get(m, math.nan) for f in finals], dtype=np.float64)
+            row += (
+                [float(np.nanmean(vals)), float(np.nanstd(vals))]
+                if np.any(~np.isnan(vals))
+                else [
+                    math.nan,
+                    math.nan,
+                ]
+            )
+        rows.append(row)
+    if f"{METRIC}_mean" in header:
+        col = header.index(f"{METRIC}_mean")
+        rows.sort(key=lambda r: -r[col] if not math.isnan(r[col]) else 1e9)
+    return header, rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "" if value is None else str(value)
+
+
+def to_csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_fmt(v) for v in row])
+    return buf.getvalue()
+
+
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        return _fmt(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---- plots ------------------------------------------------------------------------------------
+def _short_label(run: Run, keys: Sequence[str], limit: int = 60) -> str:
+    if not keys:
+        return run.label
+    text = ", ".join(f"{k}={_fmt(_value(run, k))}" for k in keys)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def plot_rounds(runs: Sequence[Run], path: Path, metric: str = METRIC) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = varying_keys(runs)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in runs:
+        xs, ys = run.series(metric)
+        if xs.size:
+            ax.plot(xs, ys, marker="o", markersize=3, label=_short_label(run, keys))
+    ax.set_xlabel("round")
+    ax.set_ylabel(metric.upper())
+    ax.set_title(f"{metric.upper()} per round")
+    ax.grid(alpha=0.3)
+    if len(runs) <= 12:
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def plot_tradeoff(
+    runs: Sequence[Run], path: Path, metric: str = METRIC, calibration: str = CALIBRATION
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = varying_keys(runs)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for run in runs:
+        final = run.final()
+        x, y = final.get(calibration), final.get(metric)
+        if _is_number(x) and _is_number(y):
+            ax.scatter([x], [y], s=30)
+            if len(runs) <= 20:
+                ax.annotate(_short_label(run, keys, 40), (x, y), fontsize=6, alpha=0.8)
+    ax.set_xlabel(f"{calibration} (lower is better calibrated)")
+    ax.set_ylabel(f"{metric.upper()} (higher ranks better)")
+    ax.set_title("ranking vs calibration (final round)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def write_report(runs: Sequence[Run], out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+    """Write the tables (and plots) for ``runs`` into ``out_dir``; returns the written paths."""
+    if not runs:
+        raise FedrankError("no runs found (a run directory holds metrics.jsonl)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    header, rows = run_rows(runs)
+    atomic_write_text(out / "report.csv", to_csv(header, rows))
+    atomic_write_text(out / "report.md", to_markdown(header, rows))
+    written.update(csv=out / "report.csv", markdown=out / "report.md")
+    grouped = group_rows(runs)
+    if grouped is not None:
+        atomic_write_text(out / "groups.csv", to_csv(*grouped))
+        atomic_write_text(out / "groups.md", to_markdown(*grouped))
+        written.update(groups_csv=out / "groups.csv", groups_markdown=out / "groups.md")
+    if plots:
+        plot_rounds(runs, out / "ndcg_per_round.png")
+        plot_tradeoff(runs, out / "ndcg_vs_log_loss.png")
+        written.update(
+            rounds_png=out / "ndcg_per_round.png", tradeoff_png=out / "ndcg_vs_log_loss.png"
+        )
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="fedrank report", description="Tables (CSV, Markdown) and PNG plots from runs."
+    )
+    parser.add_argument("dirs", nargs="+", help="run directories or directories above them")
+    parser.add_argument("--out", help="where to write the report (default: the first DIR)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    args = parser.parse_args(argv)
+    runs = find_runs(args.dirs)
+    written = write_report(runs, args.out or args.dirs[0], plots=not args.no_plots)
+    header, rows = run_rows(runs)
+    print(to_markdown(header, rows), end="")
+    incomplete = sum(not r.complete for r in runs)
+    note = f" ({incomplete} incomplete)" if incomplete else ""
+    print(f"{len(runs)} run(s){note}; wrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,789 @@
+"""``fedrank sweep``: tune loss weights over a scenario, one federation per configuration.
+
+    fedrank sweep SCENARIO --grid            # every point of the scenario's [sweep.space]
+    fedrank sweep SCENARIO --random 20       # 20 random points (seeded by --sweep-seed)
+    fedrank sweep SCENARIO --optuna 30       # 30 trials of Optuna's TPE (pip install optuna)
+
+Each configuration runs once per seed of the scenario (``--seeds`` overrides). Runs are
+separate processes, each its own start of Flower's simulation runtime, at most ``--jobs``
+(default: the machine's cores) at a time; a progress line is printed as each one starts and
+finishes. A run's folder is ``OUT/runs/<hash>``, the hash of its full configuration, and a run
+whose folder already holds a ``summary.json`` is not run again, so an interrupted sweep resumes
+where it stopped when given the same command (a run cut short mid-way continues from its last
+round checkpoint). Runs share one teacher cache (``OUT/teacher``), so the teacher is trained
+once per data and seed. At the end ``OUT/report.*`` and the plots are written (see
+:mod:`simulations.report`) and the best configuration is printed.
+
+The search space is the scenario's ``[sweep.space]``: each key is a configuration key with a
+list of values or a range ``{ low, high, log, int, steps }`` (``steps`` points for ``--grid``;
+ranges are sampled for ``--random``/``--optuna``). Without one, the default space covers the
+weights of the four loss families and the distillation temperature (:data:`DEFAULT_SPACE`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.atomic_io import atomic_write_json
+from common.errors import ConfigError, FedrankError
+
+__all__ = [
+    "DEFAULT_SPACE",
+    "Param",
+    "PlannedRun",
+    "SearchSpace",
+    "SweepResult",
+    "main",
+    "plan_runs",
+    "run_hash",
+    "run_sweep",
+]
+
+# the weights of the four loss families and the temperature of the rank losses
+DEFAULT_SPACE: dict[str, Any] = {
+    "label-weight": [0.0, 0.2, 1.0],
+    "score-weight": [0.0, 1.0],
+    "rank-label-weight": [0.0, 1.0],
+    "rank-weight": [0.0, 1.0, 4.0],
+    "temperature": [1.0, 2.0],
+}
+# pair-weight options join the default space when the configuration has them
+OPTIONAL_DEFAULTS: dict[str, Any] = {"pair-weight": ["none", "log_discount"]}
+# keys that do not change what a run computes, so they are not part of its hash
+UNHASHED = ("out-dir", "teacher-cache-dir", "resume")
+
+
+# ---- search space ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Param:
+    """One dimension: a list of ``values``, or a range ``[low, high]`` (``log``/``int``)."""
+
+    name: str
+    values: tuple[Any, ...] | None = None
+    low: float = 0.0
+    high: float = 1.0
+    log: bool = False
+    integer: bool = False
+    steps: int = 0
+
+    def grid(self) -> list[Any]:
+        if self.values is not None:
+            return list(self.values)
+        if self.steps < 1:
+            raise ConfigError(
+                f"{self.name!r} is a range without 'steps': --grid needs a list of values or "
+                "'steps' (use --random or --optuna to sample ranges)"
+            )
+        if self.log:
+            points = np.geomspace(self.low, self.high, self.steps)
+        else:
+            points = np.linspace(self.low, self.high, self.steps)
+        return [self._cast(v) for v in points]
+
+    def sample(self, rng: np.random.Generator) -> Any:
+        if self.values is not None:
+            return self.values[int(rng.integers(len(self.values)))]
+        if self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        return self._cast(value)
+
+    def suggest(self, trial: Any) -> Any:
+        if self.values is not None:
+            return trial.suggest_categorical(self.name, list(self.values))
+        if self.integer:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
+
+    def distribution(self) -> Any:
+        import optuna
+
+        if self.values is not None:
+            return optuna.distributions.CategoricalDistribution(list(self.values))
+        if self.integer:
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+
+    def _cast(self, value: float) -> Any:
+        return int(round(value)) if self.integer else round(float(value), 6)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The dimensions of a sweep, in a fixed order."""
+
+    params: tuple[Param, ...]
+
+    @classmethod
+    def parse(cls, space: Mapping[str, Any]) -> SearchSpace:
+        """From ``{key: [values] | {low, high, log, int, steps}}``; keys must be config keys."""
+        from common.config import FedrankConfig
+
+        if not isinstance(space, Mapping) or not space:
+            raise ConfigError("the search space must be a non-empty table of configuration keys")
+        valid = FedrankConfig.keys()
+        params = []
+        for name, spec in space.items():
+            if name not in valid or name in ("seed", "out-dir"):
+                raise ConfigError(f"{name!r} is not a configuration key that can be swept")
+            if isinstance(spec, list):
+                if not spec:
+                    raise ConfigError(f"{name!r}: the list of values is empty")
+                for value in spec:
+                    try:
+                        FedrankConfig.from_run_config({name: value, "label-weight": 1})
+                    except ConfigError as err:
+                        if name.endswith("-weight"):  # all-zero weights are fine in a sweep
+                            if "are 0" not in str(err):
+                                raise ConfigError(f"{name!r} value {value!r}: {err}") from None
+                        else:
+                            raise ConfigError(f"{name!r} value {value!r}: {err}") from None
+                params.append(Param(name, values=tuple(spec)))
+            elif isinstance(spec, Mapping):
+                bad = sorted(k for k in spec if k not in ("low", "high", "log", "int", "steps"))
+                if bad:
+                    raise ConfigError(f"{name!r}: unknown range key(s) {bad}")
+                try:
+                    low, high = float(spec["low"]), float(spec["high"])
+                except (KeyError, TypeError, ValueError):
+                    raise ConfigError(f"{name!r}: a range needs numbers 'low' and 'high'") from None
+                log = bool(spec.get("log", False))
+                if not low < high or (log and low <= 0):
+                    raise ConfigError(
+                        f"{name!r}: need low < high (and low > 0 for log), got {low}, {high}"
+                    )
+                steps = int(spec.get("steps", 0))
+                params.append(
+                    Param(name, None, low, high, log, bool(spec.get("int", False)), steps)
+                )
+            else:
+                raise ConfigError(f"{name!r}: give a list of values or a range table")
+        return cls(tuple(params))
+
+    @classmethod
+    def default(cls) -> SearchSpace:
+        from common.config import FedrankConfig
+
+        space = dict(DEFAULT_SPACE)
+        keys = FedrankConfig.keys()
+        space.update({k: v for k, v in OPTIONAL_DEFAULTS.items() if k in keys})
+        return cls.parse(space)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+    def grid(self) -> list[dict[str, Any]]:
+        axes = [p.grid() for p in self.params]
+        return [dict(zip(self.names, point, strict=True)) for point in itertools.product(*axes)]
+
+    def sample(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
+        """``n`` distinct random points (fewer if the space is smaller), seeded."""
+        rng = np.random.default_rng([seed, 5])
+        points: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        tries = 0
+        while len(points) < n and tries < 50 * max(n, 1):
+            tries += 1
+            point = {p.name: p.sample(rng) for p in self.params}
+            key = json.dumps(point, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
+        return points
+
+
+# ---- planning ------------------------------------------------------------------------------------
+def run_hash(config: Mapping[str, Any]) -> str:
+    """12 hex digits identifying what a run computes (its configuration minus output paths)."""
+    body = {k: v for k, v in sorted(config.items()) if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class PlannedRun:
+    """One federation of a sweep: a point of the space and a seed."""
+
+    params: dict[str, Any]
+    seed: int
+    config: dict[str, Any]
+    dir: Path
+    label: str
+
+    @property
+    def id(self) -> str:
+        return self.dir.name
+
+    def done(self) -> bool:
+        return summary_complete(self.dir)
+
+
+def summary_complete(run_dir: Path) -> bool:
+    """True when ``run_dir/summary.json`` is a finished run's summary."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return False
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "student" in data
+
+
+def point_label(params: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items()) or "base"
+
+
+def plan_runs(
+    scenario: Any,
+    points: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    *,
+    seeds: Sequence[int] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[list[PlannedRun], list[tuple[dict[str, Any], str]]]:
+    """The runs of ``points`` x seeds and the points skipped as invalid (with the reason)."""
+    runs: list[PlannedRun] = []
+    skipped: list[tuple[dict[str, Any], str]] = []
+    teacher_dir = os.fspath(out_dir / "teacher")
+    for point in points:
+        for seed in seeds or scenario.seeds:
+            try:
+                config = scenario.run_config(seed, {**dict(overrides or {}), **dict(point)})
+            except ConfigError as err:
+                if seed == (seeds or scenario.seeds)[0]:
+                    skipped.append((dict(point), str(err)))
+                break
+            run_dir = out_dir / "runs" / run_hash(config)
+            config = {**config, "out-dir": os.fspath(run_dir), "teacher-cache-dir": teacher_dir}
+            label = f"{point_label(point)} seed={seed}"
+            runs.append(PlannedRun(dict(point), int(seed), config, run_dir, label))
+    return runs, skipped
+
+
+# ---- running ------------------------------------------------------------------------------------
+@dataclass
+class SweepResult:
+    """What a sweep did."""
+
+    out_dir: Path
+    runs: list[PlannedRun]
+    finished: list[PlannedRun] = field(default_factory=list)
+    resumed: list[PlannedRun] = field(default_factory=list)
+    failed: list[PlannedRun] = field(default_factory=list)
+    skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+
+
+def _write_meta(run: PlannedRun, scenario: Any, clients: int, threads: int) -> None:
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        run.dir / "sweep.json",
+        {
+            "label": run.label,
+            "params": run.params,
+            "seed": run.seed,
+            "clients": clients,
+            "threads": threads,
+            "scenario": scenario.name,
+            "client-weights": scenario.client_weights,
+            "config": {**run.config, "resume": True},
+        },
+    )
+
+
+def _final_metrics(run_dir: Path) -> dict[str, Any]:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        return dict(summary["student"]["metrics"])
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return {}
+
+
+class _Pool:
+    """At most ``jobs`` worker processes; each runs a batch of run folders."""
+
+    def __init__(self, jobs: int, verbose: bool, total: int) -> None:
+        self.jobs = jobs
+        self.verbose = verbose
+        self.total = total
+        self.count = 0
+        self.active: list[tuple[subprocess.Popen, list[PlannedRun], float, Any]] = []
+
+    def _line(self, text: str) -> None:
+        print(text, flush=True)
+
+    def start(self, batch: list[PlannedRun]) -> None:
+        while len(self.active) >= self.jobs:
+            self.wait_one()
+        log_path = batch[0].dir / "log.txt"
+        log = open(log_path, "ab")  # noqa: SIM115 - closed when the process ends
+        cmd = [
+            sys.executable,
+            "-m",
+            "simulations.sweep",
+            "--worker",
+            *[os.fspath(r.dir) for r in batch],
+        ]
+        if self.verbose:
+            cmd.append("--verbose")
+        root = Path(__file__).resolve().parents[1]
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([os.fspath(root), os.environ.get("PYTHONPATH", "")]),
+        }
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        for run in batch:
+            self._line(f"[{self.count + 1:>3}/{self.total}] start  {run.id}  {run.label}")
+        self.active.append((proc, batch, time.monotonic(), log))
+
+    def wait_one(self) -> list[tuple[PlannedRun, bool]]:
+        while True:
+            for i, (proc, batch, started, log) in enumerate(self.active):
+                if proc.poll() is not None:
+                    del self.active[i]
+                    log.close()
+                    return self._finish(proc, batch, started)
+            time.sleep(0.2)
+
+    def _finish(self, proc: subprocess.Popen, batch: list[PlannedRun], started: float) -> list:
+        seconds = time.monotonic() - started
+        out = []
+        for run in batch:
+            self.count += 1
+            ok = run.done()
+            if ok:
+                m = _final_metrics(run.dir)
+                text = "  ".join(
+                    f"{k} {m[k]:.4f}"
+                    for k in ("ndcg@10", "log_loss")
+                    if isinstance(m.get(k), float)
+                )
+                self._line(
+                    f"[{self.count:>3}/{self.total}] done   {run.id}  {text}  ({seconds:.0f}s)"
+                )
+            else:
+                self._line(
+                    f"[{self.count:>3}/{self.total}] FAILED {run.id} (exit {proc.returncode}); "
+                    f"see {batch[0].dir / 'log.txt'}"
+                )
+            out.append((run, ok))
+        return out
+
+    def drain(self) -> list[tuple[PlannedRun, bool]]:
+        out = []
+        while self.active:
+            out += self.wait_one()
+        return out
+
+    def kill(self) -> None:
+        for proc, _, _, log in self.active:
+            proc.terminate()
+        for proc, _, _, log in self.active:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+        self.active = []
+
+
+def execute(
+    runs: Sequence[PlannedRun],
+    scenario: Any,
+    *,
+    clients: int,
+    jobs: int,
+    batch: int = 1,
+    verbose: bool = False,
+    progress_total: int | None = None,
+    result: SweepResult | None = None,
+) -> SweepResult:
+    """Run the runs not yet done (``jobs`` processes at a time); fills ``result``."""
+    result = result or SweepResult(Path("."), list(runs))
+    todo = []
+    for run in runs:
+        if run.done():
+            result.resumed.append(run)
+        else:
+            todo.append(run)
+    total = progress_total or len(runs)
+    pool = _Pool(max(1, jobs), verbose, total)
+    pool.count = len(result.resumed) + len(result.finished) + len(result.failed)
+    if result.resumed and pool.count == len(result.resumed):
+        print(f"resuming: {len(result.resumed)} of {len(runs)} run(s) already done", flush=True)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, min(jobs, len(todo) or 1)))
+    try:
+        for i in range(0, len(todo), max(1, batch)):
+            chunk = todo[i : i + max(1, batch)]
+            for run in chunk:
+                _write_meta(run, scenario, clients, threads)
+            pool.start(chunk)
+            while len(pool.active) >= pool.jobs:
+                _collect(pool.wait_one(), result)
+        _collect(pool.drain(), result)
+    except KeyboardInterrupt:
+        pool.kill()
+        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
+        raise
+    return result
+
+
+def _collect(outcomes: list[tuple[PlannedRun, bool]], result: SweepResult) -> None:
+    for run, ok in outcomes:
+        (result.finished if ok else result.failed).append(run)
+
+
+def _objective(runs: Sequence[PlannedRun], metric: str) -> float | None:
+    values = [_final_metrics(r.dir).get(metric) for r in runs]
+    values = [float(v) for v in values if isinstance(v, (int, float))]
+    return float(np.mean(values)) if values and len(values) == len(runs) else None
+
+
+def best_point(
+    runs: Sequence[PlannedRun], metric: str = "ndcg@10", direction: str = "maximize"
+) -> dict[str, Any] | None:
+    """The point with the best mean ``metric`` over its seeds (only points whose runs all
+    finished)."""
+    groups: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        groups.setdefault(json.dumps(run.params, sort_keys=True), []).append(run)
+    best = None
+    for members in groups.values():
+        value = _objective(members, metric)
+        if value is None:
+            continue
+        better = best is None or (
+            value > best["value"] if direction == "maximize" else value < best["value"]
+        )
+        if better:
+            best = {"params": members[0].params, "value": value, "runs": len(members)}
+    return best
+
+
+def _optuna_sweep(
+    scenario: Any,
+    space: SearchSpace,
+    n: int,
+    out_dir: Path,
+    *,
+    seeds: Sequence[int] | None,
+    overrides: Mapping[str, Any],
+    clients: int,
+    jobs: int,
+    batch: int,
+    verbose: bool,
+    sweep_seed: int,
+    metric: str,
+    direction: str,
+    result: SweepResult,
+) -> None:
+    try:
+        import optuna
+    except ImportError:
+        raise FedrankError(
+            "--optuna needs the optuna package: pip install optuna (or use --grid / --random)"
+        ) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=sweep_seed)
+    study = optuna.create_study(direction=direction, sampler=sampler)
+    distributions = {p.name: p.distribution() for p in space.params}
+    # replay trials finished by an earlier, interrupted invocation (recorded in trials.jsonl)
+    trials_path = out_dir / "trials.jsonl"
+    done_points: list[dict[str, Any]] = []
+    if trials_path.is_file():
+        for line in trials_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                done_points.append(json.loads(line)["params"])
+    told = 0
+    for point in done_points[:n]:
+        runs, _ = plan_runs(scenario, [point], out_dir, seeds=seeds, overrides=overrides)
+        value = _objective(runs, metric) if runs and all(r.done() for r in runs) else None
+        if value is None:
+            continue
+        study.add_trial(
+            optuna.trial.create_trial(params=point, distributions=distributions, value=value)
+        )
+        result.runs += runs
+        result.resumed += runs
+        told += 1
+    if told:
+        print(f"resuming: {told} of {n} trial(s) already done", flush=True)
+    per_trial = len(seeds or scenario.seeds)
+    total = n * per_trial
+    from common.atomic_io import append_jsonl
+
+    while told < n:
+        wave = min(max(1, jobs), n - told)
+        trials = [study.ask() for _ in range(wave)]
+        points = [{p.name: p.suggest(t) for p in space.params} for t in trials]
+        wave_runs = []
+        for trial, point in zip(trials, points, strict=True):
+            runs, skipped = plan_runs(scenario, [point], out_dir, seeds=seeds, overrides=overrides)
+            if skipped:
+                result.skipped += skipped
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                continue
+            wave_runs.append((trial, point, runs))
+        all_runs = [r for _, _, rs in wave_runs for r in rs]
+        result.runs += all_runs
+        execute(
+            all_runs,
+            scenario,
+            clients=clients,
+            jobs=jobs,
+            batch=batch,
+            verbose=verbose,
+            progress_total=total,
+            result=result,
+        )
+        for trial, point, runs in wave_runs:
+            value = _objective(runs, metric)
+            if value is None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, value)
+                append_jsonl(trials_path, {"params": point, "value": value})
+        told += wave
+
+
+def run_sweep(
+    scenario: Any,
+    mode: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    n: int = 0,
+    seeds: Sequence[int] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    clients: int | None = None,
+    jobs: int | None = None,
+    batch: int = 1,
+    sweep_seed: int = 0,
+    verbose: bool = False,
+    report: bool = True,
+) -> SweepResult:
+    """Run a sweep of ``scenario`` (``mode`` is ``grid``, ``random`` or ``optuna``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if clients is not None:
+        scenario = scenario.replace(clients=int(clients))
+    overrides = dict(overrides or {})
+    space = SearchSpace.parse(scenario.sweep["space"]) if "space" in scenario.sweep else None
+    space = space or SearchSpace.default()
+    metric = str(scenario.sweep.get("metric", "ndcg@10"))
+    direction = str(scenario.sweep.get("direction", "maximize"))
+    seeds = list(seeds) if seeds else list(scenario.sweep.get("seeds", scenario.seeds))
+    jobs = max(1, min(int(jobs or os.cpu_count() or 1), os.cpu_count() or 1))
+    atomic_write_json(
+        out / "sweep.json",
+        {
+            "scenario": scenario.to_dict(),
+            "mode": mode,
+            "n": n,
+            "seeds": seeds,
+            "overrides": overrides,
+            "space": space.names,
+            "sweep_seed": sweep_seed,
+            "metric": metric,
+            "direction": direction,
+        },
+    )
+    result = SweepResult(out, [])
+    if mode == "optuna":
+        _optuna_sweep(
+            scenario,
+            space,
+            n,
+            out,
+            seeds=seeds,
+            overrides=overrides,
+            clients=scenario.clients,
+            jobs=jobs,
+            batch=batch,
+            verbose=verbose,
+            sweep_seed=sweep_seed,
+            metric=metric,
+            direction=direction,
+            result=result,
+        )
+    else:
+        if mode == "grid":
+            points = space.grid()
+        elif mode == "random":
+            points = space.sample(n, seed=sweep_seed)
+        else:
+            raise ConfigError(f"unknown sweep mode {mode!r}; valid: grid, random, optuna")
+        runs, skipped = plan_runs(scenario, points, out, seeds=seeds, overrides=overrides)
+        result.runs, result.skipped = runs, skipped
+        for point, reason in skipped:
+            print(f"skipped {point_label(point)}: {reason}", flush=True)
+        print(
+            f"sweep {scenario.name}: {len(points) - len(skipped)} configuration(s) x "
+            f"{len(seeds)} seed(s) = {len(runs)} run(s), {jobs} at a time, {scenario.clients} "
+            f"clients each; output {out}",
+            flush=True,
+        )
+        execute(
+            runs,
+            scenario,
+            clients=scenario.clients,
+            jobs=jobs,
+            batch=batch,
+            verbose=verbose,
+            result=result,
+        )
+    result.best = best_point(result.runs, metric, direction)
+    if report and any(r.done() for r in result.runs):
+        from simulations.report import find_runs, write_report
+
+        write_report(find_runs([out / "runs"]), out)
+    return result
+
+
+# ---- worker (one process: one start of the simulation runtime) ----------------------------------
+def _worker(run_dirs: Sequence[str], verbose: bool) -> int:
+    import simulations.client_weights as client_weights
+    from simulations.simulate import run_federations
+
+    metas = [json.loads((Path(d) / "sweep.json").read_text(encoding="utf-8")) for d in run_dirs]
+    for meta in metas:
+        if meta.get("client-weights"):
+            client_weights.policy_config(meta["client-weights"])  # register in this process
+    threads = int(metas[0].get("threads", 1))
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    run_federations(
+        [m["config"] for m in metas],
+        num_clients=int(metas[0]["clients"]),
+        verbose=verbose,
+        num_cpus=threads,
+    )
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
+    except ValueError:
+        raise ConfigError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds expects integers >= 0, got {text!r}")
+    return seeds
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] == "--worker":
+        verbose = "--verbose" in args_list
+        return _worker([a for a in args_list[1:] if a != "--verbose"], verbose)
+    from simulations.scenarios import list_scenarios, load_scenario
+    from simulations.simulate import _parse_set
+
+    parser = argparse.ArgumentParser(
+        prog="fedrank sweep",
+        description="Sweep loss weights over a scenario; each configuration is one federated "
+        "simulation per seed. Built-in scenarios: " + ", ".join(list_scenarios()),
+    )
+    parser.add_argument("scenario", help="built-in scenario name or path to a .toml file")
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--grid", action="store_true", help="every point of the space")
+    mode.add_argument("--random", type=int, metavar="N", help="N random points")
+    mode.add_argument("--optuna", type=int, metavar="N", help="N Optuna (TPE) trials")
+    parser.add_argument("--out", help="sweep folder (default runs/sweep-SCENARIO)")
+    parser.add_argument("--jobs", type=int, help="parallel runs (default: the machine's cores)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="runs per process (one runtime start serves them; default 1)",
+    )
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the scenario's)")
+    parser.add_argument("--clients", type=int, help="override the scenario's client count")
+    parser.add_argument("--rounds", type=int, help="override num-server-rounds")
+    parser.add_argument("--data", help="override data-path (e.g. ../shared/data/MQ2008/Fold1)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any configuration key",
+    )
+    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of --random / --optuna")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
+    parser.add_argument("--verbose", action="store_true", help="Flower's logs in each run's log")
+    args = parser.parse_args(args_list)
+    if args.random is not None and args.random < 1 or args.optuna is not None and args.optuna < 1:
+        raise ConfigError("--random / --optuna need N >= 1")
+    scenario = load_scenario(args.scenario)
+    overrides = _parse_set(args.set)
+    if args.rounds is not None:
+        overrides["num-server-rounds"] = args.rounds
+    if args.data is not None:
+        overrides["data-path"] = args.data
+    seeds = _parse_seeds(args.seeds) if args.seeds else None
+    mode_name = "grid" if args.grid else "random" if args.random is not None else "optuna"
+    n = args.random or args.optuna or 0
+    out = Path(args.out or f"runs/sweep-{scenario.name}")
+    if args.dry_run:
+        if mode_name == "optuna":
+            print(f"optuna: {n} trials over {SearchSpace.default().names}")
+            return 0
+        sc = scenario.replace(clients=args.clients) if args.clients else scenario
+        space = (
+            SearchSpace.parse(sc.sweep["space"]) if "space" in sc.sweep else SearchSpace.default()
+        )
+        points = space.grid() if args.grid else space.sample(n, seed=args.sweep_seed)
+        runs, skipped = plan_runs(sc, points, out, seeds=seeds, overrides=overrides)
+        for run in runs:
+            print(f"{run.id}  {'done' if run.done() else 'todo'}  {run.label}")
+        print(f"{len(runs)} run(s); {len(skipped)} configuration(s) skipped as invalid")
+        return 0
+    result = run_sweep(
+        scenario,
+        mode_name,
+        out,
+        n=n,
+        seeds=seeds,
+        overrides=overrides,
+        clients=args.clients,
+        jobs=args.jobs,
+        batch=args.batch,
+        sweep_seed=args.sweep_seed,
+        verbose=args.verbose,
+    )
+    print(
+        f"\n{len(result.finished)} run(s) finished, {len(result.resumed)} reused, "
+        f"{len(result.failed)} failed, {len(result.skipped)} configuration(s) skipped"
+    )
+    if result.best is not None:
+        metric = scenario.sweep.get("metric", "ndcg@10")
+        print(
+            f"best: {point_label(result.best['params'])}  mean {metric} "
+            f"{result.best['value']:.4f} over {result.best['runs']} seed(s)"
+        )
+    print(f"report: {out / 'report.md'}")
+    return 1 if result.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
