@@ -79,9 +79,7 @@ def _table(context: Context, version: str) -> Any:
 def _metrics(values: dict[str, Any]) -> MetricRecord:
     out: dict[str, int | float] = {}
     for k, v in values.items():
-        if isinstance(v, (bool, np.bool_)):
-            out[k] = int(v)
-        elif isinstance(v, (int, np.integer)):
+        if isinstance(v, (bool, np.bool_, int, np.integer)):
             out[k] = int(v)
         elif isinstance(v, (float, np.floating)) and np.isfinite(v):
             out[k] = float(v)

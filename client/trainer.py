@@ -35,7 +35,9 @@ class TrainSettings:
     step_offset: int = 0  # global step of the first local step (for loss-weight schedules)
 
 
-def settings_from_config(config: Any, *, proximal_mu: float, seed: int, step_offset: int) -> TrainSettings:
+def settings_from_config(
+    config: Any, *, proximal_mu: float, seed: int, step_offset: int
+) -> TrainSettings:
     """TrainSettings from a :class:`~common.config.FedrankConfig`."""
     return TrainSettings(
         epochs=config.local_epochs,

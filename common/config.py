@@ -137,7 +137,9 @@ class FedrankConfig:
         return {to_key(f.name): f.default for f in fields(cls)}
 
     @classmethod
-    def from_run_config(cls, mapping: Mapping[str, Any] | None = None, **overrides: Any) -> FedrankConfig:
+    def from_run_config(
+        cls, mapping: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> FedrankConfig:
         """Validate ``mapping`` (hyphenated or snake_case keys) on top of the defaults.
 
         Unknown keys and bad values raise :class:`ConfigError` naming the key.
@@ -203,9 +205,9 @@ class FedrankConfig:
             except ConfigError as err:
                 raise ConfigError(f"{to_key(weight_field)!r}: {err}") from None
             options: dict[str, Any] = {}
-            if LOSS_TARGETS[loss] == "teacher":
-                if "temperature" in inspect.signature(LOSSES[loss]).parameters:
-                    options["temperature"] = float(self.temperature)
+            takes_temperature = "temperature" in inspect.signature(LOSSES[loss]).parameters
+            if LOSS_TARGETS[loss] == "teacher" and takes_temperature:
+                options["temperature"] = float(self.temperature)
             terms.append(LossTerm(family, loss, weight, options))
         return terms
 
@@ -235,7 +237,7 @@ class FedrankConfig:
 
     def check_data_path(self, base: str | Path | None = None) -> None:
         """Raise ConfigError naming ``data-path`` unless it is ``synthetic`` or exists."""
-        if self.data_path == "synthetic":
+        if self.data_path == "synthetic" or self.data_path.startswith("synthetic:"):
             return
         path = Path(self.data_path)
         if base is not None and not path.is_absolute():
@@ -255,7 +257,9 @@ class FedrankConfig:
             if f.name.endswith("_weight"):
                 # a number or a schedule string ('linear:START:END:STEPS', 'step:V0:V1:AT')
                 if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                    raise ConfigError(f"{key!r} must be a number or a schedule string, got {value!r}")
+                    raise ConfigError(
+                        f"{key!r} must be a number or a schedule string, got {value!r}"
+                    )
                 if not isinstance(value, str):
                     object.__setattr__(self, f.name, float(value))
                 continue

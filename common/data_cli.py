@@ -31,7 +31,9 @@ def describe(sets: ExampleSets) -> dict[str, Any]:
     labels = sets.labels
     values, counts = np.unique(labels, return_counts=True)
     as_int = np.all(values == np.round(values))
-    hist = {(str(int(v)) if as_int else f"{v:g}"): int(c) for v, c in zip(values, counts)}
+    hist = {
+        (str(int(v)) if as_int else f"{v:g}"): int(c) for v, c in zip(values, counts, strict=True)
+    }
     positives = np.add.reduceat((labels > 0).astype(np.int64), sets.offsets[:-1])
     stats: dict[str, Any] = {
         "sets": sets.num_sets,

@@ -72,7 +72,9 @@ class Dataset:
         return h.hexdigest()[:16]
 
     def summary(self) -> str:
-        parts = ", ".join(f"{k} {v.num_sets} sets/{v.num_items} items" for k, v in self.splits.items())
+        parts = ", ".join(
+            f"{k} {v.num_sets} sets/{v.num_items} items" for k, v in self.splits.items()
+        )
         return f"{self.name}: {self.num_features} features; {parts}"
 
 
@@ -119,9 +121,7 @@ def resolve_letor(path: Path) -> tuple[str, dict[str, ExampleSets]]:
     )
 
 
-def split_off(
-    sets: ExampleSets, fraction: float, seed: int
-) -> tuple[ExampleSets, ExampleSets]:
+def split_off(sets: ExampleSets, fraction: float, seed: int) -> tuple[ExampleSets, ExampleSets]:
     """Split ``sets`` by set (seeded): (rest, held out ``fraction``, at least one set each)."""
     if sets.num_sets < 2:
         raise DataFormatError(
@@ -133,7 +133,9 @@ def split_off(
     return sets.take(rest), sets.take(held)
 
 
-def _complete(splits: dict[str, ExampleSets], seed: int) -> tuple[dict[str, ExampleSets], list[str]]:
+def _complete(
+    splits: dict[str, ExampleSets], seed: int
+) -> tuple[dict[str, ExampleSets], list[str]]:
     out = dict(splits)
     notes = []
     for offset, name in enumerate(s for s in SPLIT_NAMES if s != "train"):
@@ -142,8 +144,7 @@ def _complete(splits: dict[str, ExampleSets], seed: int) -> tuple[dict[str, Exam
         train = out["train"]
         out["train"], out[name] = split_off(train, HOLDOUT_FRACTION, seed + 1000 * (offset + 1))
         notes.append(
-            f"{name} split off train: {out[name].num_sets} of {train.num_sets} sets "
-            f"(seed {seed})"
+            f"{name} split off train: {out[name].num_sets} of {train.num_sets} sets (seed {seed})"
         )
     return {name: out[name] for name in SPLIT_NAMES}, notes
 

@@ -116,7 +116,9 @@ def read_letor_folder(
             f"{folder}: expected a LETOR fold folder with train.txt or train.txt.gz "
             f"(and optionally vali/test), found {sorted(p.name for p in folder.iterdir())[:10]}"
         )
-    parts = {name: read_letor(f, num_features=num_features, cache=cache) for name, f in found.items()}
+    parts = {
+        name: read_letor(f, num_features=num_features, cache=cache) for name, f in found.items()
+    }
     width = max(p.num_features for p in parts.values())
     return {name: _widen(p, width) for name, p in parts.items()}
 
@@ -179,7 +181,9 @@ def _parse(raw: bytes, src: Path, num_features: int | None) -> ExampleSets:
         return _parse_lines(lines, src, num_features)
     y, feats, offsets, set_ids = result
     item_ids = _item_ids(comments)
-    return ExampleSets(features=feats, labels=y, offsets=offsets, set_ids=set_ids, item_ids=item_ids)
+    return ExampleSets(
+        features=feats, labels=y, offsets=offsets, set_ids=set_ids, item_ids=item_ids
+    )
 
 
 def _fast_arrays(
@@ -282,7 +286,9 @@ def _decode_uints(b: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndar
     return out
 
 
-def _decode_floats(b: np.ndarray, start: np.ndarray, stop: np.ndarray, out: np.ndarray) -> np.ndarray:
+def _decode_floats(
+    b: np.ndarray, start: np.ndarray, stop: np.ndarray, out: np.ndarray
+) -> np.ndarray:
     """Plain decimals ``[+-]digits[.digits]`` in ``b[start:stop]`` into ``out``.
 
     Returns a mask of the tokens left undone (exponents, more than 15 digits, anything
@@ -309,11 +315,15 @@ def _decode_floats(b: np.ndarray, start: np.ndarray, stop: np.ndarray, out: np.n
         e, f, hd, n = stop[lo:hi], frac[lo:hi], has_dot[lo:hi], ndig[lo:hi]
         mant = np.zeros(e.size, dtype=np.float64)
         bad = np.zeros(e.size, dtype=bool)
-        for r in range(width):  # digit position counted from the right, skipping the dot
-            inside = r < n
-            d = b[np.maximum(e - 1 - r - (hd & (r >= f)), 0)] - np.uint8(48)  # wraps if not 0-9
-            bad |= inside & (d > 9)
-            mant += (d * inside) * _POW10[r]
+        at = e.copy()  # byte of the current digit, walking right to left over the dot
+        dot_next = np.where(hd, f, -1)  # the dot sits left of digit number `frac`
+        for r in range(width):
+            at -= 1
+            at -= dot_next == r
+            d = np.take(b, at, mode="clip") - np.uint8(48)  # wraps above 9 if not a digit
+            d *= r < n  # digits past the token's length count as 0
+            bad |= d > 9
+            mant += d * _POW10[r]
         value = mant / _POW10[np.clip(f, 0, 22)]
         out[lo:hi] = np.where(neg[lo:hi], -value, value)
         slow[lo:hi] |= bad
@@ -388,9 +398,7 @@ def _parse_lines(lines: list[bytes], src: Path, num_features: int | None) -> Exa
             if idx < 1:
                 raise fail(f"feature indices start at 1, got {_show(tok)}")
             if num_features is not None and idx > num_features:
-                raise fail(
-                    f"feature index {idx} is past the declared feature count {num_features}"
-                )
+                raise fail(f"feature index {idx} is past the declared feature count {num_features}")
             if idx <= prev:
                 raise fail(f"feature indices must increase along a line; {idx} follows {prev}")
             value = _number(val_b)
@@ -518,4 +526,3 @@ def _cache_store(src: Path, key: dict[str, object], sets: ExampleSets) -> None:
         STATS["cache_writes"] += 1
         return
     warnings.warn(f"could not write a LETOR cache for {src}", RuntimeWarning, stacklevel=3)
-

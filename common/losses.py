@@ -116,6 +116,8 @@ def _gate(value: Tensor, keep: Tensor) -> Tensor:
 
 def _differs(y: Tensor, mask: Tensor) -> Tensor:
     """True for sets with two valid items of different label."""
+    if y.shape[-1] == 0:
+        return mask.any(-1)
     hi = torch.where(mask, y, -math.inf).amax(-1)
     lo = torch.where(mask, y, math.inf).amin(-1)
     return hi > lo
@@ -268,21 +270,26 @@ def label_sigmoid_ce(
     _check_inputs(name, scores, target, mask)
     _choice(name, "graded", graded, ("binarize", "scale", "raw"))
     _choice(name, "uniform_sets", uniform_sets, ("zero", "keep"))
-    s = _clean(scores, mask)
-    y = _clean(target.to(scores.dtype), mask)
+    n = _count(mask)
     if graded == "binarize":
-        y = (y > 0).to(s.dtype)
-    elif graded == "scale":
-        if max_grade is None:
-            top = float(y.max()) if y.numel() else 1.0
-            max_grade = max(top, 1.0)
-        max_grade = _positive(name, "max_grade", max_grade)
-        y = (y / max_grade).clamp(0.0, 1.0)
-    per_item = F.binary_cross_entropy_with_logits(s, y, reduction="none")
-    value = _clean(per_item, mask).sum(-1)
-    keep = _count(mask) >= 2
+        y = ((target > 0) & mask).to(scores.dtype)
+        pos = y.sum(-1)
+        differs = (pos > 0) & (pos < n)
+    else:
+        y = _clean(target.to(scores.dtype), mask)
+        if graded == "scale":
+            if max_grade is None:
+                top = float(y.max()) if y.numel() else 1.0
+                max_grade = max(top, 1.0)
+            max_grade = _positive(name, "max_grade", max_grade)
+            y = (y / max_grade).clamp(0.0, 1.0)
+        differs = _differs(y, mask)
+    # masked items: s = -huge, y = 0 -> softplus(s) - y s = 0 exactly, with zero gradient
+    s = torch.where(mask, scores, _neg_fill(scores.dtype))
+    value = (F.softplus(s) - y * s).sum(-1)
+    keep = n >= 2
     if uniform_sets == "zero":
-        keep = keep & _differs(y, mask)
+        keep = keep & differs
     return _gate(value, keep)
 
 
@@ -340,22 +347,22 @@ def label_softmax(
     name = "label_softmax"
     _check_inputs(name, scores, target, mask)
     _choice(name, "variant", variant, ("standard", "disjoint"))
-    y = _clean(target.to(scores.dtype), mask)
-    pos = y.clamp(min=0.0)
+    pos = _clean(target.to(scores.dtype).clamp(min=0.0), mask)
     total = pos.sum(-1, keepdim=True)
-    keep = _differs(y, mask) & (total.squeeze(-1) > 0)
-    yhat = pos / torch.where(total > 0, total, torch.ones_like(total))
+    # labels differ <=> not every valid item has the largest label (masked items are 0 <= it)
+    top = (pos == pos.amax(-1, keepdim=True)) & mask if pos.shape[-1] else mask
+    keep = (top.sum(-1) < _count(mask)) & (total.squeeze(-1) > 0)
+    yhat = pos / total.clamp(min=torch.finfo(pos.dtype).tiny)
     fill = _neg_fill(scores.dtype)
     s = torch.where(mask, scores, fill)
-    log_norm = torch.logsumexp(s, dim=-1, keepdim=True)
     if variant == "standard":
-        log_p = s - log_norm
+        log_p = torch.log_softmax(s, dim=-1)
     else:
-        same = (y[:, :, None] == y[:, None, :]) & mask[:, :, None] & mask[:, None, :]
+        same = (pos[:, :, None] == pos[:, None, :]) & mask[:, :, None] & mask[:, None, :]
         log_group = torch.logsumexp(torch.where(same, s[:, None, :], fill), dim=-1)
-        log_p = log_group - log_norm
-    use = mask & (yhat > 0)
-    value = -_clean(yhat * log_p, use).sum(-1)
+        log_p = log_group - torch.logsumexp(s, dim=-1, keepdim=True)
+    # yhat = 0 on masked items and log_p is finite there (finite fill), so they add exactly 0
+    value = -(yhat * log_p).sum(-1)
     return _gate(value, keep)
 
 
@@ -422,7 +429,7 @@ def rank_l2(
     if form == "list":
         nf = n.to(scores.dtype)
         mean = d.sum(-1, keepdim=True) / nf.clamp(min=1.0).unsqueeze(-1)
-        dev = _clean(d - mean, mask)
+        dev = (d - mean)  # d is clean (finite): a product is safe
         value = 2.0 * nf * dev.square().sum(-1)
     else:
         coef = _pair_coef(name, scores, mask, target, pair_weight, weight_ranks, alpha, weight_combine)
@@ -564,7 +571,10 @@ def reduce_sets(per_set: Tensor, mask: Tensor, reduction: str = "mean") -> Tenso
     ``"sum"``: their sum.
     """
     _choice("reduce_sets", "reduction", reduction, ("mean", "sum"))
-    present = mask.any(-1)
+    return _reduce(per_set, mask.any(-1), reduction)
+
+
+def _reduce(per_set: Tensor, present: Tensor, reduction: str) -> Tensor:
     total = _clean(per_set, present).sum()
     if reduction == "sum":
         return total
@@ -798,9 +808,11 @@ class CompositeLoss:
         step: int = 0,
         label_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        total = _clean(scores, mask).sum() * 0.0
+        total: Tensor | None = None
         values: dict[str, float] = {}
         label_item_mask = mask
+        present = mask.any(-1)
+        label_present = present
         if label_mask is not None:
             label_mask = label_mask.to(device=mask.device, dtype=torch.bool).reshape(-1)
             if label_mask.shape[0] != mask.shape[0]:
@@ -808,6 +820,7 @@ class CompositeLoss:
                     f"label_mask has {label_mask.shape[0]} sets, the batch has {mask.shape[0]}"
                 )
             label_item_mask = mask & label_mask[:, None]
+            label_present = present & label_mask
         for key, term in zip(self.keys, self.terms, strict=True):
             w = term.schedule.value(step)
             if term.uses_teacher and teacher is None:
@@ -824,18 +837,20 @@ class CompositeLoss:
                         raise ValueError(f"loss term {key} ({term.loss}) needs labels")
                     values[key] = 0.0
                     continue
-                target, term_mask = labels, label_item_mask
+                target, term_mask, term_present = labels, label_item_mask, label_present
             else:
-                target, term_mask = teacher, mask
+                target, term_mask, term_present = teacher, mask, present
             options = dict(term.options)
             if term.needs_teacher_ranks:
                 options["teacher"] = teacher
             with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0):
                 per_set = LOSSES[term.loss](scores, target, term_mask, **options)
-                value = reduce_sets(per_set, term_mask, self.reduction)
+                value = _reduce(per_set, term_present, self.reduction)
             values[key] = float(value.detach())
             if w != 0:
-                total = total + w * value
+                total = w * value if total is None else total + w * value
+        if total is None:  # every weight is 0: a zero that still back-propagates
+            total = _clean(scores, mask).sum() * 0.0
         values["total"] = float(total.detach())
         return total, values
 

@@ -2,11 +2,13 @@
 
 Everything travels as plain numpy arrays inside an :class:`flwr.app.ArrayRecord` (serialised
 with ``np.save``, loaded with ``allow_pickle=False``): set ids as a utf-8 byte buffer plus
-lengths, version and checksum as utf-8 byte arrays. Nothing is pickled.
+lengths, set sizes in the narrowest unsigned type, version and checksum as utf-8 JSON bytes.
+Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,15 +29,7 @@ __all__ = [
     "score_table_to_record",
 ]
 
-_TABLE_KEYS = (
-    "format",
-    "set_ids_utf8",
-    "set_id_lengths",
-    "offsets",
-    "scores",
-    "version",
-    "checksum",
-)
+_TABLE_KEYS = ("meta", "set_ids_utf8", "set_id_lengths", "sizes", "scores")
 
 
 # ---- model weights -------------------------------------------------------------------------
@@ -90,25 +84,34 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord | Mapping[str, Any])
 
 
 # ---- teacher score tables ------------------------------------------------------------------
+def _smallest_uint(values: np.ndarray) -> np.ndarray:
+    """``values`` (non-negative ints) in the narrowest unsigned dtype that holds them."""
+    top = int(values.max()) if values.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.uint64)
+
+
 def _utf8(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
 
 
-def _text(arr: np.ndarray) -> str:
-    return np.asarray(arr, dtype=np.uint8).tobytes().decode("utf-8")
-
-
 def score_table_to_record(table: ScoreTable) -> ArrayRecord:
-    """A score table as an ArrayRecord: scores keep their dtype (float32 or float16)."""
+    """A score table as a compact ArrayRecord.
+
+    Arrays: ``meta`` (utf-8 JSON: format, version, checksum), ``set_ids_utf8`` (the ids'
+    utf-8 bytes back to back) with ``set_id_lengths``, ``sizes`` (items per set) and ``scores``
+    (float32 or float16, as held). Lengths and sizes use the narrowest unsigned integer type.
+    """
     encoded = [s.encode("utf-8") for s in table.set_ids.tolist()]
+    meta = {"format": FORMAT, "version": table.version, "checksum": table.checksum}
     arrays = {
-        "format": _utf8(FORMAT),
+        "meta": _utf8(json.dumps(meta, sort_keys=True)),
         "set_ids_utf8": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
-        "set_id_lengths": np.array([len(e) for e in encoded], dtype=np.int64),
-        "offsets": np.array(table.offsets, dtype=np.int64),
+        "set_id_lengths": _smallest_uint(np.array([len(e) for e in encoded], dtype=np.int64)),
+        "sizes": _smallest_uint(np.asarray(table.sizes, dtype=np.int64)),
         "scores": np.array(table.scores),
-        "version": _utf8(table.version),
-        "checksum": _utf8(table.checksum),
     }
     return ArrayRecord(array_dict={k: Array(v) for k, v in arrays.items()})
 
@@ -124,12 +127,18 @@ def score_table_from_record(record: ArrayRecord) -> ScoreTable:
         raise ScoreTableError(f"score table record is missing key {missing[0]!r}")
     try:
         arrays = _as_numpy(record)
-        fmt = _text(arrays["format"])
-        if fmt != FORMAT:
-            raise ScoreTableError(f"score table record has format {fmt!r}, expected {FORMAT!r}")
+        meta = json.loads(arrays["meta"].astype(np.uint8).tobytes().decode("utf-8"))
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ScoreTableError(f"score table record has format {found!r}, expected {FORMAT!r}")
         blob = arrays["set_ids_utf8"].astype(np.uint8).tobytes()
-        lengths = arrays["set_id_lengths"].astype(np.int64)
-        if lengths.ndim != 1 or np.any(lengths < 0) or int(lengths.sum()) != len(blob):
+        lengths = arrays["set_id_lengths"]
+        sizes = arrays["sizes"]
+        for name, arr in (("set_id_lengths", lengths), ("sizes", sizes)):
+            if arr.ndim != 1 or arr.dtype.kind != "u":
+                raise ScoreTableError(f"score table record: {name!r} must be a 1-d unsigned array")
+        lengths = lengths.astype(np.int64)
+        if int(lengths.sum()) != len(blob) or lengths.size != sizes.size:
             raise ScoreTableError("score table record: set id lengths do not match the id bytes")
         ends = np.cumsum(lengths)
         set_ids = [
@@ -141,12 +150,11 @@ def score_table_from_record(record: ArrayRecord) -> ScoreTable:
             raise ScoreTableError(
                 f"score table record holds {scores.dtype} scores, expected float32 or float16"
             )
-        table = ScoreTable(
-            np.array(set_ids, dtype=str), arrays["offsets"], scores, _text(arrays["version"])
-        )
-        checksum = _text(arrays["checksum"])
-    except UnicodeDecodeError as err:
-        raise ScoreTableError(f"score table record holds invalid utf-8 text: {err}") from err
+        offsets = np.concatenate([[0], np.cumsum(sizes.astype(np.int64))])
+        table = ScoreTable(np.array(set_ids, dtype=str), offsets, scores, str(meta["version"]))
+        checksum = str(meta.get("checksum"))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as err:
+        raise ScoreTableError(f"score table record is malformed: {err}") from err
     if table.checksum != checksum:
         raise ScoreTableError(
             f"score table record does not match its checksum (stored {checksum}, "

@@ -32,7 +32,13 @@ import numpy as np
 from common.errors import ConfigError
 from common.example_sets import ExampleSets
 
-__all__ = ["SyntheticConfig", "SyntheticData", "generate_synthetic", "split_synthetic", "synthetic_splits"]
+__all__ = [
+    "SyntheticConfig",
+    "SyntheticData",
+    "generate_synthetic",
+    "split_synthetic",
+    "synthetic_splits",
+]
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
-                raise ConfigError(f"SyntheticConfig.{name} must be {what}, got {getattr(self, name)!r}")
+                raise ConfigError(
+                    f"SyntheticConfig.{name} must be {what}, got {getattr(self, name)!r}"
+                )
 
         need(self.num_sets >= 1, "num_sets", ">= 1")
         need(1 <= self.min_items <= self.max_items, "min_items", "in 1..max_items")
@@ -185,7 +193,11 @@ def generate_synthetic(config: SyntheticConfig | None = None, seed: int = 0) -> 
     """Generate ``config.num_sets`` sets (see the module docstring for the model)."""
     cfg = config or SyntheticConfig()
     world_rng, set_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    n_ctx, n_item, n_priv = cfg.num_context_features, cfg.num_item_features, cfg.num_privileged_features
+    n_ctx, n_item, n_priv = (
+        cfg.num_context_features,
+        cfg.num_item_features,
+        cfg.num_privileged_features,
+    )
     n_types, n_pairs = cfg.num_item_types, cfg.num_rival_pairs
 
     # ---- the world: shared by every set and every split ----
@@ -240,10 +252,10 @@ def generate_synthetic(config: SyntheticConfig | None = None, seed: int = 0) -> 
     shuffle_keys = set_rng.random(n)
 
     visible = item_x @ w_vis
-    ctx_term = (
-        np.einsum("ij,jk,ik->i", item_x, w_ctx[:, :n_ctx], context) if n_ctx else np.zeros(n)
+    ctx_term = np.einsum("ij,jk,ik->i", item_x, w_ctx[:, :n_ctx], context) if n_ctx else np.zeros(n)
+    priv_term = (
+        cfg.privileged_strength * (latent_priv[:, :n_priv] @ w_priv[:n_priv]) if n_priv else 0.0
     )
-    priv_term = cfg.privileged_strength * (latent_priv[:, :n_priv] @ w_priv[:n_priv]) if n_priv else 0.0
     cross_term = _cross_term(types, set_of, cfg.num_sets, cross, pairs)
     utility = cfg.base_utility + set_bias + visible + type_base[types] + ctx_term + priv_term
     utility = utility + cross_term + noise
@@ -305,15 +317,25 @@ def split_synthetic(data: SyntheticData) -> dict[str, ExampleSets]:
     n_vali = int(round(total * cfg.vali_fraction))
     n_test = int(round(total * cfg.test_fraction))
     n_train = total - n_vali - n_test
-    if n_train < 1 or (cfg.vali_fraction > 0 and n_vali < 1) or (cfg.test_fraction > 0 and n_test < 1):
+    if (
+        n_train < 1
+        or (cfg.vali_fraction > 0 and n_vali < 1)
+        or (cfg.test_fraction > 0 and n_test < 1)
+    ):
         raise ConfigError(
             f"SyntheticConfig.num_sets={total} is too small for the vali/test fractions"
         )
-    cuts = {"train": (0, n_train), "vali": (n_train, n_train + n_vali), "test": (n_train + n_vali, total)}
+    cuts = {
+        "train": (0, n_train),
+        "vali": (n_train, n_train + n_vali),
+        "test": (n_train + n_vali, total),
+    }
     return {name: data.sets.take(np.arange(a, b)) for name, (a, b) in cuts.items() if b > a}
 
 
-def synthetic_splits(seed: int = 0, config: SyntheticConfig | None = None) -> dict[str, ExampleSets]:
+def synthetic_splits(
+    seed: int = 0, config: SyntheticConfig | None = None
+) -> dict[str, ExampleSets]:
     """Train / vali / test sets of one generated world (same privileged columns in each)."""
     return split_synthetic(generate_synthetic(config, seed=seed))
 
@@ -339,7 +361,9 @@ def _cross_term(
     return effect[set_of, types]
 
 
-def _positions_within_sets(score: np.ndarray, set_of: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def _positions_within_sets(
+    score: np.ndarray, set_of: np.ndarray, offsets: np.ndarray
+) -> np.ndarray:
     """0-based rank of each item by descending ``score`` inside its set."""
     order = np.lexsort((-score, set_of))  # by set, then score descending
     positions = np.empty(score.size, dtype=np.int64)

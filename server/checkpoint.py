@@ -102,7 +102,9 @@ def load_checkpoint(out_dir: str | os.PathLike[str]) -> Checkpoint | None:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path}: unreadable 'meta': {err}") from err
     if meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(
+            f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
     weights = {k[len("weights/") :]: v for k, v in arrays.items() if k.startswith("weights/")}
     strategy = {k[len("strategy/") :]: v for k, v in arrays.items() if k.startswith("strategy/")}
     return Checkpoint(int(meta["round"]), weights, strategy, meta)

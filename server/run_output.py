@@ -52,7 +52,9 @@ class RunOutput:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         atomic_write_json(self.dir / SUMMARY_FILE, dict(summary))
 
-    def plot(self, rows: Sequence[Mapping[str, Any]], teacher_ndcg10: float | None, title: str) -> Path:
+    def plot(
+        self, rows: Sequence[Mapping[str, Any]], teacher_ndcg10: float | None, title: str
+    ) -> Path:
         series = {"global student": [(r["round"], r["ndcg@10"]) for r in rows if "ndcg@10" in r]}
         refs = {"teacher": teacher_ndcg10} if teacher_ndcg10 is not None else {}
         return plot_ndcg(series, self.dir / PLOT_FILE, title=title, references=refs)

@@ -132,7 +132,9 @@ class ScoreDistributor:
         if not todo:
             return
         messages = [
-            Message(RecordDict({"config": self._config()}), dst_node_id=n, message_type="query.hello")
+            Message(
+                RecordDict({"config": self._config()}), dst_node_id=n, message_type="query.hello"
+            )
             for n in todo
         ]
         for reply in check_replies(grid.send_and_receive(messages, timeout=self.timeout), "hello"):

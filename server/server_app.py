@@ -55,7 +55,9 @@ STUDENT_DIR = "student"  # <out-dir>/student/{student.pt, student.json}
 
 
 def _resolve_path(path: str) -> str:
-    return path if path == "synthetic" else str(Path(path).expanduser().resolve())
+    if path == "synthetic" or path.startswith("synthetic:"):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
 def _log(text: str, *args: Any) -> None:
@@ -98,8 +100,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     out.write_config(cfg.to_dict())
     loss = cfg.composite_loss()
     uses_teacher = bool(loss.needs_teacher)
-    _log("run: data %s, strategy %s, %d rounds, loss %s", cfg.data_path, cfg.strategy,
-         cfg.num_server_rounds, loss)
+    _log(
+        "run: data %s, strategy %s, %d rounds, loss %s",
+        cfg.data_path,
+        cfg.strategy,
+        cfg.num_server_rounds,
+        loss,
+    )
 
     # ---- data and teacher ------------------------------------------------------------------
     data_spec = _resolve_path(cfg.data_path)
@@ -110,9 +117,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     bundle = train_or_load_teacher(dataset, cfg.teacher_config(), cache_dir)
     teacher_model, table = bundle
     teacher_seconds = time.perf_counter() - t0
-    _log("teacher %s in %.1fs (table %s, %d sets)",
-         "loaded" if getattr(bundle, "cached", False) else "trained", teacher_seconds,
-         table.version, table.num_sets)
+    _log(
+        "teacher %s in %.1fs (table %s, %d sets)",
+        "loaded" if getattr(bundle, "cached", False) else "trained",
+        teacher_seconds,
+        table.version,
+        table.num_sets,
+    )
     eval_sets = splits[cfg.eval_split]
     eval_teacher = table.align(eval_sets)
     teacher_metrics = evaluate_model(teacher_model, eval_sets)
@@ -164,8 +175,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             _log("resume requested but %s holds no checkpoint: starting afresh", cfg.out_dir)
         out.reset_metrics()
         first = {k: float(v) for k, v in evaluate_fn(0, arrays).items()}
-        row0 = {"round": 0, **first, "bytes_to_clients": 0, "bytes_from_clients": 0,
-                "seconds": 0.0}
+        row0 = {"round": 0, **first, "bytes_to_clients": 0, "bytes_from_clients": 0, "seconds": 0.0}
         history.append(row0)
         out.append_round(row0)
         _log("round 0 (start): ndcg@10 %.4f  log_loss %.4f", first["ndcg@10"], first["log_loss"])
@@ -175,7 +185,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     # ---- rounds --------------------------------------------------------------------------
     for rnd in range(start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
-        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid))
+        messages = list(
+            strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid)
+        )
         nodes = [m.metadata.dst_node_id for m in messages]
         score_bytes = distributor.ensure(grid, rnd, nodes) if uses_teacher else {}
         t_train = time.perf_counter()
@@ -197,7 +209,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         per_client = {
             str(n): int(strategy.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes
         }
-        slowest = max((float(r.get("train-seconds", 0.0)) for r in strategy.last_train), default=0.0)
+        slowest = max(
+            (float(r.get("train-seconds", 0.0)) for r in strategy.last_train), default=0.0
+        )
         row = {
             "round": rnd,
             **server,
@@ -255,7 +269,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     load_arrays(student, arrays)
     final = dict(history[-1])
-    student_metrics = {k: v for k, v in final.items() if isinstance(v, float) and not k.startswith(("seconds", "bytes"))}
+    student_metrics = {
+        k: v
+        for k, v in final.items()
+        if isinstance(v, float) and not k.startswith(("seconds", "bytes"))
+    }
     student_metrics.pop("eval-seconds", None)
     student_folder = _save_student(
         student,
@@ -303,9 +321,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     }
     out.write_summary(summary)
     out.plot(history, teacher_metrics.get("ndcg@10"), title=f"{dataset.name}: {cfg.strategy}")
-    _log("done: student ndcg@10 %.4f (start %.4f), teacher %.4f; outputs in %s",
-         student_metrics.get("ndcg@10", float("nan")), history[0]["ndcg@10"],
-         teacher_metrics.get("ndcg@10", float("nan")), os.fspath(cfg.out_dir))
+    _log(
+        "done: student ndcg@10 %.4f (start %.4f), teacher %.4f; outputs in %s",
+        student_metrics.get("ndcg@10", float("nan")),
+        history[0]["ndcg@10"],
+        teacher_metrics.get("ndcg@10", float("nan")),
+        os.fspath(cfg.out_dir),
+    )
     return summary
 
 

@@ -138,7 +138,7 @@ class FedrankStrategyMixin:
     @staticmethod
     def _keep_integer_buffers(arrays: ArrayRecord, previous: ArrayRecord) -> ArrayRecord:
         out = ArrayRecord()
-        for key in previous.keys():
+        for key in previous:
             old = previous[key].numpy()
             if key not in arrays:
                 raise CheckpointError(f"aggregated weights lack key {key!r}")
@@ -155,7 +155,9 @@ class FedrankStrategyMixin:
         random.seed(f"fedrank-evaluate-{self.seed}-{server_round}")
         return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         replies = list(replies)
         for msg in replies:
             if msg.has_error():

@@ -44,6 +44,7 @@ __all__ = [
     "load_teacher",
     "load_teacher_info",
     "build_score_table",
+    "concat_splits",
     "data_fingerprint",
     "teacher_cache_key",
     "train_or_load_teacher",
@@ -61,19 +62,19 @@ SCORES_FILE = "scores.npz"
 class TeacherConfig:
     """Teacher model size, optimiser and loss settings.
 
-    The defaults train a strong teacher on the default synthetic data in well under a minute
-    and on a LETOR fold such as MQ2008 in about a minute on two CPU cores.
+    The defaults train a strong teacher on the default synthetic data in under a minute and on
+    MQ2008 Fold1 in about 20 seconds on one CPU thread (early stopping usually ends sooner).
     """
 
-    d_model: int = 64
+    d_model: int = 32
     num_heads: int = 4
     num_layers: int = 2
     dropout: float = 0.1
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    epochs: int = 30
+    epochs: int = 12
     batch_size: int = 32
-    patience: int = 6
+    patience: int = 4
     seed: int = 0
     # composite loss: listwise softmax over the labels + pointwise sigmoid cross-entropy
     label_softmax_weight: float = 1.0
@@ -91,11 +92,15 @@ class TeacherConfig:
         for name, low in ints.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-                raise ConfigError(f"teacher option {name!r} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(
+                    f"teacher option {name!r} must be an integer >= {low}, got {value!r}"
+                )
         for name in ("lr", "weight_decay", "label_softmax_weight", "label_sigmoid_ce_weight"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"teacher option {name!r} must be a finite number >= 0, got {value!r}")
+                raise ConfigError(
+                    f"teacher option {name!r} must be a finite number >= 0, got {value!r}"
+                )
         if self.lr <= 0:
             raise ConfigError(f"teacher option 'lr' must be > 0, got {self.lr}")
         if self.label_softmax_weight + self.label_sigmoid_ce_weight <= 0:
@@ -114,7 +119,9 @@ class TeacherConfig:
             or not isinstance(self.num_threads, int)
             or self.num_threads < 1
         ):
-            raise ConfigError(f"teacher option 'num_threads' must be >= 1, got {self.num_threads!r}")
+            raise ConfigError(
+                f"teacher option 'num_threads' must be >= 1, got {self.num_threads!r}"
+            )
         if not isinstance(self.label_sigmoid_ce_options, Mapping):
             raise ConfigError("teacher option 'label_sigmoid_ce_options' must be a mapping")
 
@@ -137,7 +144,9 @@ class TeacherConfig:
 
         terms = []
         if self.label_softmax_weight > 0:
-            terms.append(LossTerm("rank_label", "label_softmax", float(self.label_softmax_weight), {}))
+            terms.append(
+                LossTerm("rank_label", "label_softmax", float(self.label_softmax_weight), {})
+            )
         if self.label_sigmoid_ce_weight > 0:
             terms.append(
                 LossTerm(
@@ -203,7 +212,7 @@ def evaluate(
     model: torch.nn.Module, sets: ExampleSets, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
     """Mean NDCG@k over ``sets`` (sets without a relevant item count 0)."""
-    from common.metrics import ndcg, nanmean
+    from common.metrics import nanmean, ndcg
     from common.models import score_sets
 
     scores = score_sets(model, sets)
@@ -263,8 +272,7 @@ def train_teacher(
     config = config or TeacherConfig()
     if vali is not None and vali.num_features != train.num_features:
         raise ConfigError(
-            f"validation sets have {vali.num_features} features, training sets "
-            f"{train.num_features}"
+            f"validation sets have {vali.num_features} features, training sets {train.num_features}"
         )
     started = time.perf_counter()
     loss_fn = config.composite_loss()
@@ -394,10 +402,13 @@ def save_teacher(
     a spec with weights from another save.
     """
     if isinstance(result_or_model, TeacherResult):
-        model, info = result_or_model.model, {
-            **result_or_model.metrics(),
-            "history": result_or_model.history,
-        }
+        model, info = (
+            result_or_model.model,
+            {
+                **result_or_model.metrics(),
+                "history": result_or_model.history,
+            },
+        )
     else:
         model, info = result_or_model, {}
     if not hasattr(model, "spec"):
@@ -484,7 +495,8 @@ def build_score_table(
     return ScoreTable.from_scores(sets, score_sets(model, sets), version=version)
 
 
-def _all_sets(splits: Mapping[str, ExampleSets]) -> ExampleSets:
+def concat_splits(splits: Mapping[str, ExampleSets]) -> ExampleSets:
+    """All sets of all splits in one container (split names sorted); ids must be unique."""
     names = sorted(splits)
     seen: dict[str, str] = {}
     for name in names:
@@ -593,7 +605,7 @@ def train_or_load_teacher(
     splits: Mapping[str, ExampleSets] = getattr(dataset, "splits", dataset)
     if "train" not in splits:
         raise ConfigError(f"dataset has no 'train' split (splits: {sorted(splits)})")
-    all_sets = _all_sets(splits)
+    all_sets = concat_splits(splits)
     key = teacher_cache_key(splits, config)
     folder = Path(cache_dir) / f"teacher-{key}"
     with _locked(Path(cache_dir) / f".teacher-{key}.lock"):

@@ -334,7 +334,7 @@ def _factory(name: str) -> Any:
 
 
 def _has_options_key() -> bool:
-    return OPTIONS_KEY in FedrankConfig.keys()
+    return OPTIONS_KEY in set(FedrankConfig.keys())
 
 
 def policy_config(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -87,9 +87,11 @@ class Scenario:
         config["seed"] = int(self.seeds[0] if seed is None else seed)
         config.setdefault("min-available-nodes", self.clients)
         try:
-            return FedrankConfig.from_run_config(config).to_dict()
+            resolved = FedrankConfig.from_run_config(config).to_dict()
+            check_synthetic_spec(resolved["data-path"])
         except ConfigError as err:
             raise ConfigError(f"scenario {self.where}: {err}") from None
+        return resolved
 
     @property
     def where(self) -> str:
@@ -117,6 +119,24 @@ class Scenario:
         data = {k: copy.deepcopy(getattr(self, k)) for k in self.__dataclass_fields__}
         data.update(changes)
         return Scenario(**data)
+
+
+def check_synthetic_spec(spec: str) -> None:
+    """Check ``synthetic:key=value,...`` knobs without generating the data (cheap), so a bad
+    knob fails when the scenario loads rather than inside a run."""
+    if not spec.startswith("synthetic"):
+        return
+    from common.synthetic import SyntheticConfig
+
+    overrides: dict[str, str] = {}
+    if ":" in spec:
+        for item in filter(None, (s.strip() for s in spec.split(":", 1)[1].split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise ConfigError(f"'data-path' {spec!r}: expected 'synthetic:key=value,...'")
+            overrides[key.strip()] = value.strip()
+    if overrides:
+        SyntheticConfig.from_overrides(overrides)
 
 
 def list_scenarios() -> list[str]:

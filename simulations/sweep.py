@@ -315,6 +315,19 @@ def _final_metrics(run_dir: Path) -> dict[str, Any]:
         return {}
 
 
+def _last_error(log_path: Path) -> str:
+    """The last line of a worker's log that names an error (or its last line)."""
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return "no log"
+    lines = [ln for ln in lines if ln]
+    for line in reversed(lines):
+        if "Error" in line or "error:" in line:
+            return line[-300:]
+    return lines[-1][-300:] if lines else "empty log"
+
+
 class _Pool:
     """At most ``jobs`` worker processes; each runs a batch of run folders."""
 
@@ -379,8 +392,8 @@ class _Pool:
                 )
             else:
                 self._line(
-                    f"[{self.count:>3}/{self.total}] FAILED {run.id} (exit {proc.returncode}); "
-                    f"see {batch[0].dir / 'log.txt'}"
+                    f"[{self.count:>3}/{self.total}] FAILED {run.id} (exit {proc.returncode}): "
+                    f"{_last_error(batch[0].dir / 'log.txt')}; see {batch[0].dir / 'log.txt'}"
                 )
             out.append((run, ok))
         return out
@@ -392,7 +405,7 @@ class _Pool:
         return out
 
     def kill(self) -> None:
-        for proc, _, _, log in self.active:
+        for proc, _, _, _log in self.active:
             proc.terminate()
         for proc, _, _, log in self.active:
             try:
@@ -781,7 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"best: {point_label(result.best['params'])}  mean {metric} "
             f"{result.best['value']:.4f} over {result.best['runs']} seed(s)"
         )
-    print(f"report: {out / 'report.md'}")
+    if (out / "report.md").is_file():
+        print(f"report: {out / 'report.md'}")
     return 1 if result.failed else 0
 
 

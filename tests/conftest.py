@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ def mq2008_dir() -> Path:
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Parsed-data caches go to a temporary folder, never into the user's home."""
     mp = pytest.MonkeyPatch()
     mp.setenv("FEDRANK_CACHE_DIR", str(tmp_path_factory.mktemp("fedrank-cache")))

@@ -28,7 +28,7 @@ FOLD1 = {"train": (9630, 471), "vali": (2707, 157), "test": (2874, 156)}
 
 def histogram(sets: ExampleSets) -> dict[int, int]:
     values, counts = np.unique(sets.labels, return_counts=True)
-    return {int(v): int(c) for v, c in zip(values, counts)}
+    return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
 
 def assert_same(a: ExampleSets, b: ExampleSets) -> None:
@@ -142,8 +142,10 @@ def test_many_values_match_python_float(tmp_path: Path) -> None:
     )
     formats = ["{:.6f}", "{:.15g}", "{:.3e}", "{}", "{:.10f}"]
     tokens = [formats[i % len(formats)].format(v) for i, v in enumerate(values)]
-    lines = [f"0 qid:{i // 10} " + " ".join(f"{j + 1}:{t}" for j, t in enumerate(tokens[i : i + 8]))
-             for i in range(0, len(tokens), 8)]
+    lines = [
+        f"0 qid:{i // 10} " + " ".join(f"{j + 1}:{t}" for j, t in enumerate(tokens[i : i + 8]))
+        for i in range(0, len(tokens), 8)
+    ]
     path = write(tmp_path / "values.txt", "\n".join(lines))
     sets = read_letor(path, cache=False)
     flat = [np.float32(float(t)) for t in tokens]
@@ -196,7 +198,9 @@ MALFORMED = [
 
 
 @pytest.mark.parametrize(("text", "line", "words"), MALFORMED)
-def test_malformed_input_names_file_and_line(tmp_path: Path, text: str, line: int, words: str) -> None:
+def test_malformed_input_names_file_and_line(
+    tmp_path: Path, text: str, line: int, words: str
+) -> None:
     path = write(tmp_path / "bad.txt", text)
     with pytest.raises(DataFormatError) as err:
         read_letor(path, cache=False)

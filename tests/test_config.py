@@ -1,0 +1,140 @@
+"""Configuration: one source of truth for keys and defaults, validated before any round."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from common.config import CLIENT_KEYS, FedrankConfig
+from common.errors import CheckpointError, ConfigError
+from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from simulations.simulate import run_federation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pyproject_app_config_matches_the_defaults() -> None:
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        project = tomllib.load(fh)
+    app_config = project["tool"]["flwr"]["app"]["config"]
+    assert app_config == FedrankConfig.defaults()
+    assert project["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "server.server_app:app",
+        "clientapp": "client.client_app:app",
+    }
+    # connections live in $FLWR_HOME/config.toml; a legacy section would be rewritten by flwr
+    assert "federations" not in project["tool"]["flwr"]
+
+
+def test_every_key_is_documented() -> None:
+    text = (ROOT / "docs" / "federation.md").read_text(encoding="utf-8")
+    missing = [k for k in FedrankConfig.keys() if f"`{k}`" not in text]
+    assert not missing
+
+
+def test_round_trip_and_hyphen_or_underscore_keys() -> None:
+    cfg = FedrankConfig.from_run_config({"num-server-rounds": 7, "local_epochs": 3})
+    assert cfg.num_server_rounds == 7 and cfg.local_epochs == 3
+    assert FedrankConfig.from_run_config(cfg.to_dict()) == cfg
+    assert set(cfg.client_dict()) == set(CLIENT_KEYS)
+    assert cfg.replace(**{"score-mode": "broadcast"}).score_mode == "broadcast"
+
+
+def test_weights_take_numbers_and_schedules() -> None:
+    cfg = FedrankConfig.from_run_config({"rank-weight": "linear:0:2:100", "label-weight": 1})
+    weights = cfg.composite_loss().weights(step=50)
+    assert weights["rank"] == pytest.approx(1.0) and weights["label"] == 1.0
+    assert not FedrankConfig.from_run_config({"rank-weight": 0}).uses_teacher
+    assert FedrankConfig.from_run_config({}).uses_teacher
+
+
+@pytest.mark.parametrize(
+    ("values", "key"),
+    [
+        ({"num-rounds": 3}, "num-rounds"),  # unknown key
+        ({"rank-loss": "rank_magic"}, "rank-loss"),  # unknown loss
+        ({"label-loss": "rank_l2"}, "label-loss"),  # loss of another family
+        ({"rank-weight": -0.5}, "rank-weight"),  # negative weight
+        ({"label-weight": "linear:1:-1:10"}, "label-weight"),  # negative in a schedule
+        ({"data-path": ""}, "data-path"),  # missing data
+        ({"data-path": "  "}, "data-path"),
+        ({"num-server-rounds": 0}, "num-server-rounds"),
+        ({"num-server-rounds": "3"}, "num-server-rounds"),  # wrong type
+        ({"fraction-train": 0.0}, "fraction-train"),
+        ({"score-mode": "multicast"}, "score-mode"),
+        ({"strategy": "fedsgd"}, "strategy"),
+        ({"learning-rate": -1.0}, "learning-rate"),
+        ({"student-hidden": "16,x"}, "student-hidden"),
+        ({"resume": "yes"}, "resume"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        FedrankConfig.from_run_config(values)
+
+
+def test_all_weights_zero_is_an_error() -> None:
+    zero = {"label-weight": 0, "rank-label-weight": 0, "rank-weight": 0, "score-weight": 0}
+    with pytest.raises(ConfigError, match="weight"):
+        FedrankConfig.from_run_config(zero)
+
+
+def test_missing_data_path_on_disk_names_the_key(tmp_path: Path) -> None:
+    cfg = FedrankConfig.from_run_config({"data-path": str(tmp_path / "nowhere")})
+    with pytest.raises(ConfigError, match="data-path"):
+        cfg.check_data_path()
+
+
+def test_bad_config_fails_in_the_server_app_before_any_round(tmp_path: Path) -> None:
+    """The real ServerApp validates its run config first: it never touches the grid."""
+    from server.server_app import app
+
+    for values, key in [
+        ({"no-such-key": 1}, "no-such-key"),
+        ({"rank-loss": "nope"}, "rank-loss"),
+        ({"rank-weight": -1.0}, "rank-weight"),
+        ({"data-path": ""}, "data-path"),
+        ({"data-path": str(tmp_path / "missing-fold")}, "data-path"),
+    ]:
+        run_config = {**FedrankConfig.defaults(), "out-dir": str(tmp_path / "out"), **values}
+        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+        with pytest.raises(ConfigError, match=key):
+            app(grid=None, context=context)  # type: ignore[arg-type]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_bad_config_fails_before_the_simulation_starts(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="score-weight"):
+        run_federation({"score-weight": -2}, tmp_path, num_clients=2)
+    with pytest.raises(ConfigError, match="min-available-nodes"):
+        run_federation({"min-available-nodes": 5}, tmp_path, num_clients=2)
+    assert not any(tmp_path.iterdir())
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path: Path) -> None:
+    weights = {"net.0.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "idx": np.arange(3)}
+    state = {"m_t/net.0.weight": np.ones((2, 3))}
+    config = FedrankConfig.from_run_config({}).to_dict()
+    path = save_checkpoint(
+        tmp_path, server_round=3, weights=weights, strategy=state, meta={"config": config}
+    )
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.round == 3
+    assert set(ckpt.weights) == set(weights)
+    np.testing.assert_array_equal(ckpt.weights["net.0.weight"], weights["net.0.weight"])
+    assert ckpt.weights["idx"].dtype == np.int64
+    np.testing.assert_array_equal(ckpt.strategy["m_t/net.0.weight"], state["m_t/net.0.weight"])
+    # rounds and out-dir may change on resume; the loss may not
+    check_compatible(ckpt, {**config, "num-server-rounds": 9, "resume": True}, path)
+    with pytest.raises(CheckpointError, match="rank-weight"):
+        check_compatible(ckpt, {**config, "rank-weight": 0.5}, path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path)
+    assert load_checkpoint(tmp_path / "none") is None

@@ -1,0 +1,341 @@
+"""The deployment path with real processes: a SuperLink and SuperNodes on loopback, TLS and
+SuperNode authentication on, driven with the real ``flower-superlink``, ``flower-supernode`` and
+``flwr`` commands against this repository's ServerApp and ClientApp.
+
+The fleet: a local CA, a SuperLink certificate and three ECDSA node keys from
+``server.certs``; the SuperLink with TLS and ``--enable-supernode-auth`` on a free port; two
+registered SuperNodes (``flwr supernode register``), each with its own LETOR file of MQ2008
+sets (``--node-config data-path=...``); one SuperNode with an unregistered key and one without
+TLS, both of which must be refused. Every process is stopped by PID when the module ends, also
+when a test fails, and the teardown checks that none is left.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from deploy_helpers import (
+    REPO,
+    Deployment,
+    Proc,
+    deployment,
+    processes_with_env,
+    wait_until,
+)
+
+from server.certs import make_all
+
+pytestmark = pytest.mark.slow
+
+MQ2008_FOLD = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
+SETS_PER_DEVICE = 40
+RUN_TIMEOUT = 400.0  # seconds for one federated run (a busy 2-core machine is slow)
+
+# a small, quick federation; the teacher is cached between the module's runs
+BASE_CONFIG = {
+    "num-server-rounds": 2,
+    "teacher-epochs": 1,
+    "teacher-d-model": 16,
+    "teacher-heads": 2,
+    "teacher-layers": 1,
+    "local-epochs": 1,
+    "fraction-evaluate": 0.0,
+    "min-available-nodes": 2,
+    "round-timeout": 120.0,
+    "score-mode": "targeted",
+}
+
+
+@dataclass
+class Fleet:
+    dep: Deployment
+    work: Path
+    node_ids: list[int]
+    device_files: list[Path]
+    device_sets: list[list[str]]
+    keys: list[Path]
+    intruder: Proc
+    plain: Proc
+
+    def config(self, name: str, **overrides: object) -> dict[str, object]:
+        return {
+            **BASE_CONFIG,
+            "data-path": str(MQ2008_FOLD.resolve()),
+            "teacher-cache-dir": str(self.work / "teacher-cache"),
+            "out-dir": str(self.work / "runs" / name),
+            **overrides,
+        }
+
+
+def _device_files(work: Path, count: int) -> tuple[list[Path], list[list[str]]]:
+    """Disjoint LETOR files of MQ2008 Fold1 training sets, one per device."""
+    groups: dict[str, list[str]] = {}
+    with gzip.open(MQ2008_FOLD / "train.txt.gz", "rt") as fh:
+        for line in fh:
+            groups.setdefault(line.split()[1][len("qid:") :], []).append(line)
+    qids = list(groups)
+    files, sets = [], []
+    for i in range(count):
+        mine = qids[i::count][:SETS_PER_DEVICE]
+        path = work / f"device-{i + 1}" / "letor.txt"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join("".join(groups[q]) for q in mine))
+        files.append(path)
+        sets.append(mine)
+    return files, sets
+
+
+def _wait_for_run_output(out_dir: Path, run_id: int, dep: Deployment, timeout: float) -> dict:
+    """Wait for the ServerApp's summary.json (cheap file polls, no CLI calls), then for the
+    run's status in ``flwr ls``."""
+    summary = out_dir / "summary.json"
+
+    def done() -> bool:
+        if summary.is_file():
+            return True
+        if dep.superlink is not None and not dep.superlink.alive():
+            raise RuntimeError(f"the SuperLink died:\n{dep.superlink.log()[-3000:]}")
+        return False
+
+    try:
+        wait_until(done, timeout, interval=0.5, what=f"{summary}")
+    except TimeoutError:
+        info = dep.run_info(run_id)
+        raise AssertionError(
+            f"run {run_id} did not finish in {timeout:.0f}s (status {info['status']}); log:\n"
+            + dep.run_log(run_id)[-4000:]
+        ) from None
+    return dep.wait_run(run_id, 60.0)
+
+
+def _rows(out_dir: Path) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    work = tmp_path_factory.mktemp("deploy")
+    certs = make_all(work / "certs", nodes=3)
+    files, sets = _device_files(work, 2)
+    with deployment(work, work / "certs", auth=True) as dep:
+        dep.start_superlink()
+        node_ids = [dep.register(pub) for pub in certs.node_public_keys[:2]]
+        for i in range(2):
+            dep.start_supernode(
+                f"node{i + 1}",
+                certs.node_private_keys[i],
+                node_config=f'data-path="{files[i]}" threads=1',
+            )
+        # a key the SuperLink does not know, and a node that does not speak TLS
+        intruder = dep.start_supernode("unregistered", certs.node_private_keys[2], max_wait_time=8)
+        plain = dep.start_supernode("insecure", None, insecure=True, max_wait_time=8)
+        wait_until(
+            lambda: sum(n["status"] == "online" for n in dep.nodes()) >= 2,
+            120,
+            interval=2.0,
+            what="two SuperNodes online",
+        )
+        homes = [dep.flwr_home] + [work / f"home-{n}" for n in dep.supernodes]
+        yield Fleet(
+            dep, work, node_ids, files, sets, list(certs.node_private_keys), intruder, plain
+        )
+    # every process this module started is gone
+    left = {str(h): processes_with_env("FLWR_HOME", str(h)) for h in homes}
+    assert not any(left.values()), f"processes left running: {left}"
+
+
+def test_registered_nodes_train_two_rounds_over_tls(fleet: Fleet):
+    dep = fleet.dep
+    out = fleet.work / "runs" / "two-rounds"
+    run_id = dep.run(REPO, fleet.config("two-rounds"))
+    info = _wait_for_run_output(out, run_id, dep, RUN_TIMEOUT)
+    assert info["status"] == "finished:completed", info
+
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"] == 2
+        assert {int(c["node"]) for c in row["clients_train"]} == set(fleet.node_ids)
+        assert 0.0 <= row["ndcg@10"] <= 1.0
+        assert all(c["num-examples"] > 0 for c in row["clients_train"])
+    # teacher scores travel once per node (round 1), then the nodes use their cached copy
+    assert rows[1]["bytes_scores_to_clients"] > 0 and rows[1]["score_deliveries"] == 2
+    assert rows[2]["bytes_scores_to_clients"] == 0 and rows[2]["score_deliveries"] == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["student"]["rounds"] == 2
+    assert (out / "student" / "student.pt").is_file()
+    # targeted mode: each device got the scores of exactly its own sets, no other client's
+    deliveries = summary["federation"]["score_deliveries"]
+    assert len(deliveries) == 2
+    assert all(d["exact_match"] for d in deliveries)
+    for d in deliveries:  # a device's sets minus those it keeps for local testing
+        assert 0 < d["num_sets"] <= SETS_PER_DEVICE
+
+    # the CLI sees the run and its log
+    listed = dep.run_info(run_id)
+    assert listed["status"] == "finished:completed"
+    assert "round 2/2" in dep.run_log(run_id)
+    nodes = {int(n["node-id"]): n["status"] for n in dep.nodes()}
+    assert set(fleet.node_ids) <= set(nodes)
+
+
+def test_unregistered_key_is_refused(fleet: Fleet):
+    rc = fleet.intruder.wait_exit(timeout=120)
+    assert rc != 0
+    assert "Failed to activate SuperNode" in fleet.intruder.log()
+    assert fleet.dep.superlink is not None
+    assert "No SuperNode found with the given public key" in fleet.dep.superlink.log()
+    assert {int(n["node-id"]) for n in fleet.dep.nodes()} == set(fleet.node_ids)
+
+
+def test_insecure_node_is_refused(fleet: Fleet):
+    rc = fleet.plain.wait_exit(timeout=120)
+    assert rc != 0
+    assert "Failed to initialize the connection to the SuperLink" in fleet.plain.log()
+    assert {int(n["node-id"]) for n in fleet.dep.nodes()} == set(fleet.node_ids)
+
+
+def test_flwr_stop_ends_a_run(fleet: Fleet):
+    dep = fleet.dep
+    out = fleet.work / "runs" / "stopped"
+    run_id = dep.run(REPO, fleet.config("stopped", **{"num-server-rounds": 50}))
+    # wait for the first round to be logged (the teacher comes from the cache)
+    wait_until(
+        lambda: (out / "metrics.jsonl").is_file() and len(_rows(out)) >= 2,
+        RUN_TIMEOUT,
+        interval=0.5,
+        what="round 1 of the run to stop",
+    )
+    result = dep.stop_run(run_id)
+    assert result["success"] is True
+    info = dep.wait_run(run_id, 90.0)
+    assert info["status"] == "finished:stopped"
+    assert len(_rows(out)) < 51
+
+
+def test_supernode_restart_rejoins_and_gets_its_scores(fleet: Fleet):
+    """node2 is stopped after round 1 and started again with the same key: it keeps its node
+    id, rejoins and trains in a later round with teacher scores (cached or fetched again)."""
+    dep = fleet.dep
+    out = fleet.work / "runs" / "restart"
+    run_id = dep.run(REPO, fleet.config("restart", **{"num-server-rounds": 3}))
+    wait_until(
+        lambda: (out / "metrics.jsonl").is_file() and len(_rows(out)) >= 2,
+        RUN_TIMEOUT,
+        interval=0.5,
+        what="round 1 before the restart",
+    )
+    old = dep.supernodes["node2"]
+    old.stop(timeout=10)
+    assert not old.alive()
+    restarted = dep.start_supernode(
+        "node2",
+        fleet.keys[1],
+        node_config=f'data-path="{fleet.device_files[1]}" threads=1',
+    )
+    restarted.wait_for_log(r"SuperNode ID: \d+", 60)
+    info = _wait_for_run_output(out, run_id, dep, RUN_TIMEOUT)
+    assert info["status"] == "finished:completed", info
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    last = rows[-1]
+    assert {int(c["node"]) for c in last["clients_train"]} == set(fleet.node_ids)
+    summary = json.loads((out / "summary.json").read_text())
+    node2 = fleet.node_ids[1]
+    node2_deliveries = [
+        d for d in summary["federation"]["score_deliveries"] if d["node_id"] == node2
+    ]
+    assert node2_deliveries, "node2 never received teacher scores"
+
+
+def test_client_side_needs_only_common_and_client(tmp_path: Path):
+    """A device holds common/ and client/ (plus flwr, torch, numpy): the ClientApp and the
+    scoring CLI import and work with the server's and the simulations' packages missing."""
+    device = tmp_path / "device"
+    device.mkdir()
+    for pkg in ("common", "client"):
+        os.symlink(REPO / pkg, device / pkg)
+    data = tmp_path / "letor.txt"
+    with gzip.open(MQ2008_FOLD / "train.txt.gz", "rt") as fh:
+        lines = [next(fh) for _ in range(300)]
+    data.write_text("".join(lines))
+    code = f"""
+import sys
+sys.path[:] = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+sys.path.insert(0, {str(device)!r})
+import client.client_app, client.export, client.device, client.trainer
+from client.local_data import load_local_data
+local = load_local_data({{"data-path": {str(data)!r}}}, {{"seed": 0}})
+assert local.train.num_sets > 0
+blocked = [m for m in sys.modules if m.split(".")[0] in ("server", "simulations", "matplotlib")]
+assert not blocked, blocked
+print("ok", local.train.num_sets)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok")
+
+
+def test_device_settings_from_node_config():
+    from client.device import DeviceSettings
+    from client.trainer import TrainSettings
+    from common.errors import ConfigError
+
+    s = DeviceSettings.from_node_config(
+        {"data-path": "x", "threads": 1, "max-steps": 5, "max-seconds": 2.5, "batch-size": 4}
+    )
+    assert (s.threads, s.max_steps, s.max_seconds, s.batch_size) == (1, 5, 2.5, 4)
+    used = s.train_settings(TrainSettings(max_steps=0, batch_size=16))
+    assert used.max_steps == 5 and used.batch_size == 4
+    assert s.train_settings(TrainSettings(max_steps=3, batch_size=2)).max_steps == 3
+    assert DeviceSettings(memory_mb=1).batch_size_for(64, max_items=100, num_features=46) < 64
+    report = s.report(used)
+    assert report["device-batch-size"] == 4 and report["device-max-steps"] == 5
+    with pytest.raises(ConfigError, match="'max-step'.*did you mean 'max-steps'"):
+        DeviceSettings.from_node_config({"data-path": "x", "max-step": 5})
+    with pytest.raises(ConfigError, match="'threads' must be an integer >= 0"):
+        DeviceSettings.from_node_config({"threads": -1})
+    with pytest.raises(ConfigError, match="'max-seconds' must be a number"):
+        DeviceSettings.from_node_config({"max-seconds": "soon"})
+
+
+def test_certs_cover_loopback_and_node_keys_are_ecdsa(tmp_path: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import (
+        load_ssh_private_key,
+        load_ssh_public_key,
+    )
+
+    paths = make_all(tmp_path, hosts=["fedrank.example"], nodes=2)
+    cert = x509.load_pem_x509_certificate(paths.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
+    assert {"localhost", "fedrank.example"} <= set(san.get_values_for_type(x509.DNSName))
+    for priv, pub in zip(paths.node_private_keys, paths.node_public_keys, strict=True):
+        assert isinstance(load_ssh_private_key(priv.read_bytes(), None), ec.EllipticCurvePrivateKey)
+        assert isinstance(load_ssh_public_key(pub.read_bytes()), ec.EllipticCurvePublicKey)
+        assert (priv.stat().st_mode & 0o077) == 0  # private keys: owner only
+    # running again keeps the CA nodes already trust
+    before = paths.ca_cert.read_bytes()
+    make_all(tmp_path, nodes=2)
+    assert paths.ca_cert.read_bytes() == before

@@ -1,0 +1,181 @@
+"""The ClientApp's handlers, called with real Messages (no runtime): scores, training, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import app
+from client.local_data import load_local_data
+from common.config import FedrankConfig
+from common.errors import ConfigError, ScoreTableError
+from common.models import StudentModel
+from common.records import model_to_arrays, score_table_from_record, score_table_to_record
+from common.score_table import ScoreTable
+
+ROOT = Path(__file__).resolve().parents[1]
+MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
+NODE = {"partition-id": 1, "num-partitions": 3}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    # what Flower's runtime sets before messages are created
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict:
+    cfg = FedrankConfig.from_run_config({"data-path": str(MQ2008.resolve()), "local-steps": 3})
+    return cfg.client_dict()
+
+
+def _context(node_config: dict | None = None) -> Context:
+    return Context(
+        run_id=1, node_id=7, node_config=node_config or NODE, state=RecordDict(), run_config={}
+    )
+
+
+def _send(kind: str, content: dict, context: Context) -> Message:
+    return app(Message(RecordDict(content), dst_node_id=7, message_type=kind), context)
+
+
+def _local_table(settings: dict, rng_seed: int = 0) -> ScoreTable:
+    local = load_local_data(NODE, settings)
+    sets = local.train.concat([local.train, local.holdout])
+    scores = np.random.default_rng(rng_seed).normal(size=sets.num_items).astype(np.float32)
+    return ScoreTable.from_scores(sets, scores)
+
+
+def test_hello_reports_exactly_the_local_sets(settings: dict) -> None:
+    context = _context()
+    reply = _send("query.hello", {"config": ConfigRecord(settings)}, context)
+    status = reply.content["status"]
+    local = load_local_data(NODE, settings)
+    assert sorted(status["set-ids"]) == sorted(local.set_ids.tolist())
+    assert status["held-version"] == "none"
+    assert status["client-key"] == 1
+
+
+def test_scores_are_cached_in_the_context_state(settings: dict) -> None:
+    context = _context()
+    table = _local_table(settings)
+    record = score_table_to_record(table)
+    config = ConfigRecord({**settings, "version": table.version})
+    ack = _send("query.scores", {"scores": record, "config": config}, context).content["ack"]
+    assert ack["exact-match"] and ack["received-count"] == 1 and ack["version"] == table.version
+    cached = score_table_from_record(context.state.array_records["teacher-scores"])
+    assert cached.equals(table)
+    # a later hello reports the version the node now holds
+    status = _send("query.hello", {"config": ConfigRecord(settings)}, context).content["status"]
+    assert status["held-version"] == table.version
+
+
+def test_float16_scores_round_trip(settings: dict) -> None:
+    table = _local_table(settings).to_float16()
+    back = score_table_from_record(score_table_to_record(table))
+    assert back.equals(table) and back.dtype == np.float16 and back.version == table.version
+
+
+def test_missing_set_is_an_error_naming_it(settings: dict) -> None:
+    table = _local_table(settings)
+    dropped = str(table.set_ids[3])
+    partial = table.subset([s for s in table.set_ids.tolist() if s != dropped])
+    content = {"scores": score_table_to_record(partial), "config": ConfigRecord(settings)}
+    with pytest.raises(ScoreTableError, match=dropped):
+        _send("query.scores", content, _context())
+
+
+def test_length_mismatch_is_an_error_naming_the_set(settings: dict) -> None:
+    table = _local_table(settings)
+    sizes = np.diff(table.offsets).copy()
+    sizes[5] += 1  # one teacher score too many for the sixth set
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    scores = np.zeros(int(offsets[-1]), dtype=np.float32)
+    bad = ScoreTable(table.set_ids, offsets, scores, "bad-lengths")
+    content = {"scores": score_table_to_record(bad), "config": ConfigRecord(settings)}
+    with pytest.raises(ScoreTableError, match=str(table.set_ids[5])):
+        _send("query.scores", content, _context())
+
+
+def test_targeted_scores_with_foreign_sets_are_refused(settings: dict) -> None:
+    mine = _local_table(settings)
+    other = load_local_data({"partition-id": 0, "num-partitions": 3}, settings).train
+    extra = ScoreTable.from_scores(other, np.zeros(other.num_items, dtype=np.float32))
+    both_sets = np.concatenate([mine.set_ids, extra.set_ids[:1]])
+    both_sizes = np.concatenate([np.diff(mine.offsets), np.diff(extra.offsets)[:1]])
+    both = ScoreTable(
+        both_sets,
+        np.concatenate([[0], np.cumsum(both_sizes)]),
+        np.zeros(int(both_sizes.sum()), dtype=np.float32),
+        "with-foreign",
+    )
+    targeted = ConfigRecord({**settings, "score-mode": "targeted"})
+    with pytest.raises(ScoreTableError, match=str(extra.set_ids[0])):
+        _send("query.scores", {"scores": score_table_to_record(both), "config": targeted}, _context())
+    # in broadcast mode a superset is what every node gets
+    broadcast = ConfigRecord({**settings, "score-mode": "broadcast"})
+    reply = _send("query.scores", {"scores": score_table_to_record(both), "config": broadcast}, _context())
+    assert not reply.content["ack"]["exact-match"]
+
+
+def _train_content(settings: dict, version: str) -> dict:
+    torch.manual_seed(0)
+    model = StudentModel(46, hidden=(8,))
+    config = ConfigRecord(
+        {**settings, "model-spec": json.dumps(model.spec), "teacher-version": version, "server-round": 1}
+    )
+    return {"arrays": model_to_arrays(model), "config": config}
+
+
+def test_train_without_the_scores_is_an_error(settings: dict) -> None:
+    with pytest.raises(ScoreTableError, match="not delivered"):
+        _send("train", _train_content(settings, "v-missing"), _context())
+
+
+def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
+    context = _context()
+    table = _local_table(settings)
+    _send("query.scores", {"scores": score_table_to_record(table), "config": ConfigRecord(settings)}, context)
+    content = _train_content(settings, table.version)
+    reply = _send("train", content, context)
+    metrics = reply.content["metrics"]
+    local = load_local_data(NODE, settings)
+    assert metrics["num-examples"] == local.train.num_sets
+    assert metrics["steps"] == 3.0 and metrics["scores-received"] == 1
+    for key in ("loss-label", "loss-rank-label", "loss-rank", "loss-total"):
+        assert np.isfinite(metrics[key])
+    new = reply.content["arrays"]
+    assert isinstance(new, ArrayRecord) and set(new) == set(content["arrays"])
+    assert not np.allclose(new["net.0.weight"].numpy(), content["arrays"]["net.0.weight"].numpy())
+    evaluated = _send("evaluate", content, context).content["metrics"]
+    assert evaluated["num-examples"] == local.holdout.num_sets
+    assert 0.0 <= evaluated["ndcg@10"] <= 1.0 and "kendall_tau" in evaluated
+
+
+def test_label_only_training_needs_no_scores(settings: dict) -> None:
+    labels_only = {**settings, "rank-weight": 0.0, "score-weight": 0.0}
+    reply = _send("train", _train_content(labels_only, "none"), _context())
+    assert reply.content["metrics"]["loss-rank"] == 0.0
+
+
+def test_node_without_data_names_data_path(settings: dict) -> None:
+    with pytest.raises(ConfigError, match="data-path"):
+        _send("query.hello", {"config": ConfigRecord(settings)}, _context({"other": 1}))
+    with pytest.raises(ConfigError, match="data-path"):
+        _send("query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": "/no/such"}))
+
+
+def test_device_mode_reads_its_own_letor_folder(settings: dict) -> None:
+    reply = _send("query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": str(MQ2008)}))
+    status = reply.content["status"]
+    assert status["num-train-sets"] == 471 and status["source"].startswith("device data")
