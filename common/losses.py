@@ -429,10 +429,12 @@ def rank_l2(
     if form == "list":
         nf = n.to(scores.dtype)
         mean = d.sum(-1, keepdim=True) / nf.clamp(min=1.0).unsqueeze(-1)
-        dev = (d - mean)  # d is clean (finite): a product is safe
+        dev = (d - mean) * mask.to(scores.dtype)  # d is clean (finite): a product is safe
         value = 2.0 * nf * dev.square().sum(-1)
     else:
-        coef = _pair_coef(name, scores, mask, target, pair_weight, weight_ranks, alpha, weight_combine)
+        coef = _pair_coef(
+            name, scores, mask, target, pair_weight, weight_ranks, alpha, weight_combine
+        )
         value = (coef * _pair_diff(d).square()).sum((-2, -1))
     return _gate(value, n >= 2)
 

@@ -28,7 +28,7 @@ from common.errors import FedrankError, ScoreTableError
 from common.records import record_nbytes, score_table_to_record
 from common.score_table import ScoreTable
 
-__all__ = ["ScoreDistributor", "Delivery", "check_replies"]
+__all__ = ["ScoreDistributor", "Delivery", "check_replies", "exchange"]
 
 log = logging.getLogger("fedrank.server")
 
@@ -70,17 +70,48 @@ class NodeInfo:
         }
 
 
+def exchange(grid: Grid, messages: Iterable[Message], timeout: float) -> list[Message]:
+    """Push ``messages`` and pull their replies, like ``Grid.send_and_receive``, but polling
+    with a short, growing interval (5 ms to 100 ms): a round of small messages does not wait
+    for a fixed 100 ms poll (simulation) or 3 s poll (deployment) after its last reply."""
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    interval = 0.005
+    while pending and time.monotonic() < deadline:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if pending:
+            time.sleep(interval)
+            interval = min(interval * 1.5, 0.1)
+    return replies
+
+
+# errors of the user's data or configuration: a node reporting one stops the run
+FEDRANK_ERRORS = (
+    "ScoreTableError",
+    "DataFormatError",
+    "ConfigError",
+    "CheckpointError",
+    "FedrankError",
+)
+
+
+def is_fedrank_error(reason: str) -> bool:
+    """True if a node's error reason is one of fedrank's user-facing errors."""
+    return any(name in reason for name in FEDRANK_ERRORS)
+
+
 def check_replies(replies: Iterable[Message], what: str) -> list[Message]:
-    """The replies as a list; a node that failed with a fedrank error fails the run, naming
-    the node and the reason (a mismatch of scores and sets is never silent)."""
+    """The replies as a list; any failed node fails the run, naming the node and the reason
+    (the scores must reach every node that trains with them: a mismatch is never silent)."""
     replies = list(replies)
     for msg in replies:
         if msg.has_error():
-            reason = msg.error.reason
-            text = f"{what}: node {msg.metadata.src_node_id} failed: {reason}"
-            if "fedrank" in reason or "common.errors" in reason or "Error" in reason:
-                raise FedrankError(text)
-            raise RuntimeError(text)
+            raise FedrankError(
+                f"{what}: node {msg.metadata.src_node_id} failed: {msg.error.reason}"
+            )
     return replies
 
 
@@ -137,7 +168,7 @@ class ScoreDistributor:
             )
             for n in todo
         ]
-        for reply in check_replies(grid.send_and_receive(messages, timeout=self.timeout), "hello"):
+        for reply in check_replies(exchange(grid, messages, self.timeout), "hello"):
             status = reply.content["status"]
             info = self.node(reply.metadata.src_node_id)
             info.version = str(status["held-version"])
@@ -182,9 +213,7 @@ class ScoreDistributor:
             content = RecordDict({"scores": record, "config": self._config(version=self.version)})
             messages.append(Message(content, dst_node_id=n, message_type="query.scores"))
         if messages:
-            replies = check_replies(
-                grid.send_and_receive(messages, timeout=self.timeout), "teacher scores"
-            )
+            replies = check_replies(exchange(grid, messages, self.timeout), "teacher scores")
             for reply in replies:
                 ack = reply.content["ack"]
                 n = reply.metadata.src_node_id

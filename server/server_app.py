@@ -31,7 +31,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.atomic_io import atomic_path, atomic_write_json
-from common.config import FedrankConfig
+from common.config import CLIENT_KEYS, FedrankConfig
 from common.errors import FedrankError
 from common.models import StudentModel, count_parameters
 from common.records import model_to_arrays, record_nbytes
@@ -39,7 +39,7 @@ from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from server.client_policy import make_policy
 from server.evaluation import evaluate_model, make_evaluate_fn
 from server.run_output import RunOutput
-from server.score_distribution import ScoreDistributor
+from server.score_distribution import ScoreDistributor, exchange
 from server.strategy import build_strategy, load_strategy_state, strategy_state
 
 __all__ = ["app", "make_server_app", "run_server", "STUDENT_DIR"]
@@ -62,6 +62,19 @@ def _resolve_path(path: str) -> str:
 
 def _log(text: str, *args: Any) -> None:
     log.info(text, *args)
+
+
+_NEEDS_TEACHER: dict[tuple, bool] = {}
+
+
+def _needs_teacher(config: ConfigRecord) -> bool:
+    """Whether a node's training settings use the teacher's scores (cached per loss setup)."""
+    settings = {k: config[k] for k in sorted(CLIENT_KEYS) if k in config}
+    key = tuple(settings.items())
+    if key not in _NEEDS_TEACHER:
+        cfg = FedrankConfig.from_run_config(settings)
+        _NEEDS_TEACHER[key] = bool(cfg.composite_loss().needs_teacher)
+    return _NEEDS_TEACHER[key]
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -142,7 +155,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     # ---- federation pieces -----------------------------------------------------------------
     client_settings = {**cfg.client_dict(), "data-path": data_spec}
     distributor = ScoreDistributor(
-        device_table if uses_teacher else None,
+        device_table,
         cfg.score_mode,
         cfg.score_dtype,
         client_settings,
@@ -175,7 +188,16 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             _log("resume requested but %s holds no checkpoint: starting afresh", cfg.out_dir)
         out.reset_metrics()
         first = {k: float(v) for k, v in evaluate_fn(0, arrays).items()}
-        row0 = {"round": 0, **first, "bytes_to_clients": 0, "bytes_from_clients": 0, "seconds": 0.0}
+        row0 = {
+            "round": 0,
+            **first,
+            "bytes_to_clients": 0,
+            "bytes_weights_to_clients": 0,
+            "bytes_scores_to_clients": 0,
+            "bytes_from_clients": 0,
+            "score_deliveries": 0,
+            "seconds": 0.0,
+        }
         history.append(row0)
         out.append_round(row0)
         _log("round 0 (start): ndcg@10 %.4f  log_loss %.4f", first["ndcg@10"], first["log_loss"])
@@ -189,9 +211,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid)
         )
         nodes = [m.metadata.dst_node_id for m in messages]
-        score_bytes = distributor.ensure(grid, rnd, nodes) if uses_teacher else {}
+        # teacher scores for the nodes whose settings (run config + policy) use them
+        need = [m.metadata.dst_node_id for m in messages if _needs_teacher(m.content["config"])]
+        score_bytes = distributor.ensure(grid, rnd, need) if need else {}
         t_train = time.perf_counter()
-        replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        replies = exchange(grid, messages, cfg.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         if new_arrays is None:
             raise FedrankError(f"round {rnd}: no client returned weights")
@@ -202,7 +226,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             eval_messages = list(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(train_config)), grid)
             )
-            eval_replies = grid.send_and_receive(eval_messages, timeout=cfg.round_timeout)
+            eval_replies = exchange(grid, eval_messages, cfg.round_timeout)
             eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         server = {k: float(v) for k, v in evaluate_fn(rnd, arrays).items()}
         seconds = time.perf_counter() - t_round

@@ -18,6 +18,7 @@ state.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,7 @@ from common.config import FedrankConfig
 from common.errors import CheckpointError, FedrankError
 from common.records import record_nbytes
 from server.client_policy import ClientConfigPolicy, check_overrides
+from server.score_distribution import is_fedrank_error
 
 __all__ = [
     "FedrankStrategyMixin",
@@ -39,6 +41,8 @@ __all__ = [
     "load_strategy_state",
     "NOT_AVERAGED",
 ]
+
+log = logging.getLogger("fedrank.server")
 
 # reported per node but meaningless as an average
 NOT_AVERAGED = frozenset({"client-key", "scores-received", "on-train-sets"})
@@ -84,6 +88,7 @@ class FedrankStrategyMixin:
         self.last_train: list[dict[str, Any]] = []
         self.last_sent: dict[int, int] = {}
         self.last_received: int = 0
+        self.last_failures: list[dict[str, Any]] = []
 
     # ---- training --------------------------------------------------------------------------
     def configure_train(
@@ -112,12 +117,19 @@ class FedrankStrategyMixin:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        failed = [m for m in replies if m.has_error()]
-        for msg in failed:
+        self.last_failures = []
+        for msg in replies:
+            if not msg.has_error():
+                continue
             reason = msg.error.reason
-            raise FedrankError(
+            text = (
                 f"round {server_round}: node {msg.metadata.src_node_id} failed to train: {reason}"
             )
+            if is_fedrank_error(reason):  # bad data, scores or settings: never silent
+                raise FedrankError(text)
+            log.warning("%s (aggregating the other replies)", text)
+            self.last_failures.append({"node": msg.metadata.src_node_id, "reason": reason})
+        replies = [m for m in replies if not m.has_error()]
         replies.sort(key=_fingerprint)
         self.last_train = []
         self.last_received = 0
@@ -161,11 +173,14 @@ class FedrankStrategyMixin:
         replies = list(replies)
         for msg in replies:
             if msg.has_error():
-                raise FedrankError(
+                text = (
                     f"round {server_round}: node {msg.metadata.src_node_id} failed to "
                     f"evaluate: {msg.error.reason}"
                 )
-        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
+                if is_fedrank_error(msg.error.reason):
+                    raise FedrankError(text)
+                log.warning(text)
+        return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])  # type: ignore[misc]
 
 
 class FedrankFedAvg(FedrankStrategyMixin, FedAvg):

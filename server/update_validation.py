@@ -182,6 +182,7 @@ def screen_replies(
     replies: Iterable[Message],
     *,
     global_arrays: ArrayRecord | None = None,
+    sent: Iterable[Message] = (),
     expected_nodes: Iterable[int] = (),
     min_replies: int = 1,
     stage: str = "train",
@@ -193,10 +194,13 @@ def screen_replies(
 ) -> ScreenResult:
     """Split ``replies`` into usable ones and rejections (see the module docstring).
 
-    ``global_arrays`` is the model sent this round (required for ``stage="train"``);
-    ``expected_nodes`` the nodes that were sent a message, so those without a reply are
-    reported as missing. Raises :class:`NotEnoughReplies` when fewer than ``min_replies``
-    replies are usable.
+    ``global_arrays`` is the model sent this round (required for ``stage="train"``).
+    ``sent`` are the messages sent this round (after sending they carry their message ids):
+    a reply is attributed to the node its message went to, also when the SuperLink itself
+    answered for an unreachable node (such error replies come from the SuperLink's node id),
+    and nodes without a reply are reported as missing. ``expected_nodes`` (node ids) does the
+    latter when the messages are not at hand. Raises :class:`NotEnoughReplies` when fewer
+    than ``min_replies`` replies are usable.
     """
     if stage not in ("train", "evaluate"):
         raise ValueError(f"stage must be 'train' or 'evaluate', got {stage!r}")
@@ -204,9 +208,13 @@ def screen_replies(
         raise ValueError("screen_replies(stage='train') needs the round's global_arrays")
     out = logger or log
     result = ScreenResult()
+    destination = {
+        m.metadata.message_id: int(m.metadata.dst_node_id) for m in sent if m.metadata.message_id
+    }
+    expected = list(dict.fromkeys([*destination.values(), *(int(n) for n in expected_nodes)]))
     seen: set[int] = set()
     for msg in replies:
-        node = int(msg.metadata.src_node_id)
+        node = destination.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
         seen.add(node)
         if msg.has_error():
             error = msg.error
@@ -234,10 +242,10 @@ def screen_replies(
             result.rejected.append(Rejection(node, problem, "invalid"))
         else:
             result.valid.append(msg)
-    for node in expected_nodes:
-        if int(node) not in seen:
+    for node in expected:
+        if node not in seen:
             result.rejected.append(
-                Rejection(int(node), "no reply before the round's timeout", "missing")
+                Rejection(node, "no reply before the round's timeout", "missing")
             )
     for rejection in result.rejected:
         out.warning(

@@ -24,18 +24,23 @@ run's). Any client setting may be given (loss weights and loss names, ``temperat
 ``label-fraction``, ``learning-rate``, ``local-epochs``, ...).
 
 ``adaptive`` (:class:`AdaptiveWeights`): the server picks, per client and per round, one of a
-few candidate weight settings with **Exp3** (Auer et al., 2002), the multiplicative-weights
-algorithm for bandit feedback. Why this method: each round a client trains with one setting
-and only that setting's outcome is observed (bandit feedback); the outcome drifts as the
-global model improves and as the other clients change theirs (non-stationary, not i.i.d.), and
-Exp3's guarantee holds for such adversarial reward sequences, while it needs nothing but the
-metric the client already reports. The reward of a round is the client's *local validation
-gain*: NDCG@10 on its held-out sets after local training minus NDCG@10 of the global model it
-started from (metrics ``val-ndcg@10`` and ``val-ndcg@10-start`` of the training reply), which
-isolates the effect of that client's weights from everyone else's. Gains are mapped to
-``[0, 1]`` by ``0.5 + gain / (2 * scale)`` (clipped); the exploration rate defaults to Auer's
-``min(1, sqrt(K ln K / ((e - 1) T)))`` for ``K`` candidates and ``T`` rounds. Draws are seeded
-by the run's seed, the client and the round, so runs are reproducible::
+few candidate weight settings with **Exp3** (the exponential-weights algorithm for bandit
+feedback, in the loss-estimate form of Bubeck & Cesa-Bianchi, 2012, Thm. 3.1). Why this method:
+each round a client trains with one setting and only that setting's outcome is observed
+(bandit feedback); the outcome drifts as the global model improves and as the other clients
+change theirs (non-stationary, not i.i.d.), and Exp3's regret bound ``sqrt(2 T K ln K)`` holds
+for such adversarial reward sequences, while it needs nothing but a metric the client already
+reports. The reward of a round is the client's *local validation gain*: NDCG@10 on its
+held-out sets after local training minus NDCG@10 of the global model it started from (metrics
+``val-ndcg@10`` and ``val-ndcg@10-start`` of the training reply), which isolates the effect of
+that client's weights from everyone else's. Gains are mapped to ``[0, 1]`` by
+``0.5 + gain / (2 * scale)`` (clipped). Candidate ``a`` is drawn with probability proportional
+to ``exp(-eta * L_a)``, ``L_a`` the importance-weighted sum of past losses ``(1 - reward) / p_a``
+of the rounds it was drawn, and ``eta = sqrt(2 ln K / (T K))`` for ``K`` candidates and ``T``
+rounds (optional uniform mixing ``gamma``, default 0). Draws are seeded by the run's seed, the
+client and the round, so runs are reproducible. With few rounds (``T`` = 10) each client sees
+about ten rewards, so the policy can only separate candidates whose gains differ clearly;
+the benchmark compares it with the best fixed weights::
 
     [client-weights]
     policy = "adaptive"
@@ -76,17 +81,28 @@ log = logging.getLogger("fedrank.client_weights")
 
 POLICY_NAMES = ("uniform", "per-client", "adaptive")
 PER_CLIENT_KEYS = ("policy", "default", "groups", "clients", "by-label-fraction")
-ADAPTIVE_KEYS = ("policy", "candidates", "scale", "gamma", "reward", "start-metric", "rounds")
+ADAPTIVE_KEYS = (
+    "policy",
+    "candidates",
+    "scale",
+    "eta",
+    "gamma",
+    "reward",
+    "start-metric",
+    "rounds",
+)
 OPTIONS_KEY = "client-policy-options"
+# client keys that must be the same on every client (the data and its split, the score mode)
+NOT_PER_CLIENT = ("data-path", "seed", "partition-scheme", "partition-alpha", "score-mode")
 
 
 def _check_settings(settings: Any, where: str) -> dict[str, Any]:
     """A table of client settings: only client keys, values the configuration accepts."""
     if not isinstance(settings, Mapping):
         raise ConfigError(f"{where} must be a table of client settings, got {settings!r}")
-    unknown = sorted(k for k in settings if k not in CLIENT_KEYS or k in ("data-path", "seed"))
+    unknown = sorted(k for k in settings if k not in CLIENT_KEYS or k in NOT_PER_CLIENT)
     if unknown:
-        valid = sorted(k for k in CLIENT_KEYS if k not in ("data-path", "seed"))
+        valid = sorted(k for k in CLIENT_KEYS if k not in NOT_PER_CLIENT)
         raise ConfigError(f"{where}: {unknown} are not per-client settings; valid: {valid}")
     try:
         FedrankConfig.from_run_config(dict(settings))
@@ -168,13 +184,13 @@ class AdaptiveWeights(ClientConfigPolicy):
         self.candidates = [dict(c) for c in options["candidates"]]
         k = len(self.candidates)
         rounds = int(options.get("rounds", base.num_server_rounds if base is not None else 10))
-        default_gamma = min(1.0, math.sqrt(k * math.log(k) / ((math.e - 1) * max(rounds, 1))))
-        self.gamma = float(options.get("gamma", default_gamma))
+        self.eta = float(options.get("eta", math.sqrt(2.0 * math.log(k) / (max(rounds, 1) * k))))
+        self.gamma = float(options.get("gamma", 0.0))
         self.scale = float(options.get("scale", 0.05))
         self.reward_key = str(options.get("reward", "val-ndcg@10"))
         self.start_key = str(options.get("start-metric", "val-ndcg@10-start"))
         self.seed = int(seed if seed is not None else (base.seed if base is not None else 0))
-        self.log_weights: dict[int, list[float]] = {}
+        self.losses: dict[int, list[float]] = {}  # client key -> estimated cumulative losses
         self.pending: dict[int, tuple[int, int, float]] = {}  # key -> (round, arm, prob)
         self.history: list[dict[str, Any]] = []
         self.node_keys: dict[int, int] = {}
@@ -183,8 +199,9 @@ class AdaptiveWeights(ClientConfigPolicy):
     def probabilities(self, client_key: int) -> np.ndarray:
         """Exp3's distribution over the candidates for ``client_key``."""
         k = len(self.candidates)
-        logw = np.asarray(self.log_weights.get(client_key, [0.0] * k), dtype=np.float64)
-        w = np.exp(logw - logw.max())
+        losses = np.asarray(self.losses.get(client_key, [0.0] * k), dtype=np.float64)
+        logits = -self.eta * losses
+        w = np.exp(logits - logits.max())
         return (1.0 - self.gamma) * w / w.sum() + self.gamma / k
 
     def configure(self, server_round: int, node_id: int, node_info: dict[str, Any]) -> dict:
@@ -226,23 +243,22 @@ class AdaptiveWeights(ClientConfigPolicy):
                 )
                 self._warned = True
             return
-        k = len(self.candidates)
-        logw = self.log_weights.setdefault(key, [0.0] * k)
-        logw[arm] += self.gamma * (reward / prob) / k  # Exp3's importance-weighted update
+        losses = self.losses.setdefault(key, [0.0] * len(self.candidates))
+        losses[arm] += (1.0 - reward) / prob  # importance-weighted loss estimate
         self.history.append({"round": rnd, "client": key, "arm": arm, "reward": reward})
 
     def preferred(self) -> dict[int, int]:
         """Each client's currently most likely candidate."""
-        return {key: int(np.argmax(self.probabilities(key))) for key in sorted(self.log_weights)}
+        return {key: int(np.argmax(self.probabilities(key))) for key in sorted(self.losses)}
 
     def state(self) -> dict[str, Any]:
         return {
-            "log_weights": {str(k): v for k, v in self.log_weights.items()},
+            "losses": {str(k): v for k, v in self.losses.items()},
             "history": list(self.history),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.log_weights = {int(k): list(v) for k, v in state.get("log_weights", {}).items()}
+        self.losses = {int(k): list(v) for k, v in state.get("losses", {}).items()}
         self.history = list(state.get("history", []))
 
 
@@ -295,10 +311,11 @@ def check_policy_options(spec: Mapping[str, Any]) -> None:
         raise ConfigError("'candidates' must list at least two tables of client settings")
     for i, cand in enumerate(candidates):
         _check_settings(cand, f"candidates[{i}]")
-    for key, low, high in (("scale", 0.0, math.inf), ("gamma", 0.0, 1.0)):
+    for key, low, high in (("scale", 0.0, math.inf), ("eta", 0.0, math.inf), ("gamma", 0.0, 1.0)):
         if key in spec:
             v = spec[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v <= high:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+            if not ok or not (low <= v <= high if key == "gamma" else low < v <= high):
                 raise ConfigError(f"{key!r} must lie in ({low}, {high}], got {v!r}")
     if "rounds" in spec and (not isinstance(spec["rounds"], int) or spec["rounds"] < 1):
         raise ConfigError(f"'rounds' must be an integer >= 1, got {spec['rounds']!r}")

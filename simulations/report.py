@@ -6,11 +6,11 @@ finished, ``summary.json``. ``fedrank report DIR...`` accepts run directories or
 above them (a sweep directory), finds every run below, and writes into ``--out``:
 
 - ``report.csv`` / ``report.md``: one row per run, sorted by the final NDCG@10: the run's label,
-  the configuration keys that differ between the runs, the final round's metrics and the best
-  NDCG@10 over rounds;
+  the configuration keys that differ between the runs, the final round's metrics, the best
+  NDCG@10 over rounds and the teacher's NDCG@10 (from ``summary.json``);
 - ``groups.csv`` / ``groups.md`` when some runs differ only by seed: mean and standard
   deviation over seeds per configuration;
-- ``ndcg_per_round.png``: NDCG@10 per round, one line per configuration;
+- ``ndcg_per_round.png``: NDCG@10 per round, one line per configuration (the teacher dashed);
 - ``ndcg_vs_log_loss.png``: final NDCG@10 against final log loss per run (ranking against
   calibration; up and to the left is better).
 """
@@ -68,11 +68,22 @@ class Run:
     def final(self) -> dict[str, Any]:
         """Final metrics: the last round's record, overridden by the summary's numbers."""
         out: dict[str, Any] = dict(self.rounds[-1]) if self.rounds else {}
-        if self.summary:
-            for source in (self.summary, self.summary.get("final"), self.summary.get("metrics")):
-                if isinstance(source, dict):
-                    out.update({k: v for k, v in source.items() if _is_number(v)})
+        student = (self.summary or {}).get("student")
+        if isinstance(student, dict) and isinstance(student.get("metrics"), dict):
+            out.update({k: v for k, v in student["metrics"].items() if _is_number(v)})
         return out
+
+    def teacher(self, key: str = METRIC) -> float:
+        """The teacher's ``key`` from the summary (NaN when unknown)."""
+        teacher = (self.summary or {}).get("teacher")
+        metrics = teacher.get("metrics") if isinstance(teacher, dict) else None
+        value = metrics.get(key) if isinstance(metrics, dict) else None
+        return float(value) if _is_number(value) else math.nan
+
+    @property
+    def last_round(self) -> int:
+        rounds = [int(r["round"]) for r in self.rounds if _is_number(r.get("round"))]
+        return max(rounds, default=0)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         xs, ys = [], []
@@ -177,8 +188,8 @@ def run_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of the per-run table, best final NDCG@10 first."""
     keys = varying_keys(runs)
     metrics = _metric_columns(runs)
-    header = ["run", *keys, *metrics, "best_ndcg@10", "rounds", "bytes_to_clients", "seconds"]
-    header.append("status")
+    header = ["run", *keys, *metrics, "best_ndcg@10", "teacher_ndcg@10", "rounds"]
+    header += ["bytes_to_clients", "seconds", "status"]
     rows = []
     for run in runs:
         final = run.final()
@@ -190,7 +201,8 @@ def run_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]]:
                 *[_value(run, k) for k in keys],
                 *[final.get(m, math.nan) for m in metrics],
                 run.best(METRIC),
-                len(run.rounds),
+                run.teacher(METRIC),
+                run.last_round,
                 int(bytes_total),
                 round(seconds, 2),
                 "complete" if run.complete else "incomplete",
@@ -269,7 +281,11 @@ def to_markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def _short_label(run: Run, keys: Sequence[str], limit: int = 60) -> str:
     if not keys:
         return run.label
-    text = ", ".join(f"{k}={_fmt(_value(run, k))}" for k in keys)
+
+    def short(v: Any) -> str:
+        return f"{v:g}" if isinstance(v, float) else _fmt(v)
+
+    text = ", ".join(f"{k}={short(_value(run, k))}" for k in keys)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -285,6 +301,19 @@ def plot_rounds(runs: Sequence[Run], path: Path, metric: str = METRIC) -> None:
         xs, ys = run.series(metric)
         if xs.size:
             ax.plot(xs, ys, marker="o", markersize=3, label=_short_label(run, keys))
+    teachers = sorted({round(t, 6) for t in (r.teacher(metric) for r in runs) if not math.isnan(t)})
+    for i, value in enumerate(teachers[:3]):
+        ax.axhline(
+            value,
+            color="black",
+            linestyle="--",
+            linewidth=1,
+            alpha=0.6,
+            label="teacher" if i == 0 else None,
+        )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(metric.upper())
     ax.set_title(f"{metric.upper()} per round")

@@ -221,8 +221,7 @@ def parse_scenario(data: Mapping[str, Any], path: Path | None = None, name: str 
         sweep=dict(sweep),
         path=path,
     )
-    # validate now: the configuration, the policy options and the sweep space
-    scenario.run_config()
+    # validate now: the policy options, the configuration and the sweep space
     if scenario.client_weights:
         from simulations.client_weights import check_policy_options
 
@@ -230,6 +229,7 @@ def parse_scenario(data: Mapping[str, Any], path: Path | None = None, name: str 
             check_policy_options(scenario.client_weights)
         except ConfigError as err:
             raise fail(f"[client-weights]: {err}") from None
+    scenario.run_config()
     if "space" in sweep:
         from simulations.sweep import SearchSpace
 

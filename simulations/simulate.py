@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,10 @@ def compare(
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs; values parsed as TOML scalars (true, 3, 0.5, "text"), else text."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser, as a package (a dependency of flwr)
+        import tomli as tomllib
 
     out: dict[str, Any] = {}
     for item in items:

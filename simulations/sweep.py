@@ -337,6 +337,9 @@ class _Pool:
         self.total = total
         self.count = 0
         self.active: list[tuple[subprocess.Popen, list[PlannedRun], float, Any]] = []
+        self.started = 0
+        self.stagger = 10.0  # seconds between process starts
+        self.last_start = -math.inf
 
     def _line(self, text: str) -> None:
         print(text, flush=True)
@@ -360,9 +363,14 @@ class _Pool:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([os.fspath(root), os.environ.get("PYTHONPATH", "")]),
         }
+        wait = self.last_start + self.stagger - time.monotonic()
+        if wait > 0:  # runtimes that start at the same moment slow each other's startup
+            time.sleep(wait)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.last_start = time.monotonic()
         for run in batch:
-            self._line(f"[{self.count + 1:>3}/{self.total}] start  {run.id}  {run.label}")
+            self.started += 1
+            self._line(f"[{self.started:>3}/{self.total}] start  {run.id}  {run.label}")
         self.active.append((proc, batch, time.monotonic(), log))
 
     def wait_one(self) -> list[tuple[PlannedRun, bool]]:
@@ -438,6 +446,7 @@ def execute(
     total = progress_total or len(runs)
     pool = _Pool(max(1, jobs), verbose, total)
     pool.count = len(result.resumed) + len(result.finished) + len(result.failed)
+    pool.started = pool.count
     if result.resumed and pool.count == len(result.resumed):
         print(f"resuming: {len(result.resumed)} of {len(runs)} run(s) already done", flush=True)
     cores = os.cpu_count() or 1
@@ -670,28 +679,59 @@ def run_sweep(
 
 
 # ---- worker (one process: one start of the simulation runtime) ----------------------------------
-def _worker(run_dirs: Sequence[str], verbose: bool) -> int:
-    import simulations.client_weights as client_weights
-    from simulations.simulate import run_federations
+def _runtime_crashed(err: BaseException) -> bool:
+    """True for a failure of the simulation runtime itself (e.g. Ray timing out at startup on
+    a busy machine), which is worth one more try; a fedrank error in a run is not."""
+    return isinstance(err, RuntimeError) and "Ending simulation" in str(err)
 
-    metas = [json.loads((Path(d) / "sweep.json").read_text(encoding="utf-8")) for d in run_dirs]
-    for meta in metas:
-        if meta.get("client-weights"):
-            client_weights.policy_config(meta["client-weights"])  # register in this process
-    threads = int(metas[0].get("threads", 1))
+
+def _worker(run_dirs: Sequence[str], verbose: bool, attempts: int = 3) -> int:
+    """Run the federations of ``run_dirs`` in one start of the simulation runtime.
+
+    The process ends with ``os._exit``: after a crash of the runtime the ServerApp thread may
+    still be waiting for nodes, and it must not keep the process (and the sweep) alive.
+    """
+    import traceback
+
+    code = 1
     try:
+        import simulations.client_weights as client_weights
+        from simulations.simulate import run_federations
+
+        dirs = [Path(d) for d in run_dirs]
+        metas = [json.loads((d / "sweep.json").read_text(encoding="utf-8")) for d in dirs]
+        for meta in metas:
+            if meta.get("client-weights"):
+                client_weights.policy_config(meta["client-weights"])  # register in this process
+        threads = int(metas[0].get("threads", 1))
         import torch
 
         torch.set_num_threads(threads)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    run_federations(
-        [m["config"] for m in metas],
-        num_clients=int(metas[0]["clients"]),
-        verbose=verbose,
-        num_cpus=threads,
-    )
-    return 0
+        for attempt in range(1, attempts + 1):
+            todo = [
+                m["config"] for d, m in zip(dirs, metas, strict=True) if not summary_complete(d)
+            ]
+            if not todo:
+                code = 0
+                break
+            try:
+                run_federations(
+                    todo, num_clients=int(metas[0]["clients"]), verbose=verbose, num_cpus=threads
+                )
+                code = 0
+                break
+            except Exception as err:  # noqa: BLE001 - reported in the log, decided below
+                traceback.print_exc()
+                if attempt == attempts or not _runtime_crashed(err):
+                    break
+                print(f"simulation runtime failed (attempt {attempt}); retrying", flush=True)
+                time.sleep(5.0 * attempt)
+    except BaseException:  # noqa: BLE001 - the log gets the traceback, the exit code says it
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _parse_seeds(text: str) -> list[int]:

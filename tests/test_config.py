@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tomllib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,11 @@ from common.config import CLIENT_KEYS, FedrankConfig
 from common.errors import CheckpointError, ConfigError
 from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from simulations.simulate import run_federation
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, as a package (a dependency of flwr)
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +37,7 @@ def test_pyproject_app_config_matches_the_defaults() -> None:
 
 def test_every_key_is_documented() -> None:
     text = (ROOT / "docs" / "federation.md").read_text(encoding="utf-8")
-    missing = [k for k in FedrankConfig.keys() if f"`{k}`" not in text]
+    missing = [k for k in FedrankConfig.defaults() if f"`{k}`" not in text]
     assert not missing
 
 
@@ -101,7 +106,9 @@ def test_bad_config_fails_in_the_server_app_before_any_round(tmp_path: Path) -> 
         ({"data-path": str(tmp_path / "missing-fold")}, "data-path"),
     ]:
         run_config = {**FedrankConfig.defaults(), "out-dir": str(tmp_path / "out"), **values}
-        context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+        context = Context(
+            run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        )
         with pytest.raises(ConfigError, match=key):
             app(grid=None, context=context)  # type: ignore[arg-type]
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

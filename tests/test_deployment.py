@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,15 +94,24 @@ def _device_files(work: Path, count: int) -> tuple[list[Path], list[list[str]]]:
 
 
 def _wait_for_run_output(out_dir: Path, run_id: int, dep: Deployment, timeout: float) -> dict:
-    """Wait for the ServerApp's summary.json (cheap file polls, no CLI calls), then for the
-    run's status in ``flwr ls``."""
+    """Wait for the ServerApp's summary.json (cheap file polls; the CLI only every 20 s, to
+    notice a run that ended without one), then for the run's status in ``flwr ls``."""
     summary = out_dir / "summary.json"
+    last_check = [time.monotonic()]
 
     def done() -> bool:
         if summary.is_file():
             return True
         if dep.superlink is not None and not dep.superlink.alive():
             raise RuntimeError(f"the SuperLink died:\n{dep.superlink.log()[-3000:]}")
+        if time.monotonic() - last_check[0] > 20:
+            last_check[0] = time.monotonic()
+            status = dep.run_info(run_id)["status"]
+            if status.startswith("finished") and not summary.is_file():
+                raise AssertionError(
+                    f"run {run_id} ended with status {status} and no summary; log:\n"
+                    + dep.run_log(run_id)[-4000:]
+                )
         return False
 
     try:

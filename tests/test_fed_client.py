@@ -121,10 +121,14 @@ def test_targeted_scores_with_foreign_sets_are_refused(settings: dict) -> None:
     )
     targeted = ConfigRecord({**settings, "score-mode": "targeted"})
     with pytest.raises(ScoreTableError, match=str(extra.set_ids[0])):
-        _send("query.scores", {"scores": score_table_to_record(both), "config": targeted}, _context())
+        _send(
+            "query.scores", {"scores": score_table_to_record(both), "config": targeted}, _context()
+        )
     # in broadcast mode a superset is what every node gets
     broadcast = ConfigRecord({**settings, "score-mode": "broadcast"})
-    reply = _send("query.scores", {"scores": score_table_to_record(both), "config": broadcast}, _context())
+    reply = _send(
+        "query.scores", {"scores": score_table_to_record(both), "config": broadcast}, _context()
+    )
     assert not reply.content["ack"]["exact-match"]
 
 
@@ -132,7 +136,12 @@ def _train_content(settings: dict, version: str) -> dict:
     torch.manual_seed(0)
     model = StudentModel(46, hidden=(8,))
     config = ConfigRecord(
-        {**settings, "model-spec": json.dumps(model.spec), "teacher-version": version, "server-round": 1}
+        {
+            **settings,
+            "model-spec": json.dumps(model.spec),
+            "teacher-version": version,
+            "server-round": 1,
+        }
     )
     return {"arrays": model_to_arrays(model), "config": config}
 
@@ -145,7 +154,11 @@ def test_train_without_the_scores_is_an_error(settings: dict) -> None:
 def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
     context = _context()
     table = _local_table(settings)
-    _send("query.scores", {"scores": score_table_to_record(table), "config": ConfigRecord(settings)}, context)
+    _send(
+        "query.scores",
+        {"scores": score_table_to_record(table), "config": ConfigRecord(settings)},
+        context,
+    )
     content = _train_content(settings, table.version)
     reply = _send("train", content, context)
     metrics = reply.content["metrics"]
@@ -172,10 +185,14 @@ def test_node_without_data_names_data_path(settings: dict) -> None:
     with pytest.raises(ConfigError, match="data-path"):
         _send("query.hello", {"config": ConfigRecord(settings)}, _context({"other": 1}))
     with pytest.raises(ConfigError, match="data-path"):
-        _send("query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": "/no/such"}))
+        _send(
+            "query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": "/no/such"})
+        )
 
 
 def test_device_mode_reads_its_own_letor_folder(settings: dict) -> None:
-    reply = _send("query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": str(MQ2008)}))
+    reply = _send(
+        "query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": str(MQ2008)})
+    )
     status = reply.content["status"]
     assert status["num-train-sets"] == 471 and status["source"].startswith("device data")

@@ -6,7 +6,8 @@ whole module pays for one runtime start:
 1. ``targeted``: FedAvg, 2 rounds, rank distillation, teacher scores sent per node;
 2. ``full``: FedAdam, 2 rounds, uninterrupted;
 3. ``resumed`` (part 1): FedAdam, stopped after round 1;
-4. ``resumed`` (part 2): ``resume = true`` to 2 rounds, from the checkpoint of part 1.
+4. ``resumed`` (part 2): ``resume = true`` to 2 rounds, from the checkpoint of part 1;
+5. ``broadcast``: another seed (so another teacher and score version), whole table to every node.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = {
         "data-path": str(MQ2008_FOLD1),
         "teacher-epochs": 1,
-        "teacher-d-model": 16,
+        "teacher-d-model": 8,
+        "teacher-heads": 2,
         "teacher-layers": 1,
         "teacher-cache-dir": str(root / "teacher"),
         "local-epochs": 2,
@@ -41,14 +43,31 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
     configs = {
         "targeted": {**base, "out-dir": str(root / "targeted"), "num-server-rounds": 2},
-        "full": {**base, "out-dir": str(root / "full"), "num-server-rounds": 2, "strategy": "fedadam"},
-        "part": {**base, "out-dir": str(root / "resumed"), "num-server-rounds": 1, "strategy": "fedadam"},
+        "full": {
+            **base,
+            "out-dir": str(root / "full"),
+            "num-server-rounds": 2,
+            "strategy": "fedadam",
+        },
+        "part": {
+            **base,
+            "out-dir": str(root / "resumed"),
+            "num-server-rounds": 1,
+            "strategy": "fedadam",
+        },
         "resumed": {
             **base,
             "out-dir": str(root / "resumed"),
             "num-server-rounds": 2,
             "strategy": "fedadam",
             "resume": True,
+        },
+        "broadcast": {
+            **base,
+            "out-dir": str(root / "broadcast"),
+            "num-server-rounds": 1,
+            "score-mode": "broadcast",
+            "seed": 1,
         },
     }
     # one simulation worker: the runtime starts faster on a small machine
@@ -128,3 +147,17 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run(runs: dict) -> None:
     assert [r["round"] for r in rows] == [0, 1, 2]
     full_rows = read_metrics(runs["root"] / "full" / "metrics.jsonl")
     assert rows[-1]["ndcg@10"] == full_rows[-1]["ndcg@10"]
+
+
+def test_a_new_teacher_version_is_sent_again_and_broadcast_sends_the_whole_table(
+    runs: dict,
+) -> None:
+    summary = runs["summaries"]["broadcast"]
+    deliveries = summary["federation"]["score_deliveries"]
+    old = runs["summaries"]["targeted"]["federation"]["score_deliveries"][0]["version"]
+    assert len(deliveries) == 2 and all(d["version"] != old for d in deliveries)
+    # every node gets all 471 + 157 training and validation sets, more than it holds
+    assert all(d["num_sets"] == 471 + 157 and not d["exact_match"] for d in deliveries)
+    assert all(d["received_count"] == 2 for d in deliveries)  # second version on each node
+    targeted = runs["summaries"]["targeted"]["federation"]["score_deliveries"]
+    assert min(d["nbytes"] for d in deliveries) > max(d["nbytes"] for d in targeted)

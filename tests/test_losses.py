@@ -452,7 +452,9 @@ def test_pair_weight_values():
     w = L.pair_weights(mask, pair_weight="rank_gap", teacher=t, alpha=2.0)
     assert w[0, 0, 1].item() == pytest.approx(1 / 4)
     s = t64([[1.0, 2.0, 3.0]])  # student ranks 3, 2, 1
-    w_max = L.pair_weights(mask, pair_weight="inverse_rank", teacher=t, student=s, weight_ranks="both")
+    w_max = L.pair_weights(
+        mask, pair_weight="inverse_rank", teacher=t, student=s, weight_ranks="both"
+    )
     w_mean = L.pair_weights(
         mask,
         pair_weight="inverse_rank",
@@ -540,7 +542,8 @@ def test_weight_schedules():
 
 
 @pytest.mark.parametrize(
-    "spec", ["-1", -0.5, "nan", float("inf"), "linear:0:-1:5", "step:1:2", "cosine:0:1:5", "x", True]
+    "spec",
+    ["-1", -0.5, "nan", float("inf"), "linear:0:-1:5", "step:1:2", "cosine:0:1:5", "x", True],
 )
 def test_bad_weights_raise_config_error(spec):
     with pytest.raises(ConfigError):
@@ -672,7 +675,10 @@ def test_composite_label_mask_hides_labels_of_unlabelled_sets():
     s, t, y, mask = _batch32()
     label_mask = torch.tensor([True, False, True, False])
     loss = L.CompositeLoss(
-        [L.LossTerm("rank_label", "label_pairwise_logistic", 1.0), L.LossTerm("score", "score_l2", 1.0)]
+        [
+            L.LossTerm("rank_label", "label_pairwise_logistic", 1.0),
+            L.LossTerm("score", "score_l2", 1.0),
+        ]
     )
     scores = s.clone().requires_grad_(True)
     total, values = loss(scores, y, t, mask, label_mask=label_mask)

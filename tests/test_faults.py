@@ -1,0 +1,420 @@
+"""Faults and bad input: crashed, slow and malicious clients, a killed server, broken files.
+
+- reply screening (:mod:`server.update_validation`) on real Flower messages;
+- the real strategy with bad replies: they are rejected and the global model is what the good
+  replies make it;
+- Flower's simulation runtime with clients that crash, time out or send NaN / wrong shapes /
+  missing keys: the run completes with the others, each failure logged with its node;
+- the server process killed between rounds (SIGKILL) and started again with ``resume=true``;
+- bad input on a device or in a configuration: clear errors naming the file, key or set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
+from server.update_validation import NotEnoughReplies, screen_replies
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# ---- messages ----------------------------------------------------------------------------------
+GLOBAL = {
+    "net.0.weight": np.zeros((4, 3), np.float32),
+    "net.0.bias": np.zeros(4, np.float32),
+    "feature_indices": np.arange(3, dtype=np.int64),
+}
+
+
+def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
+
+
+def _meta(node: int, reply_to: str = "") -> Metadata:
+    return Metadata(
+        run_id=1,
+        message_id=f"reply-{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id=reply_to or f"ins-{node}",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
+
+
+def _reply(node: int, weights: dict[str, np.ndarray] | None = None, examples=10, **kw) -> Message:
+    weights = {k: np.array(v) for k, v in (weights or GLOBAL).items()}
+    metrics = MetricRecord({"num-examples": examples, "loss": 1.0})
+    content = RecordDict({"arrays": _arrays(weights), "metrics": metrics})
+    return Message(content, metadata=_meta(node, **kw))
+
+
+def _error(node: int, reason: str, **kw) -> Message:
+    return Message(Error(code=0, reason=reason), metadata=_meta(node, **kw))
+
+
+def _sent(node: int) -> Message:
+    """An instruction message as the grid leaves it after sending (message id set)."""
+    md = Metadata(
+        run_id=1,
+        message_id=f"ins-{node}",
+        src_node_id=0,
+        dst_node_id=node,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600,
+        message_type="train",
+    )
+    return Message(RecordDict({"arrays": _arrays(GLOBAL)}), metadata=md)
+
+
+def _changed(**changes: np.ndarray) -> dict[str, np.ndarray]:
+    return {**GLOBAL, **changes}
+
+
+BAD_REPLIES = {
+    "nan": (_changed(**{"net.0.bias": np.array([0, np.nan, 0, 0], np.float32)}), "non-finite"),
+    "inf": (_changed(**{"net.0.weight": np.full((4, 3), np.inf, np.float32)}), "non-finite"),
+    "shape": (_changed(**{"net.0.weight": np.zeros((5, 3), np.float32)}), "has shape (5, 3)"),
+    "missing": ({k: v for k, v in GLOBAL.items() if k != "net.0.bias"}, "miss key 'net.0.bias'"),
+    "extra": (_changed(extra=np.zeros(2, np.float32)), "unexpected key 'extra'"),
+    "columns": (_changed(feature_indices=np.array([0, 1, 7])), "integer buffer 'feature_indices'"),
+    "dtype": (_changed(**{"net.0.bias": np.array(["a"] * 4)}), "unsupported dtype"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REPLIES))
+def test_bad_update_is_rejected_with_reason(name, caplog):
+    weights, reason = BAD_REPLIES[name]
+    good = _reply(11, _changed(**{"net.0.bias": np.ones(4, np.float32)}))
+    bad = _reply(22, weights)
+    with caplog.at_level(logging.WARNING, logger="fedrank"):
+        result = screen_replies(3, [good, bad], global_arrays=_arrays(GLOBAL))
+    assert [m.metadata.src_node_id for m in result.valid] == [11]
+    (rejection,) = result.rejected
+    assert rejection.node_id == 22 and rejection.kind == "invalid"
+    assert reason in rejection.reason
+    assert "round 3" in caplog.text and "node 22" in caplog.text and reason in caplog.text
+
+
+@pytest.mark.parametrize("examples", [0, -3, float("nan"), float("inf")])
+def test_bad_example_count_is_rejected(examples):
+    result = screen_replies(
+        1, [_reply(1), _reply(2, examples=examples)], global_arrays=_arrays(GLOBAL)
+    )
+    assert result.failed_nodes == [2]
+    assert "num-examples" in result.rejected[0].reason
+
+
+def test_crashed_and_silent_nodes_are_named_and_the_round_goes_on(caplog):
+    sent = [_sent(n) for n in (1, 2, 3, 4)]
+    # node 2's ClientApp raised; node 3 went offline and the SuperLink answered for it (such
+    # replies come from the SuperLink's own node id, 1); node 4 never answered
+    replies = [
+        _reply(1),
+        _error(2, "ValueError: injected"),
+        _error(1, "Node Unavailable", reply_to="ins-3"),
+    ]
+    with caplog.at_level(logging.WARNING, logger="fedrank"):
+        result = screen_replies(5, replies, global_arrays=_arrays(GLOBAL), sent=sent, min_replies=1)
+    assert [m.metadata.src_node_id for m in result.valid] == [1]
+    kinds = {r.node_id: r.kind for r in result.rejected}
+    assert kinds == {2: "error", 3: "error", 4: "missing"}
+    for node in (2, 3, 4):
+        assert f"node {node}" in caplog.text
+    # fewer usable replies than the configured minimum: a clear error naming every failure
+    with pytest.raises(NotEnoughReplies, match=r"only 1 usable train replies, 'min-replies' is 2"):
+        screen_replies(5, replies, global_arrays=_arrays(GLOBAL), sent=sent, min_replies=2)
+
+
+def test_update_norm_bound():
+    far = _reply(9, _changed(**{"net.0.weight": np.full((4, 3), 10.0, np.float32)}))
+    result = screen_replies(1, [_reply(1), far], global_arrays=_arrays(GLOBAL), max_update_norm=5)
+    assert result.failed_nodes == [9] and "exceeds max-update-norm" in result.rejected[0].reason
+
+
+def test_evaluate_replies_are_screened_too():
+    ok = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 4, "ndcg@10": 0.5})}),
+        metadata=_meta(1),
+    )
+    nan = Message(
+        RecordDict({"metrics": MetricRecord({"num-examples": 4, "ndcg@10": float("nan")})}),
+        metadata=_meta(2),
+    )
+    result = screen_replies(1, [ok, nan], stage="evaluate")
+    assert result.failed_nodes == [2] and "'ndcg@10' is not finite" in result.rejected[0].reason
+
+
+def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
+    """The real strategy: bad replies never move the global model; the good ones average."""
+    import torch
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from common.config import FedrankConfig
+    from common.models import StudentModel
+    from common.records import model_to_arrays
+    from server.client_policy import make_policy
+    from server.strategy import build_strategy
+
+    torch.manual_seed(0)
+    student = StudentModel(6, hidden=(4,), feature_indices=[0, 2, 4])
+    global_arrays = model_to_arrays(student)
+    base = {k: v.numpy() for k, v in global_arrays.items()}
+    rng = np.random.default_rng(0)
+
+    def moved() -> dict[str, np.ndarray]:
+        return {
+            k: (v + rng.normal(size=v.shape).astype(v.dtype)) if v.dtype.kind == "f" else v
+            for k, v in base.items()
+        }
+
+    good = [_reply(1, moved(), examples=10), _reply(2, moved(), examples=30)]
+    float_key = next(k for k, v in base.items() if v.dtype.kind == "f")
+    nan = moved()
+    nan[float_key] = np.full_like(nan[float_key], np.nan)
+    wrong = moved()
+    wrong[float_key] = np.zeros((1, *wrong[float_key].shape), np.float32)
+    missing = {k: v for k, v in moved().items() if k != float_key}
+    bad = [_reply(3, nan), _reply(4, wrong), _reply(5, missing), _error(6, "injected crash")]
+
+    cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
+    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    strategy.global_arrays = global_arrays
+    arrays, _ = strategy.aggregate_train(2, good + bad)
+    expected = aggregate_arrayrecords([m.content for m in good], "num-examples")
+    for key in base:
+        np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-6)
+        assert np.all(np.isfinite(arrays[key].numpy()))
+
+
+# ---- Flower's simulation runtime with faulty clients -------------------------------------------
+SIM_CONFIG = {
+    "num-server-rounds": 3,
+    "teacher-epochs": 1,
+    "teacher-d-model": 16,
+    "teacher-heads": 2,
+    "teacher-layers": 1,
+    "local-epochs": 1,
+    "fraction-evaluate": 0.0,
+    "round-timeout": 20.0,
+    "min-replies": 1,
+}
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.mark.slow
+def test_simulation_survives_crashed_slow_and_malicious_clients(tmp_path):
+    """Round 2: partition 1 crashes, 2 sends NaN, 3 a wrong shape; round 3: partition 1 drops a
+    key and partition 2 answers after the round's timeout. Partition 0 is always fine."""
+    out = tmp_path / "run"
+    faults = {(1, 2): "crash", (2, 2): "nan", (3, 2): "shape", (1, 3): "missing", (2, 3): "sleep"}
+    encoded = json.dumps([[list(k), v] for k, v in faults.items()])
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
+        from flwr.simulation import run_simulation
+        from fault_clients import faulty_client_app
+        from server.server_app import make_server_app
+        config = {{**{SIM_CONFIG!r}, "out-dir": {str(out)!r}, "min-available-nodes": 4}}
+        faults = {{tuple(k): v for k, v in json.loads({encoded!r})}}
+        run_simulation(
+            server_app=make_server_app([config]),
+            client_app=faulty_client_app(faults, sleep_seconds=35.0),
+            num_supernodes=4,
+            backend_config={{
+                "client_resources": {{"num_cpus": 1, "num_gpus": 0.0}},
+                "init_args": {{"num_cpus": 4, "num_gpus": 0, "include_dashboard": False}},
+            }},
+        )
+        """
+    )
+    proc = _run_python(code, tmp_path, timeout=400)
+    assert (out / "summary.json").is_file(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert len(rows[1]["clients_train"]) == 4
+    for row in rows[1:]:
+        assert np.isfinite(row["ndcg@10"])
+    round2, round3 = rows[2], rows[3]
+    assert [c["client-key"] for c in round2["clients_train"]] == [0]
+    reasons2 = " | ".join(r["reason"] for r in round2["rejected"])
+    assert len(round2["rejected"]) == 3
+    assert "injected crash" in reasons2 and "non-finite" in reasons2 and "has shape" in reasons2
+    reasons3 = " | ".join(r["reason"] for r in round3["rejected"])
+    assert "miss key" in reasons3 and "no reply" in reasons3
+    assert sorted(c["client-key"] for c in round3["clients_train"]) == [0, 3]
+    assert all(isinstance(r["node"], int) for r in round2["rejected"] + round3["rejected"])
+    log = proc.stdout + proc.stderr
+    assert "rejected" in log and "injected crash" in log
+
+
+def _run_python(code: str, cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (own session); kill its whole tree on timeout."""
+    from deploy_helpers import Processes
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    procs = Processes(cwd, env)
+    p = procs.start("python", [sys.executable, "-c", code])
+    try:
+        p.wait_exit(timeout)
+    finally:
+        procs.stop_all()
+    text = p.log()
+    return subprocess.CompletedProcess(p.args, p.popen.returncode, text, "")
+
+
+@pytest.mark.slow
+def test_server_killed_between_rounds_resumes_without_losing_or_repeating_rounds(tmp_path):
+    from deploy_helpers import Processes, descendants, wait_until
+
+    from server.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    rounds = 6
+
+    def script(resume: bool) -> str:
+        config = {
+            **SIM_CONFIG,
+            "num-server-rounds": rounds,
+            "out-dir": str(out),
+            "teacher-cache-dir": str(tmp_path / "teacher"),
+            "resume": resume,
+        }
+        config.pop("min-replies")
+        return textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO)!r})
+            from simulations.simulate import run_federation
+            run_federation({config!r}, {str(out)!r}, num_clients=2)
+            """
+        )
+
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    procs = Processes(tmp_path, env)
+    try:
+        first = procs.start("first", [sys.executable, "-c", script(False)])
+        wait_until(
+            lambda: (out / "metrics.jsonl").is_file() and len(_rows(out)) >= 3,
+            300,
+            interval=0.2,
+            what="round 2 of the first run",
+        )
+        # the server dies abruptly: SIGKILL, no clean-up of its own
+        tree = descendants(first.pid)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait_exit(30)
+        for pid, _ in tree:  # the simulation's workers, which the dead server cannot stop
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        procs.stop_all()
+    checkpoint = load_checkpoint(out)
+    assert checkpoint is not None
+    done = checkpoint.round
+    assert 1 <= done < rounds, "the first run was not interrupted"
+    before = {r["round"]: r for r in _rows(out) if r["round"] <= done}
+
+    proc = _run_python(script(True), tmp_path, timeout=400)
+    log = proc.stdout
+    assert (out / "summary.json").is_file(), log[-4000:]
+    assert f"resuming from {out} after round {done}" in log
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == list(range(rounds + 1))  # none lost, none repeated
+    for r in rows[: done + 1]:
+        assert r == before[r["round"]]  # completed rounds are kept as they were
+    assert load_checkpoint(out).round == rounds
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["student"]["rounds"] == rounds
+
+
+# ---- bad input ---------------------------------------------------------------------------------
+def test_malformed_letor_on_a_device_names_file_and_line(tmp_path):
+    from client.local_data import clear_cache, load_local_data
+
+    bad = tmp_path / "device.txt"
+    bad.write_text("1 qid:1 1:0.5 2:0.1\n0 qid:1 1:oops 2:0.3\n")
+    clear_cache()
+    with pytest.raises(DataFormatError) as err:
+        load_local_data({"data-path": str(bad)}, {"seed": 0})
+    assert str(bad) in str(err.value) and "line 2" in str(err.value)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_missing_device_data_path_names_the_key(tmp_path):
+    from client.local_data import load_local_data
+
+    with pytest.raises(ConfigError, match="'data-path'.*does not exist"):
+        load_local_data({"data-path": str(tmp_path / "nope.txt")}, {"seed": 0})
+
+
+def test_configuration_typo_names_the_key():
+    from common.config import FedrankConfig
+
+    with pytest.raises(ConfigError, match="unknown configuration key 'num-server-round'"):
+        FedrankConfig.from_run_config({"num-server-round": 3})
+    with pytest.raises(ConfigError, match="'score-mode'"):
+        FedrankConfig.from_run_config({"score-mode": "everything"})
+
+
+def test_teacher_scores_for_unknown_sets_name_the_set():
+    from common.example_sets import ExampleSets
+    from common.score_table import ScoreTable
+
+    sets = ExampleSets(
+        features=np.zeros((3, 2)), labels=np.zeros(3), offsets=[0, 2, 3], set_ids=["a", "b"]
+    )
+    table = ScoreTable.from_scores(sets.take([0]), np.zeros(2, np.float32))
+    with pytest.raises(ScoreTableError, match="'b'"):
+        table.align(sets)
+
+
+def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path):
+    from server.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+
+    save_checkpoint(
+        tmp_path,
+        server_round=2,
+        weights={"w": np.ones(3, np.float32)},
+        strategy={},
+        meta={"config": {}},
+    )
+    path = tmp_path / CHECKPOINT_FILE
+    raw = path.read_bytes()
+    for data in (raw[: len(raw) // 2], raw[:-7], b"", b"garbage" * 50):
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=str(path)):
+            load_checkpoint(tmp_path)
+    # a flipped byte: refused, unless it hit bytes nothing reads (e.g. a zip timestamp)
+    for pos in np.random.default_rng(1).choice(len(raw), size=25, replace=False):
+        flipped = bytearray(raw)
+        flipped[int(pos)] ^= 0xFF
+        path.write_bytes(bytes(flipped))
+        try:
+            loaded = load_checkpoint(tmp_path)
+        except CheckpointError as err:
+            assert str(path) in str(err)
+            continue
+        assert loaded.round == 2 and loaded.weights["w"].tolist() == [1.0, 1.0, 1.0]

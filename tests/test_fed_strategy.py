@@ -1,0 +1,76 @@
+"""Strategy selection, per-node ConfigRecords' policy checks, aggregation details."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
+
+from common.config import FedrankConfig
+from common.errors import ConfigError
+from server.client_policy import POLICIES, ClientConfigPolicy, check_overrides, make_policy
+from server.strategy import (
+    FedrankStrategyMixin,
+    aggregate_metrics,
+    build_strategy,
+    load_strategy_state,
+    strategy_state,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "attr", "value"),
+    [
+        ("fedavg", FedAvg, "fraction_train", 0.5),
+        ("fedprox", FedProx, "proximal_mu", 0.01),
+        ("fedadam", FedAdam, "eta", 0.05),
+        ("fedtrimmedavg", FedTrimmedAvg, "beta", 0.2),
+    ],
+)
+def test_strategies_are_selectable(name: str, cls: type, attr: str, value: float) -> None:
+    cfg = FedrankConfig.from_run_config({"strategy": name, "fraction-train": 0.5})
+    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    assert isinstance(strategy, cls) and isinstance(strategy, FedrankStrategyMixin)
+    assert getattr(strategy, attr) == pytest.approx(value)
+
+
+def test_policy_overrides_are_client_keys_only() -> None:
+    assert check_overrides({"rank-weight": 0.5}, 1) == {"rank-weight": 0.5}
+    with pytest.raises(ConfigError, match="num-server-rounds"):
+        check_overrides({"num-server-rounds": 3}, 1)
+    with pytest.raises(ConfigError, match="client-policy"):
+        make_policy(FedrankConfig.from_run_config({"client-policy": "no-such-policy"}))
+    assert isinstance(POLICIES["uniform"](FedrankConfig()), ClientConfigPolicy)
+
+
+def test_metrics_are_weighted_by_example_count() -> None:
+    records = [
+        RecordDict({"m": MetricRecord({"num-examples": 1, "loss": 1.0, "client-key": 0})}),
+        RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 3.0, "client-key": 1})}),
+    ]
+    out = aggregate_metrics(records, "num-examples")
+    assert out["loss"] == pytest.approx(2.5) and out["num-examples"] == 4
+    assert out["clients"] == 2 and "client-key" not in out
+
+
+def test_integer_buffers_are_kept_not_averaged() -> None:
+    previous = ArrayRecord({"w": Array(np.ones(3, np.float32)), "cols": Array(np.arange(3))})
+    averaged = ArrayRecord(
+        {"w": Array(np.full(3, 2.0)), "cols": Array(np.array([0.0, 0.9999999, 2.0000001]))}
+    )
+    out = FedrankStrategyMixin._keep_integer_buffers(averaged, previous)
+    np.testing.assert_array_equal(out["cols"].numpy(), np.arange(3))
+    assert out["w"].numpy().dtype == np.float32
+
+
+def test_fedadam_state_round_trips() -> None:
+    cfg = FedrankConfig.from_run_config({"strategy": "fedadam"})
+    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    strategy.m_t = {"w": np.full(2, 0.5)}
+    strategy.v_t = {"w": np.full(2, 0.25)}
+    state = strategy_state(strategy)
+    fresh = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    load_strategy_state(fresh, state)
+    np.testing.assert_array_equal(fresh.m_t["w"], [0.5, 0.5])
+    np.testing.assert_array_equal(fresh.v_t["w"], [0.25, 0.25])
