@@ -63,6 +63,14 @@ RANK_LOSSES = (
     "rank_spearman",
 )
 METHODS = ("labels-only", "score", *RANK_LOSSES, "all-four")
+# --adaptive: Exp3 per client over these rank_softmax_ce weights vs each of them fixed
+ADAPTIVE_CANDIDATES = (0.25, 1.0, 4.0)
+ADAPTIVE_METHODS = ("rank_softmax_ce@0.25", "rank_softmax_ce@4", "adaptive")
+ADAPTIVE_SPEC = {
+    "policy": "adaptive",
+    "candidates": [{"rank-weight": w} for w in ADAPTIVE_CANDIDATES],
+    "scale": 0.05,
+}
 METRICS = ("ndcg@10", "map", "log_loss", "kendall_tau")
 
 
@@ -172,6 +180,13 @@ def method_overrides(method: str, rank_weights: dict[str, float]) -> dict[str, A
         return {"score-weight": 1.0}
     if method == "all-four":
         return {"score-weight": 1.0, "rank-loss": "rank_softmax_ce", "rank-weight": 1.0}
+    if method == "adaptive":
+        from simulations.client_weights import policy_config
+
+        return {"rank-loss": "rank_softmax_ce", "rank-weight": 1.0, **policy_config(ADAPTIVE_SPEC)}
+    if "@" in method:
+        loss, weight = method.split("@")
+        return {"rank-loss": loss, "rank-weight": float(weight)}
     return {"rank-loss": method, "rank-weight": rank_weights[method]}
 
 
@@ -275,7 +290,8 @@ def run_federations(
     dirs: dict[tuple[str, str], Path] = {}
     todo: list[Path] = []
     for scenario in scenarios:
-        for method in args.methods:
+        extra = list(ADAPTIVE_METHODS) if args.adaptive and scenario == "label-scarce" else []
+        for method in [*args.methods, *extra]:
             run_dir = out / "runs" / f"{unit_name(data, seed)}-{scenario}-{method}"
             dirs[(scenario, method)] = run_dir
             if summary_complete(run_dir):
@@ -291,6 +307,8 @@ def run_federations(
             FedrankConfig.from_run_config(config)  # fail early on a bad key
             run_dir.mkdir(parents=True, exist_ok=True)
             meta = {"clients": args.clients, "threads": os.cpu_count() or 1, "config": config}
+            if method == "adaptive":
+                meta["client-weights"] = ADAPTIVE_SPEC  # the worker registers the policy
             atomic_write_json(run_dir / "sweep.json", {**meta, "label": f"{scenario} {method}"})
             todo.append(run_dir)
     if todo:
@@ -325,7 +343,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table = []
     keys = sorted({(r["dataset"], r["scenario"]) for r in rows})
     order = ["teacher", "central labels-only", "central rank-distilled"]
-    order += [f"federated {m}" for m in METHODS]
+    order += [f"federated {m}" for m in (*METHODS, *ADAPTIVE_METHODS)]
     for dataset, scenario in keys:
         group = [r for r in rows if r["dataset"] == dataset and r["scenario"] == scenario]
         by_unit: dict[str, dict[str, dict[str, float]]] = {}
@@ -488,6 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hidden", default="16")
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--synthetic", default="synthetic", help="synthetic data spec")
+    parser.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="label-scarce: also Exp3 per-client weights vs each candidate weight fixed",
+    )
     parser.add_argument("--out", default="runs/bench-evidence")
     parser.add_argument(
         "--quick",
@@ -545,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append({**base, "method": "teacher", **prepared["teacher"]})
                 for method, metrics in prepared["central"][scenario].items():
                     rows.append({**base, "method": method, **metrics})
-                for method in args.methods:
+                for method in [m for m in (*METHODS, *ADAPTIVE_METHODS) if (scenario, m) in dirs]:
                     metrics = read_federated(dirs[(scenario, method)])
                     if metrics is None:
                         notes.append(f"{unit} {scenario} {method}: the federation failed")

@@ -78,6 +78,7 @@ class FedrankConfig:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_available_nodes: int = 2
+    min_replies: int = 1
     round_timeout: float = 3600.0
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -292,7 +293,13 @@ class FedrankConfig:
             fail("data_path", "is missing: give 'synthetic' or a LETOR file or fold folder")
         if not self.out_dir.strip():
             fail("out_dir", "must name an output folder")
-        for name in ("num_server_rounds", "min_available_nodes", "batch_size", "teacher_epochs"):
+        for name in (
+            "num_server_rounds",
+            "min_available_nodes",
+            "min_replies",
+            "batch_size",
+            "teacher_epochs",
+        ):
             if getattr(self, name) < 1:
                 fail(name, "must be >= 1")
         for name in ("teacher_d_model", "teacher_heads"):

@@ -103,16 +103,23 @@ def is_fedrank_error(reason: str) -> bool:
     return any(name in reason for name in FEDRANK_ERRORS)
 
 
-def check_replies(replies: Iterable[Message], what: str) -> list[Message]:
-    """The replies as a list; any failed node fails the run, naming the node and the reason
-    (the scores must reach every node that trains with them: a mismatch is never silent)."""
-    replies = list(replies)
+def check_replies(
+    replies: Iterable[Message], what: str, failures: dict[int, str] | None = None
+) -> list[Message]:
+    """The usable replies. A node failing with one of fedrank's errors (bad data, scores or
+    settings) fails the run, naming the node and the reason: a mismatch is never silent.
+    Other failures (a crashed node) go to ``failures`` (node -> reason) when given."""
+    ok = []
     for msg in replies:
-        if msg.has_error():
-            raise FedrankError(
-                f"{what}: node {msg.metadata.src_node_id} failed: {msg.error.reason}"
-            )
-    return replies
+        if not msg.has_error():
+            ok.append(msg)
+            continue
+        text = f"{what}: node {msg.metadata.src_node_id} failed: {msg.error.reason}"
+        if failures is None or is_fedrank_error(msg.error.reason):
+            raise FedrankError(text)
+        log.warning(text)
+        failures[int(msg.metadata.src_node_id)] = msg.error.reason
+    return ok
 
 
 class ScoreDistributor:
@@ -157,7 +164,7 @@ class ScoreDistributor:
     def _config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({**self.client_settings, "score-mode": self.mode, **extra})
 
-    def hello(self, grid: Grid, node_ids: Iterable[int]) -> None:
+    def hello(self, grid: Grid, node_ids: Iterable[int], failures: dict[int, str]) -> None:
         """Ask nodes the server has not heard from which sets and version they hold."""
         todo = [n for n in node_ids if n not in self.nodes or self.nodes[n].client_key is None]
         if not todo:
@@ -168,7 +175,12 @@ class ScoreDistributor:
             )
             for n in todo
         ]
-        for reply in check_replies(exchange(grid, messages, self.timeout), "hello"):
+        replies = exchange(grid, messages, self.timeout)
+        answered = {int(r.metadata.src_node_id) for r in replies}
+        for n in todo:
+            if n not in answered:
+                failures[n] = "no reply to query.hello before the round's timeout"
+        for reply in check_replies(replies, "hello", failures):
             status = reply.content["status"]
             info = self.node(reply.metadata.src_node_id)
             info.version = str(status["held-version"])
@@ -194,17 +206,26 @@ class ScoreDistributor:
             )
         return score_table_to_record(self.payload_table.subset(info.set_ids))
 
-    def ensure(self, grid: Grid, server_round: int, node_ids: Iterable[int]) -> dict[int, int]:
-        """Make every node in ``node_ids`` hold the current version; returns bytes sent per
-        node this round (0 for nodes that already held it)."""
+    def ensure(
+        self, grid: Grid, server_round: int, node_ids: Iterable[int]
+    ) -> tuple[dict[int, int], dict[int, str]]:
+        """Make every node in ``node_ids`` hold the current version.
+
+        Returns the bytes sent per node this round (0 for nodes that already held it) and the
+        nodes that could not be served (node -> reason: crashed, no reply in time); those do
+        not train this round. A node failing with a fedrank error stops the run.
+        """
         start = time.perf_counter()
         node_ids = list(node_ids)
         sent: dict[int, int] = {n: 0 for n in node_ids}
+        failures: dict[int, str] = {}
         if self.payload_table is None:
-            return sent
-        self.hello(grid, node_ids)
+            return sent, failures
+        self.hello(grid, node_ids, failures)
         messages, sizes = [], {}
         for n in node_ids:
+            if n in failures:
+                continue
             info = self.node(n)
             if info.version == self.version:
                 continue
@@ -213,7 +234,9 @@ class ScoreDistributor:
             content = RecordDict({"scores": record, "config": self._config(version=self.version)})
             messages.append(Message(content, dst_node_id=n, message_type="query.scores"))
         if messages:
-            replies = check_replies(exchange(grid, messages, self.timeout), "teacher scores")
+            replies = check_replies(
+                exchange(grid, messages, self.timeout), "teacher scores", failures
+            )
             for reply in replies:
                 ack = reply.content["ack"]
                 n = reply.metadata.src_node_id
@@ -243,10 +266,9 @@ class ScoreDistributor:
                     delivery.nbytes,
                     n,
                 )
-            missing = set(sizes) - {r.metadata.src_node_id for r in replies}
-            if missing:
-                raise ScoreTableError(
-                    f"nodes {sorted(missing)} did not acknowledge the teacher scores in time"
-                )
+            answered = {int(r.metadata.src_node_id) for r in replies}
+            for n in sizes:
+                if n not in answered and n not in failures:
+                    failures[n] = "no reply to query.scores before the round's timeout"
         self.seconds += time.perf_counter() - start
-        return sent
+        return sent, failures

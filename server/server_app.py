@@ -213,7 +213,17 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         nodes = [m.metadata.dst_node_id for m in messages]
         # teacher scores for the nodes whose settings (run config + policy) use them
         need = [m.metadata.dst_node_id for m in messages if _needs_teacher(m.content["config"])]
-        score_bytes = distributor.ensure(grid, rnd, need) if need else {}
+        score_bytes, unserved = distributor.ensure(grid, rnd, need) if need else ({}, {})
+        if unserved:  # nodes that could not get the scores do not train this round
+            messages = [m for m in messages if m.metadata.dst_node_id not in unserved]
+            strategy.last_messages = messages
+            if len(messages) < cfg.min_replies:
+                reasons = "; ".join(f"node {n}: {r}" for n, r in unserved.items())
+                raise FedrankError(
+                    f"round {rnd}: only {len(messages)} node(s) could get the teacher scores, "
+                    f"'min-replies' is {cfg.min_replies} ({reasons})"
+                )
+
         t_train = time.perf_counter()
         replies = exchange(grid, messages, cfg.round_timeout)
         new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
@@ -256,8 +266,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
                 for r in strategy.last_train
             ],
         }
+        row["rejected"] = [
+            {"node": n, "reason": reason, "kind": "scores"} for n, reason in unserved.items()
+        ] + list(strategy.last_rejected)
         if eval_metrics is not None:
             row["client_eval"] = {k: float(v) for k, v in eval_metrics.items()}
+        if cfg.fraction_evaluate > 0 and strategy.last_evaluate_rejected:
+            row["rejected_evaluate"] = strategy.last_evaluate_rejected
         history.append(row)
         out.append_round(row)
         save_checkpoint(

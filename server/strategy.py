@@ -33,6 +33,7 @@ from common.errors import CheckpointError, FedrankError
 from common.records import record_nbytes
 from server.client_policy import ClientConfigPolicy, check_overrides
 from server.score_distribution import is_fedrank_error
+from server.update_validation import screen_replies
 
 __all__ = [
     "FedrankStrategyMixin",
@@ -80,15 +81,21 @@ class FedrankStrategyMixin:
     policy: ClientConfigPolicy
     node_info: Any  # callable node_id -> dict (what the server knows about the node)
 
-    def setup_fedrank(self, policy: ClientConfigPolicy, seed: int, node_info: Any) -> None:
+    def setup_fedrank(
+        self, policy: ClientConfigPolicy, seed: int, node_info: Any, min_replies: int = 1
+    ) -> None:
         self.policy = policy
         self.seed = seed
         self.node_info = node_info
+        self.min_replies = min_replies
+        self.last_messages: list[Message] = []
+        self.last_evaluate_messages: list[Message] = []
+        self.last_rejected: list[dict[str, Any]] = []
+        self.last_evaluate_rejected: list[dict[str, Any]] = []
         self.global_arrays: ArrayRecord | None = None
         self.last_train: list[dict[str, Any]] = []
         self.last_sent: dict[int, int] = {}
         self.last_received: int = 0
-        self.last_failures: list[dict[str, Any]] = []
 
     # ---- training --------------------------------------------------------------------------
     def configure_train(
@@ -111,25 +118,31 @@ class FedrankStrategyMixin:
             )
             out.append(Message(content, dst_node_id=node, message_type=msg.metadata.message_type))
             self.last_sent[node] = weight_bytes + record_nbytes(node_config)
+        self.last_messages = out  # once sent, they carry the ids replies refer to
         return out
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        self.last_failures = []
         for msg in replies:
-            if not msg.has_error():
-                continue
-            reason = msg.error.reason
-            text = (
-                f"round {server_round}: node {msg.metadata.src_node_id} failed to train: {reason}"
-            )
-            if is_fedrank_error(reason):  # bad data, scores or settings: never silent
-                raise FedrankError(text)
-            log.warning("%s (aggregating the other replies)", text)
-            self.last_failures.append({"node": msg.metadata.src_node_id, "reason": reason})
-        replies = [m for m in replies if not m.has_error()]
+            if msg.has_error() and is_fedrank_error(msg.error.reason):
+                # bad data, scores or settings on a node: never silent, never skipped
+                raise FedrankError(
+                    f"round {server_round}: node {msg.metadata.src_node_id} failed to train: "
+                    f"{msg.error.reason}"
+                )
+        screened = screen_replies(
+            server_round,
+            replies,
+            global_arrays=self.global_arrays if self.global_arrays is not None else ArrayRecord(),
+            sent=self.last_messages,
+            min_replies=self.min_replies,
+            stage="train",
+            logger=log,
+        )
+        self.last_rejected = [r.to_dict() for r in screened.rejected]
+        replies = list(screened.valid)
         replies.sort(key=_fingerprint)
         self.last_train = []
         self.last_received = 0
@@ -165,22 +178,32 @@ class FedrankStrategyMixin:
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         random.seed(f"fedrank-evaluate-{self.seed}-{server_round}")
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        self.last_evaluate_messages = messages
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         replies = list(replies)
         for msg in replies:
-            if msg.has_error():
-                text = (
+            if msg.has_error() and is_fedrank_error(msg.error.reason):
+                raise FedrankError(
                     f"round {server_round}: node {msg.metadata.src_node_id} failed to "
                     f"evaluate: {msg.error.reason}"
                 )
-                if is_fedrank_error(msg.error.reason):
-                    raise FedrankError(text)
-                log.warning(text)
-        return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()])  # type: ignore[misc]
+        screened = screen_replies(
+            server_round,
+            replies,
+            sent=self.last_evaluate_messages,
+            min_replies=0,  # federated evaluation is informative; it never stops the run
+            stage="evaluate",
+            logger=log,
+        )
+        self.last_evaluate_rejected = [r.to_dict() for r in screened.rejected]
+        if not screened.valid:
+            return None
+        return super().aggregate_evaluate(server_round, list(screened.valid))  # type: ignore[misc]
 
 
 class FedrankFedAvg(FedrankStrategyMixin, FedAvg):
@@ -231,7 +254,7 @@ def build_strategy(
         strategy = FedrankFedTrimmedAvg(**common, beta=config.trim_beta)
     else:  # FedrankConfig validates the name; this guards programmatic misuse
         raise FedrankError(f"'strategy' {name!r} is unknown")
-    strategy.setup_fedrank(policy, config.seed, node_info)
+    strategy.setup_fedrank(policy, config.seed, node_info, min_replies=config.min_replies)
     return strategy
 
 

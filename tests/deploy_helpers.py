@@ -477,7 +477,9 @@ def deployment(workdir: Path, certs: Path | None, auth: bool = True) -> Iterator
         yield dep
     finally:
         homes = [flwr_home] + [workdir / f"home-{n}" for n in dep.supernodes]
-        procs.stop_all()
-        for home in homes:
-            for pid in processes_with_env("FLWR_HOME", str(home)):
-                _signal(pid, signal.SIGKILL)
+        try:
+            procs.stop_all()
+        finally:
+            for home in homes:
+                for pid in processes_with_env("FLWR_HOME", str(home)):
+                    _signal(pid, signal.SIGKILL)

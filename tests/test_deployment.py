@@ -218,12 +218,12 @@ def test_flwr_stop_ends_a_run(fleet: Fleet):
     dep = fleet.dep
     out = fleet.work / "runs" / "stopped"
     run_id = dep.run(REPO, fleet.config("stopped", **{"num-server-rounds": 50}))
-    # wait for the first round to be logged (the teacher comes from the cache)
+    # wait until the ServerApp runs (it logs round 0; the teacher comes from the cache)
     wait_until(
-        lambda: (out / "metrics.jsonl").is_file() and len(_rows(out)) >= 2,
+        lambda: (out / "metrics.jsonl").is_file() and len(_rows(out)) >= 1,
         RUN_TIMEOUT,
         interval=0.5,
-        what="round 1 of the run to stop",
+        what="the run to stop to start",
     )
     result = dep.stop_run(run_id)
     assert result["success"] is True

@@ -214,7 +214,7 @@ SIM_CONFIG = {
     "teacher-layers": 1,
     "local-epochs": 1,
     "fraction-evaluate": 0.0,
-    "round-timeout": 20.0,
+    "round-timeout": 45.0,
     "min-replies": 1,
 }
 
@@ -241,7 +241,7 @@ def test_simulation_survives_crashed_slow_and_malicious_clients(tmp_path):
         faults = {{tuple(k): v for k, v in json.loads({encoded!r})}}
         run_simulation(
             server_app=make_server_app([config]),
-            client_app=faulty_client_app(faults, sleep_seconds=35.0),
+            client_app=faulty_client_app(faults, sleep_seconds=60.0),
             num_supernodes=4,
             backend_config={{
                 "client_resources": {{"num_cpus": 1, "num_gpus": 0.0}},
@@ -418,3 +418,153 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path):
             assert str(path) in str(err)
             continue
         assert loaded.round == 2 and loaded.weights["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+# ---- optional differential privacy -------------------------------------------------------------
+def test_privacy_budget_grows_with_rounds_and_shrinks_with_noise():
+    from server.privacy import epsilon
+
+    assert 4.0 < epsilon(1.0, 1, 1e-5) < 5.0  # one Gaussian release, sigma 1
+    assert epsilon(1.0, 10, 1e-5) > epsilon(1.0, 5, 1e-5) > epsilon(1.0, 1, 1e-5)
+    assert epsilon(2.0, 10, 1e-5) < epsilon(1.0, 10, 1e-5)
+    assert epsilon(0.0, 3, 1e-5) == float("inf") and epsilon(1.0, 0, 1e-5) == 0.0
+
+
+def test_dp_settings_name_bad_keys():
+    from server.privacy import DPSettings
+
+    assert not DPSettings.from_config({}).enabled
+    s = DPSettings.from_config({"dp-noise-multiplier": 1.1, "dp-clipping-norm": 0.5})
+    assert s.enabled and s.clipping_norm == 0.5 and s.delta == 1e-5
+    with pytest.raises(ConfigError, match="'dp-clipping-norm' must be > 0"):
+        DPSettings.from_config({"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0})
+    with pytest.raises(ConfigError, match="'dp-delta'"):
+        DPSettings.from_config({"dp-delta": 2.0})
+
+
+def test_dp_wrapper_clips_adds_noise_keeps_columns_and_reports_budget():
+    import torch
+
+    from common.config import FedrankConfig
+    from common.models import StudentModel
+    from common.records import model_to_arrays
+    from server.client_policy import make_policy
+    from server.privacy import DPSettings, epsilon, wrap_strategy
+    from server.strategy import build_strategy
+
+    torch.manual_seed(0)
+    global_arrays = model_to_arrays(StudentModel(6, hidden=(4,), feature_indices=[0, 2, 4]))
+    base = {k: v.numpy() for k, v in global_arrays.items()}
+    floats = [k for k, v in base.items() if v.dtype.kind == "f"]
+
+    def far(node: int, examples: int) -> Message:  # an update of norm 100 (before clipping)
+        weights = dict(base)
+        total = sum(base[k].size for k in floats)
+        for k in floats:
+            weights[k] = base[k] + np.float32(100.0 / np.sqrt(total))
+        return _reply(node, weights, examples=examples)
+
+    cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
+    inner = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    inner.global_arrays = global_arrays
+    # almost no noise: the aggregate is the clipped update, whatever the example counts
+    dp = wrap_strategy(inner, DPSettings(noise_multiplier=1e-9, clipping_norm=2.0), 2)
+    dp.current_arrays = global_arrays
+    arrays, _ = dp.aggregate_train(1, [far(1, 10), far(2, 1000)])
+    update = np.sqrt(sum(np.sum((arrays[k].numpy() - base[k]) ** 2) for k in floats))
+    assert update == pytest.approx(2.0, rel=1e-4)
+    np.testing.assert_array_equal(arrays["feature_indices"].numpy(), base["feature_indices"])
+    assert arrays["feature_indices"].numpy().dtype == np.int64
+    assert dp.budget["delta"] == 1e-5 and dp.budget["epsilon"] > 1e6  # no real noise
+    assert dp.last_train  # the wrapped strategy's bookkeeping is still reachable
+
+    # real noise: std sigma * clip / n on every float weight, budget per round
+    inner.global_arrays = global_arrays
+    dp = wrap_strategy(inner, DPSettings(noise_multiplier=1.0, clipping_norm=2.0), 2)
+    dp.current_arrays = global_arrays
+    same = [_reply(1, base), _reply(2, base)]
+    for rnd in (1, 2, 3):
+        arrays, _ = dp.aggregate_train(rnd, same)
+        noise = np.concatenate([(arrays[k].numpy() - base[k]).ravel() for k in floats])
+        assert 0.3 < float(np.std(noise)) < 2.0  # expected 1.0 * 2.0 / 2
+        assert dp.budget["epsilon"] == pytest.approx(epsilon(1.0, rnd, 1e-5))
+
+
+def _letor_file(path: Path, num_features: int, sets: int = 12, items: int = 5) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for q in range(sets):
+        for i in range(items):
+            feats = " ".join(f"{j + 1}:{rng.random():.3f}" for j in range(num_features))
+            lines.append(f"{int(rng.random() > 0.6)} qid:{q} {feats} #docid = d{q}-{i}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def _call_train(node_config: dict, num_features: int = 46, **settings) -> Message:
+    """The ClientApp's train handler, called as Flower calls it (label losses only)."""
+    from flwr.app import ConfigRecord, Context
+
+    import client.client_app as client_app
+    from client.local_data import clear_cache
+    from common.config import FedrankConfig
+    from common.models import StudentModel
+    from common.records import model_to_arrays
+
+    student = StudentModel(num_features, hidden=(4,))
+    cfg = FedrankConfig.from_run_config({"rank-weight": 0, "score-weight": 0, **settings})
+    config = ConfigRecord(
+        {
+            **cfg.client_dict(),
+            "model-spec": json.dumps(student.spec),
+            "teacher-version": "",
+            "server-round": 1,
+        }
+    )
+    msg = Message(
+        RecordDict({"arrays": model_to_arrays(student), "config": config}),
+        metadata=Metadata(
+            run_id=1,
+            message_id="m1",
+            src_node_id=0,
+            dst_node_id=5,
+            reply_to_message_id="",
+            group_id="1",
+            created_at=time.time(),
+            ttl=60,
+            message_type="train",
+        ),
+    )
+    context = Context(
+        run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={}
+    )
+    clear_cache()
+    return client_app.train(msg, context)
+
+
+def test_device_data_with_another_feature_count_names_the_file(tmp_path):
+    data = _letor_file(tmp_path / "device.txt", num_features=40)
+    with pytest.raises(DataFormatError) as err:
+        _call_train({"data-path": str(data)}, num_features=46)
+    text = str(err.value)
+    assert str(data) in text and "40" in text and "46" in text
+
+
+def test_client_honours_and_reports_device_settings(tmp_path):
+    import torch
+
+    data = _letor_file(tmp_path / "device.txt", num_features=46, sets=40)
+    threads = torch.get_num_threads()
+    try:
+        reply = _call_train(
+            {"data-path": str(data), "threads": 1, "max-steps": 2, "batch-size": 3},
+            **{"local-epochs": 5, "batch-size": 16},
+        )
+        metrics = reply.content["metrics"]
+        assert metrics["steps"] <= 2
+        assert metrics["device-threads"] == 1
+        assert metrics["device-batch-size"] == 3 and metrics["device-max-steps"] == 2
+        with pytest.raises(ConfigError, match="'max-step'"):
+            _call_train({"data-path": str(data), "max-step": 2})
+    finally:
+        torch.set_num_threads(threads)

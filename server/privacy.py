@@ -1,0 +1,190 @@
+"""Optional client-level differential privacy: Flower's DP strategy wrapper and its budget.
+
+Configuration keys (all optional; DP is off while ``dp-noise-multiplier`` is 0):
+
+==========================  ================================================================
+``dp-noise-multiplier``     sigma of the Gaussian mechanism (noise std = sigma * clip / n)
+``dp-clipping-norm``        L2 bound of each client's update ``w_client - w_global``
+``dp-delta``                the delta of the reported (epsilon, delta) budget (default 1e-5)
+==========================  ================================================================
+
+:func:`wrap_strategy` puts a strategy inside Flower's
+``DifferentialPrivacyServerSideFixedClipping`` (server-side clipping of every client update,
+Gaussian noise on the aggregate), with three fedrank specifics:
+
+- each usable update is clipped here (Flower's own clipping divides by the update's norm and
+  fails on a client that did not move; it also touches integer arrays), then averaged with
+  equal weights (each client is one "record" of the
+  mechanism; weighting by example counts would let a large client exceed the sensitivity the
+  noise is calibrated for);
+- integer buffers (the student's feature columns) are kept out of clipping and noise;
+- after each round :attr:`FedrankDPFixedClipping.budget` holds the cumulative epsilon at
+  ``dp-delta`` (:func:`epsilon`), for the round's log line and ``metrics.jsonl``.
+
+The budget is computed with Renyi DP of the Gaussian mechanism composed over rounds, without
+credit for client sampling (a valid upper bound whatever fraction of clients train). Attribute
+reads the wrapper does not know (``last_train``, ``policy``...) go to the wrapped strategy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
+
+from common.errors import ConfigError
+
+__all__ = ["DPSettings", "FedrankDPFixedClipping", "epsilon", "wrap_strategy", "DP_KEYS"]
+
+DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm", "dp-delta")
+# Renyi orders searched when converting to (epsilon, delta)
+ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128.0, 256.0])
+
+
+def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """Epsilon of ``rounds`` compositions of the Gaussian mechanism with ``noise_multiplier``
+    (sensitivity 1, noise std ``noise_multiplier``) at ``delta``; ``inf`` without noise.
+
+    RDP of one release at order a is ``a / (2 sigma^2)``; the conversion is the one of Balle
+    et al. (2020), ``eps = rdp + log((a-1)/a) - (log(delta) + log(a)) / (a-1)``.
+    """
+    if rounds <= 0:
+        return 0.0
+    if noise_multiplier <= 0:
+        return math.inf
+    if not 0 < delta < 1:
+        raise ConfigError(f"'dp-delta' must lie in (0, 1), got {delta}")
+    best = math.inf
+    for a in ORDERS:
+        rdp = rounds * a / (2.0 * noise_multiplier**2)
+        eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
+        best = min(best, eps)
+    return max(best, 0.0)
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """The DP keys of a run configuration."""
+
+    noise_multiplier: float = 0.0
+    clipping_norm: float = 1.0
+    delta: float = 1e-5
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DPSettings:
+        values: dict[str, float] = {}
+        for key, name in zip(DP_KEYS, ("noise_multiplier", "clipping_norm", "delta"), strict=True):
+            if key not in config:
+                continue
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{key!r} must be a number, got {value!r}")
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{key!r} must be finite, got {value!r}")
+            values[name] = float(value)
+        settings = cls(**values)
+        if settings.noise_multiplier < 0:
+            raise ConfigError(
+                f"'dp-noise-multiplier' must be >= 0, got {settings.noise_multiplier}"
+            )
+        if settings.clipping_norm <= 0:
+            raise ConfigError(f"'dp-clipping-norm' must be > 0, got {settings.clipping_norm}")
+        if not 0 < settings.delta < 1:
+            raise ConfigError(f"'dp-delta' must lie in (0, 1), got {settings.delta}")
+        return settings
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+
+class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP wrapper with equal client weights, integer
+    buffers kept, and the cumulative budget after every round (see the module docstring)."""
+
+    def __init__(self, strategy: Any, settings: DPSettings, num_sampled_clients: int) -> None:
+        super().__init__(
+            strategy,
+            noise_multiplier=settings.noise_multiplier,
+            clipping_norm=settings.clipping_norm,
+            num_sampled_clients=num_sampled_clients,
+        )
+        self.settings = settings
+        self.rounds_released = 0
+        self.budget: dict[str, float] = {"epsilon": 0.0, "delta": settings.delta}
+
+    def __getattr__(self, name: str) -> Any:
+        # only called for attributes the wrapper lacks: the wrapped strategy's bookkeeping
+        inner = self.__dict__.get("strategy")
+        if inner is None:
+            raise AttributeError(name)
+        return getattr(inner, name)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Clip each usable update to ``dp-clipping-norm``, aggregate with equal weights
+        through the wrapped strategy (which also screens the replies), add Gaussian noise of
+        std ``sigma * clip / n`` to the float weights, and update the budget."""
+        full = self.current_arrays
+        floats = [k for k in full if full[k].numpy().dtype.kind == "f"]
+        base = {k: full[k].numpy().astype(np.float64) for k in floats}
+        key = self.strategy.weighted_by_key
+        prepared = [self._clip(m, key, base) for m in replies]
+        arrays, metrics = self.strategy.aggregate_train(server_round, prepared)
+        if arrays is None:
+            return None, metrics
+        used = len(getattr(self.strategy, "last_train", ())) or self.num_sampled_clients
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, used)
+        noisy = [np.array(arrays[k].numpy(), dtype=np.float64) for k in floats]
+        add_gaussian_noise_inplace(noisy, std)
+        out = ArrayRecord()
+        for k in full:
+            if k in base:
+                out[k] = Array(np.asarray(noisy[floats.index(k)], dtype=full[k].numpy().dtype))
+            else:  # integer buffers: never clipped, averaged or noised
+                out[k] = Array(np.array(full[k].numpy()))
+        self.rounds_released += 1
+        eps = epsilon(self.settings.noise_multiplier, self.rounds_released, self.settings.delta)
+        self.budget = {"epsilon": eps, "delta": self.settings.delta, "noise_std": std}
+        return out, metrics
+
+    def _clip(self, msg: Message, weight_key: str, base: dict[str, np.ndarray]) -> Message:
+        """The reply with weight 1 and its update clipped; replies that cannot be clipped
+        (errors, missing keys, wrong shapes, NaN) pass unchanged for the screening to reject."""
+        if msg.has_error():
+            return msg
+        records: dict[str, Any] = {}
+        for name, record in msg.content.items():
+            if isinstance(record, MetricRecord) and weight_key in record:
+                record = MetricRecord({**dict(record), weight_key: 1})
+            elif isinstance(record, ArrayRecord) and all(k in record for k in base):
+                diffs = {k: record[k].numpy().astype(np.float64) - base[k] for k in base}
+                if all(d.shape == base[k].shape for k, d in diffs.items()):
+                    norm = math.sqrt(sum(float(np.sum(d * d)) for d in diffs.values()))
+                    if math.isfinite(norm):
+                        scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
+                        clipped = ArrayRecord()
+                        for k in record:
+                            value = record[k].numpy()
+                            if k in base:
+                                value = np.asarray(base[k] + diffs[k] * scale, dtype=value.dtype)
+                            clipped[k] = Array(np.array(value))
+                        record = clipped
+            records[name] = record
+        return Message(RecordDict(records), metadata=msg.metadata)
+
+
+def wrap_strategy(strategy: Any, settings: DPSettings, num_sampled_clients: int) -> Any:
+    """``strategy`` inside :class:`FedrankDPFixedClipping` when DP is on, else unchanged."""
+    if not settings.enabled:
+        return strategy
+    if num_sampled_clients < 1:
+        raise ConfigError(f"DP needs at least one sampled client, got {num_sampled_clients}")
+    return FedrankDPFixedClipping(strategy, settings, num_sampled_clients)
