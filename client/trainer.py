@@ -146,15 +146,22 @@ def evaluate_student(
 ) -> dict[str, float]:
     """Ranking metrics of ``model`` on ``sets`` (``ranking_summary`` keys), plus the loss
     terms (``loss-<family>``) when ``loss`` is given and ``num-examples``."""
-    from common.metrics import ranking_summary
+    from common.metrics import ndcg, ranking_summary
     from common.models import score_sets
 
     scores = score_sets(model, sets)
     extra = {"s": scores} if teacher is None else {"s": scores, "t": teacher}
+    if sets.relevance is not None:
+        extra["r"] = sets.relevance
     batch = sets.pad(extra=extra)
     t = batch.extra.get("t")
     summary = ranking_summary(batch.extra["s"], batch.labels, batch.mask, teacher=t)
     out = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+    if "r" in batch.extra:
+        # synthetic data keeps the true relevance behind the clicks: rank quality against it
+        # is what a user cares about (clicks are a noisy, position-biased view of it)
+        true = ndcg(batch.extra["s"], batch.extra["r"], batch.mask, k=10)
+        out["true-ndcg@10"] = float(torch.nanmean(true))
     if loss is not None and (teacher is not None or not loss.needs_teacher):
         with torch.no_grad():
             _, values = loss(batch.extra["s"], batch.labels, t, batch.mask)

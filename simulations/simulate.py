@@ -129,12 +129,19 @@ TABLE_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "map", "log_loss", "kendall_tau"
 
 
 def format_table(rows: Sequence[tuple[str, Mapping[str, float], int, str]]) -> str:
-    """A plain-text table: model, metrics, parameters, note."""
-    head = ["model", *TABLE_METRICS, "params", ""]
+    """A plain-text table: model, metrics, parameters, note.
+
+    ``true-ndcg@10`` (NDCG@10 against the true relevance behind the labels) is shown when the
+    data has it (synthetic data).
+    """
+    metrics_shown = list(TABLE_METRICS)
+    if any("true-ndcg@10" in metrics for _, metrics, _, _ in rows):
+        metrics_shown.append("true-ndcg@10")
+    head = ["model", *metrics_shown, "params", ""]
     lines = [head]
     for name, metrics, params, note in rows:
         cells = [name]
-        for k in TABLE_METRICS:
+        for k in metrics_shown:
             v = metrics.get(k)
             cells.append("-" if v is None else f"{v:.4f}")
         cells += [f"{params:,}", note]

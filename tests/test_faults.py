@@ -114,6 +114,28 @@ def test_bad_update_is_rejected_with_reason(name, caplog):
     assert "round 3" in caplog.text and "node 22" in caplog.text and reason in caplog.text
 
 
+def test_pickled_array_on_the_wire_is_never_unpickled(capsys):
+    """A reply whose array bytes are a pickled object array: rejected, nothing executed."""
+    import io
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("PWNED",))
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([Evil()], dtype=object), allow_pickle=True)
+    weights = _arrays(GLOBAL)
+    weights["net.0.bias"] = Array(
+        dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue()
+    )
+    content = RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 3})})
+    evil = Message(content, metadata=_meta(66))
+    result = screen_replies(1, [_reply(1), evil], global_arrays=_arrays(GLOBAL))
+    assert result.failed_nodes == [66]
+    assert "cannot be decoded" in result.rejected[0].reason
+    assert "PWNED" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("examples", [0, -3, float("nan"), float("inf")])
 def test_bad_example_count_is_rejected(examples):
     result = screen_replies(
