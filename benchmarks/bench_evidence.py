@@ -19,9 +19,10 @@ Scenarios: ``label-scarce`` (``--label-fraction`` of each client's sets carry la
 teacher scores) and ``privileged`` (the student sees only the device's features; needs data
 with privileged columns, i.e. the synthetic data, or a ``device-features`` configuration key).
 
-Weights of the rank losses: each rank loss's weight is set so that its gradient norm with
-respect to the student scores, at the untrained student on the training sets, equals that of
-``rank_softmax_ce`` with weight 1 (printed per unit); the label terms keep the run's weights.
+Weights of the teacher losses: the weight of each rank loss and of ``score_sigmoid_ce`` is
+set so that its gradient norm with respect to the student scores, at the untrained student on
+the training sets, equals that of ``rank_softmax_ce`` with weight 1 (printed per unit); the
+label terms keep the run's weights.
 
 Runs are resumable: every federation writes ``OUT/runs/<unit>-<scenario>-<method>`` and is
 skipped when its ``summary.json`` exists; central results are kept in ``OUT/central``.
@@ -176,10 +177,11 @@ def base_config(args: argparse.Namespace, data: str, scenario: str) -> dict[str,
 def method_overrides(method: str, rank_weights: dict[str, float]) -> dict[str, Any]:
     if method == "labels-only":
         return {}
+    score = rank_weights.get("score_sigmoid_ce", 1.0)
     if method == "score":
-        return {"score-weight": 1.0}
+        return {"score-weight": score}
     if method == "all-four":
-        return {"score-weight": 1.0, "rank-loss": "rank_softmax_ce", "rank-weight": 1.0}
+        return {"score-weight": score, "rank-loss": "rank_softmax_ce", "rank-weight": 1.0}
     if method == "adaptive":
         from simulations.client_weights import policy_config
 
@@ -224,7 +226,7 @@ def prepare_unit(
     probe = StudentModel(dataset.num_features, hidden=cfg.hidden_sizes(), feature_indices=columns)
     batch = train.pad(np.arange(min(train.num_sets, 256)), extra={"teacher": t_train})
     norms = {}
-    for name in RANK_LOSSES:
+    for name in (*RANK_LOSSES, "score_sigmoid_ce"):
         scores = probe(batch.features, batch.mask).detach().requires_grad_(True)
         value = reduce_sets(LOSSES[name](scores, batch.extra["teacher"], batch.mask), batch.mask)
         (grad,) = torch.autograd.grad(value, scores)

@@ -798,13 +798,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     n = args.random or args.optuna or 0
     out = Path(args.out or f"runs/sweep-{scenario.name}")
     if args.dry_run:
-        if mode_name == "optuna":
-            print(f"optuna: {n} trials over {SearchSpace.default().names}")
-            return 0
         sc = scenario.replace(clients=args.clients) if args.clients else scenario
         space = (
             SearchSpace.parse(sc.sweep["space"]) if "space" in sc.sweep else SearchSpace.default()
         )
+        if mode_name == "optuna":
+            print(f"optuna: {n} trials over {', '.join(space.names)}")
+            return 0
         points = space.grid() if args.grid else space.sample(n, seed=args.sweep_seed)
         runs, skipped = plan_runs(sc, points, out, seeds=seeds, overrides=overrides)
         for run in runs:
