@@ -810,7 +810,6 @@ class CompositeLoss:
         step: int = 0,
         label_mask: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        total: Tensor | None = None
         values: dict[str, float] = {}
         label_item_mask = mask
         present = mask.any(-1)
@@ -823,6 +822,20 @@ class CompositeLoss:
                 )
             label_item_mask = mask & label_mask[:, None]
             label_present = present & label_mask
+        # Every loss gives exactly 0 for a set without valid items (and label terms see no item
+        # of a set outside ``label_mask``), so the reduction is a plain sum over sets divided by
+        # the number of present sets. The weighted per-set values are summed first and reduced
+        # once: one small backward graph instead of a reduction per term.
+        denominators: dict[int, float] = {}
+
+        def denominator(present_sets: Tensor) -> float:
+            if self.reduction == "sum":
+                return 1.0
+            if id(present_sets) not in denominators:
+                denominators[id(present_sets)] = float(max(int(present_sets.sum()), 1))
+            return denominators[id(present_sets)]
+
+        weighted: Tensor | None = None
         for key, term in zip(self.keys, self.terms, strict=True):
             w = term.schedule.value(step)
             if term.uses_teacher and teacher is None:
@@ -847,12 +860,13 @@ class CompositeLoss:
                 options["teacher"] = teacher
             with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0):
                 per_set = LOSSES[term.loss](scores, target, term_mask, **options)
-                value = _reduce(per_set, term_present, self.reduction)
-            values[key] = float(value.detach())
+            scale = 1.0 / denominator(term_present)
+            values[key] = float(per_set.detach().sum()) * scale
             if w != 0:
-                total = w * value if total is None else total + w * value
-        if total is None:  # every weight is 0: a zero that still back-propagates
-            total = _clean(scores, mask).sum() * 0.0
+                contribution = per_set * (w * scale)
+                weighted = contribution if weighted is None else weighted + contribution
+        # every weight 0: a zero that still back-propagates
+        total = weighted.sum() if weighted is not None else _clean(scores, mask).sum() * 0.0
         values["total"] = float(total.detach())
         return total, values
 

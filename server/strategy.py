@@ -11,6 +11,10 @@ state.
 - integer buffers of the model (the student's feature columns) are kept, never averaged;
 - client metrics are averaged weighted by ``num-examples``; per-node metrics, bytes and
   failures of the last round are kept for the server's logs;
+- a node whose training fails because it lacks the current teacher scores (a restarted
+  SuperNode keeps its node id but loses its cached state), or that crashed or did not reply,
+  is rejected for the round and reported to ``forget_node``: the server asks it again, next
+  time it is sampled, which scores it holds;
 - :func:`strategy_state` / :func:`load_strategy_state` give the server optimiser's state
   (FedAdam's moments) as arrays for checkpoints.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -32,8 +36,8 @@ from common.config import FedrankConfig
 from common.errors import CheckpointError, FedrankError
 from common.records import record_nbytes
 from server.client_policy import ClientConfigPolicy, check_overrides
-from server.score_distribution import is_fedrank_error
-from server.update_validation import screen_replies
+from server.score_distribution import is_fedrank_error, is_stale_scores_error
+from server.update_validation import NotEnoughReplies, Rejection, screen_replies
 
 __all__ = [
     "FedrankStrategyMixin",
@@ -46,7 +50,18 @@ __all__ = [
 log = logging.getLogger("fedrank.server")
 
 # reported per node but meaningless as an average
-NOT_AVERAGED = frozenset({"client-key", "scores-received", "on-train-sets"})
+NOT_AVERAGED = frozenset(
+    {
+        "client-key",
+        "scores-received",
+        "on-train-sets",
+        "device-threads",
+        "device-batch-size",
+        "device-max-steps",
+        "device-max-seconds",
+        "device-memory-mb",
+    }
+)
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -80,14 +95,21 @@ class FedrankStrategyMixin:
 
     policy: ClientConfigPolicy
     node_info: Any  # callable node_id -> dict (what the server knows about the node)
+    forget_node: Callable[[int], None] | None  # the server forgets what a node holds
 
     def setup_fedrank(
-        self, policy: ClientConfigPolicy, seed: int, node_info: Any, min_replies: int = 1
+        self,
+        policy: ClientConfigPolicy,
+        seed: int,
+        node_info: Any,
+        min_replies: int = 1,
+        forget_node: Callable[[int], None] | None = None,
     ) -> None:
         self.policy = policy
         self.seed = seed
         self.node_info = node_info
         self.min_replies = min_replies
+        self.forget_node = forget_node
         self.last_messages: list[Message] = []
         self.last_evaluate_messages: list[Message] = []
         self.last_rejected: list[dict[str, Any]] = []
@@ -126,21 +148,40 @@ class FedrankStrategyMixin:
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         for msg in replies:
-            if msg.has_error() and is_fedrank_error(msg.error.reason):
+            if not msg.has_error():
+                continue
+            reason = msg.error.reason
+            if is_stale_scores_error(reason):
+                # a restarted SuperNode (same node id, cached scores lost): rejected below,
+                # asked again which version it holds the next time it is sampled
+                log.warning(
+                    "round %d: node %d does not hold the current teacher scores (restarted?); "
+                    "its reply is rejected and it gets the scores again when next sampled",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+            elif is_fedrank_error(reason):
                 # bad data, scores or settings on a node: never silent, never skipped
                 raise FedrankError(
                     f"round {server_round}: node {msg.metadata.src_node_id} failed to train: "
-                    f"{msg.error.reason}"
+                    f"{reason}"
                 )
-        screened = screen_replies(
-            server_round,
-            replies,
-            global_arrays=self.global_arrays if self.global_arrays is not None else ArrayRecord(),
-            sent=self.last_messages,
-            min_replies=self.min_replies,
-            stage="train",
-            logger=log,
-        )
+        try:
+            screened = screen_replies(
+                server_round,
+                replies,
+                global_arrays=(
+                    self.global_arrays if self.global_arrays is not None else ArrayRecord()
+                ),
+                sent=self.last_messages,
+                min_replies=self.min_replies,
+                stage="train",
+                logger=log,
+            )
+        except NotEnoughReplies:
+            self._forget_failed(replies)
+            raise
+        self._forget_failed(replies, screened.rejected)
         self.last_rejected = [r.to_dict() for r in screened.rejected]
         replies = list(screened.valid)
         replies.sort(key=_fingerprint)
@@ -159,6 +200,31 @@ class FedrankStrategyMixin:
         if arrays is not None and self.global_arrays is not None:
             arrays = self._keep_integer_buffers(arrays, self.global_arrays)
         return arrays, metrics
+
+    def _forget_failed(
+        self, replies: list[Message], rejected: Iterable[Rejection] | None = None
+    ) -> None:
+        """Tell ``forget_node`` about every node that failed (error or no reply): whatever it
+        held may be gone (a restarted SuperNode), so the server asks it again before it next
+        trains. Nodes whose reply was merely invalid still hold their scores."""
+        if self.forget_node is None:
+            return
+        if rejected is None:
+            destination = {
+                m.metadata.message_id: int(m.metadata.dst_node_id)
+                for m in self.last_messages
+                if m.metadata.message_id
+            }
+            answered = {
+                destination.get(m.metadata.reply_to_message_id, int(m.metadata.src_node_id))
+                for m in replies
+                if not m.has_error()
+            }
+            nodes = [n for n in destination.values() if n not in answered]
+        else:
+            nodes = [r.node_id for r in rejected if r.kind in ("error", "missing")]
+        for node in dict.fromkeys(nodes):
+            self.forget_node(int(node))
 
     @staticmethod
     def _keep_integer_buffers(arrays: ArrayRecord, previous: ArrayRecord) -> ArrayRecord:
@@ -223,9 +289,13 @@ class FedrankFedTrimmedAvg(FedrankStrategyMixin, FedTrimmedAvg):
 
 
 def build_strategy(
-    config: FedrankConfig, policy: ClientConfigPolicy, node_info: Any
+    config: FedrankConfig,
+    policy: ClientConfigPolicy,
+    node_info: Any,
+    forget_node: Callable[[int], None] | None = None,
 ) -> FedrankStrategyMixin:
-    """The strategy named by ``strategy``, set up with ``policy``."""
+    """The strategy named by ``strategy``, set up with ``policy``; ``forget_node(node_id)`` is
+    called for every node whose training failed or did not reply (see the module docstring)."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -254,7 +324,9 @@ def build_strategy(
         strategy = FedrankFedTrimmedAvg(**common, beta=config.trim_beta)
     else:  # FedrankConfig validates the name; this guards programmatic misuse
         raise FedrankError(f"'strategy' {name!r} is unknown")
-    strategy.setup_fedrank(policy, config.seed, node_info, min_replies=config.min_replies)
+    strategy.setup_fedrank(
+        policy, config.seed, node_info, min_replies=config.min_replies, forget_node=forget_node
+    )
     return strategy
 
 
