@@ -28,7 +28,14 @@ from common.errors import FedrankError, ScoreTableError
 from common.records import record_nbytes, score_table_to_record
 from common.score_table import ScoreTable
 
-__all__ = ["ScoreDistributor", "Delivery", "check_replies", "exchange"]
+__all__ = [
+    "ScoreDistributor",
+    "Delivery",
+    "check_replies",
+    "exchange",
+    "is_fedrank_error",
+    "is_stale_scores_error",
+]
 
 log = logging.getLogger("fedrank.server")
 
@@ -103,6 +110,17 @@ def is_fedrank_error(reason: str) -> bool:
     return any(name in reason for name in FEDRANK_ERRORS)
 
 
+# what the ClientApp says when asked to train with a teacher-score version it does not hold
+# (client.client_app._table); after a SuperNode restart this is expected, not a user error
+STALE_SCORES = "holds teacher scores version"
+
+
+def is_stale_scores_error(reason: str) -> bool:
+    """True if a node failed because it lacks the current teacher scores (e.g. a restarted
+    SuperNode: same node id, cached state lost): the server sends them again."""
+    return STALE_SCORES in reason
+
+
 def check_replies(
     replies: Iterable[Message], what: str, failures: dict[int, str] | None = None
 ) -> list[Message]:
@@ -160,6 +178,16 @@ class ScoreDistributor:
 
     def node(self, node_id: int) -> NodeInfo:
         return self.nodes.setdefault(node_id, NodeInfo(node_id))
+
+    def forget(self, node_id: int) -> None:
+        """Forget which teacher-score version ``node_id`` holds and its client key (it failed
+        or was restarted): before it next trains it is asked again (``query.hello``) and gets
+        the scores if it lacks them."""
+        info = self.nodes.get(int(node_id))
+        if info is not None and (info.version or info.client_key is not None):
+            log.info("node %d: asking again which teacher scores it holds", info.node_id)
+            info.version = ""
+            info.client_key = None
 
     def _config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({**self.client_settings, "score-mode": self.mode, **extra})

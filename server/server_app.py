@@ -38,9 +38,11 @@ from common.records import model_to_arrays, record_nbytes
 from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from server.client_policy import make_policy
 from server.evaluation import evaluate_model, make_evaluate_fn
+from server.privacy import DPSettings, wrap_strategy
 from server.run_output import RunOutput
 from server.score_distribution import ScoreDistributor, exchange
 from server.strategy import build_strategy, load_strategy_state, strategy_state
+from server.update_validation import NotEnoughReplies
 
 __all__ = ["app", "make_server_app", "run_server", "STUDENT_DIR"]
 
@@ -108,6 +110,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     t_run = time.perf_counter()
     cfg = FedrankConfig.from_run_config(dict(run_config))
     policy = make_policy(cfg)
+    dp = DPSettings.from_config(cfg.to_dict())
     cfg.check_data_path()
     out = RunOutput(cfg.out_dir)
     out.write_config(cfg.to_dict())
@@ -161,7 +164,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         client_settings,
         timeout=cfg.round_timeout,
     )
-    strategy = build_strategy(cfg, policy, lambda n: distributor.node(n).policy_view())
+    # `inner` keeps the bookkeeping and the optimiser state; `strategy` is what runs the
+    # rounds: `inner`, or `inner` inside the DP wrapper (set up once the nodes are known)
+    inner = build_strategy(
+        cfg, policy, lambda n: distributor.node(n).policy_view(), forget_node=distributor.forget
+    )
     train_config = ConfigRecord(
         {
             **client_settings,
@@ -177,7 +184,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         check_compatible(checkpoint, cfg.to_dict(), Path(cfg.out_dir))
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.weights.items()})
-        load_strategy_state(strategy, checkpoint.strategy)
+        load_strategy_state(inner, checkpoint.strategy)
         policy.load_state(checkpoint.meta.get("policy", {}))
         history = list(checkpoint.meta.get("metrics", []))
         start_round = checkpoint.round + 1
@@ -202,7 +209,20 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         out.append_round(row0)
         _log("round 0 (start): ndcg@10 %.4f  log_loss %.4f", first["ndcg@10"], first["log_loss"])
 
-    _wait_for_nodes(grid, cfg.min_available_nodes, cfg.round_timeout)
+    connected = _wait_for_nodes(grid, cfg.min_available_nodes, cfg.round_timeout)
+    # nodes a round samples (Flower's rule: a fraction of the connected nodes, at least one)
+    n_sampled = max(int(len(connected) * cfg.fraction_train), 1)
+    strategy = wrap_strategy(inner, dp, n_sampled)
+    if dp.enabled:
+        strategy.rounds_released = int(history[-1].get("dp_rounds", 0)) if history else 0
+        _log(
+            "differential privacy: noise multiplier %g, clipping norm %g, delta %g, "
+            "%d sampled clients per round",
+            dp.noise_multiplier,
+            dp.clipping_norm,
+            dp.delta,
+            n_sampled,
+        )
 
     # ---- rounds --------------------------------------------------------------------------
     for rnd in range(start_round, cfg.num_server_rounds + 1):
@@ -216,7 +236,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         score_bytes, unserved = distributor.ensure(grid, rnd, need) if need else ({}, {})
         if unserved:  # nodes that could not get the scores do not train this round
             messages = [m for m in messages if m.metadata.dst_node_id not in unserved]
-            strategy.last_messages = messages
+            inner.last_messages = messages
             if len(messages) < cfg.min_replies:
                 reasons = "; ".join(f"node {n}: {r}" for n, r in unserved.items())
                 raise FedrankError(
@@ -226,7 +246,16 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
         t_train = time.perf_counter()
         replies = exchange(grid, messages, cfg.round_timeout)
-        new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        try:
+            new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
+        except NotEnoughReplies as err:
+            if not unserved:
+                raise
+            reasons = "; ".join(f"node {n}: {r}" for n, r in unserved.items())
+            raise NotEnoughReplies(
+                f"{err}; node(s) {', '.join(str(n) for n in unserved)} got no teacher scores "
+                f"and did not train ({reasons})"
+            ) from None
         if new_arrays is None:
             raise FedrankError(f"round {rnd}: no client returned weights")
         arrays = new_arrays
@@ -241,21 +270,20 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         server = {k: float(v) for k, v in evaluate_fn(rnd, arrays).items()}
         seconds = time.perf_counter() - t_round
         per_client = {
-            str(n): int(strategy.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes
+            str(n): int(inner.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes
         }
-        slowest = max(
-            (float(r.get("train-seconds", 0.0)) for r in strategy.last_train), default=0.0
-        )
+        slowest = max((float(r.get("train-seconds", 0.0)) for r in inner.last_train), default=0.0)
         row = {
             "round": rnd,
             **server,
             "bytes_to_clients": int(sum(per_client.values())),
-            "bytes_weights_to_clients": int(sum(strategy.last_sent.values())),
+            "bytes_weights_to_clients": int(sum(inner.last_sent.values())),
             "bytes_scores_to_clients": int(sum(score_bytes.values())),
             "bytes_per_client": per_client,
-            "bytes_from_clients": int(strategy.last_received),
+            "bytes_from_clients": int(inner.last_received),
             "score_deliveries": int(sum(1 for b in score_bytes.values() if b)),
-            "clients": len(nodes),
+            "clients": len(inner.last_train),  # usable replies, aggregated
+            "clients_sampled": len(nodes),
             "seconds": seconds,
             "seconds_train_phase": train_seconds,
             "seconds_slowest_client_train": slowest,
@@ -263,23 +291,29 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "train": {k: float(v) for k, v in (train_metrics or {}).items()},
             "clients_train": [
                 {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
-                for r in strategy.last_train
+                for r in inner.last_train
             ],
         }
+        if dp.enabled:
+            budget = strategy.budget
+            row["dp_epsilon"] = float(budget["epsilon"])
+            row["dp_delta"] = float(budget["delta"])
+            row["dp_noise_std"] = float(budget.get("noise_std", 0.0))
+            row["dp_rounds"] = int(strategy.rounds_released)
         row["rejected"] = [
             {"node": n, "reason": reason, "kind": "scores"} for n, reason in unserved.items()
-        ] + list(strategy.last_rejected)
+        ] + list(inner.last_rejected)
         if eval_metrics is not None:
             row["client_eval"] = {k: float(v) for k, v in eval_metrics.items()}
-        if cfg.fraction_evaluate > 0 and strategy.last_evaluate_rejected:
-            row["rejected_evaluate"] = strategy.last_evaluate_rejected
+        if cfg.fraction_evaluate > 0 and inner.last_evaluate_rejected:
+            row["rejected_evaluate"] = inner.last_evaluate_rejected
         history.append(row)
         out.append_round(row)
         save_checkpoint(
             cfg.out_dir,
             server_round=rnd,
             weights={k: v.numpy() for k, v in arrays.items()},
-            strategy=strategy_state(strategy),
+            strategy=strategy_state(inner),
             meta={
                 "config": cfg.to_dict(),
                 "metrics": history,
@@ -289,7 +323,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         )
         _log(
             "round %d/%d: ndcg@10 %.4f  map %.4f  log_loss %.4f  tau %.3f  train loss %.4f  "
-            "%d clients  %s bytes out (%s scores)  %.1fs",
+            "%d/%d clients  %s bytes out (%s scores)  %.1fs%s",
             rnd,
             cfg.num_server_rounds,
             server["ndcg@10"],
@@ -297,10 +331,12 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             server["log_loss"],
             server.get("kendall_tau", float("nan")),
             row["train"].get("loss-total", float("nan")),
+            row["clients"],
             len(nodes),
             f"{row['bytes_to_clients']:,}",
             f"{row['bytes_scores_to_clients']:,}",
             seconds,
+            f"  dp epsilon {row['dp_epsilon']:.3g}" if dp.enabled else "",
         )
 
     # ---- outputs -------------------------------------------------------------------------
@@ -354,6 +390,17 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "bytes_to_clients": int(sum(r.get("bytes_to_clients", 0) for r in history)),
             "bytes_from_clients": int(sum(r.get("bytes_from_clients", 0) for r in history)),
             "weights_bytes": record_nbytes(arrays),
+            "dp": (
+                {
+                    "noise_multiplier": dp.noise_multiplier,
+                    "clipping_norm": dp.clipping_norm,
+                    "delta": dp.delta,
+                    "epsilon": float(final.get("dp_epsilon", 0.0)),
+                    "sampled_clients": n_sampled,
+                }
+                if dp.enabled
+                else None
+            ),
         },
         "config": cfg.to_dict(),
         "seconds": time.perf_counter() - t_run,

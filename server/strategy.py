@@ -37,7 +37,7 @@ from common.errors import CheckpointError, FedrankError
 from common.records import record_nbytes
 from server.client_policy import ClientConfigPolicy, check_overrides
 from server.score_distribution import is_fedrank_error, is_stale_scores_error
-from server.update_validation import NotEnoughReplies, Rejection, screen_replies
+from server.update_validation import Rejection, screen_replies
 
 __all__ = [
     "FedrankStrategyMixin",
@@ -166,22 +166,16 @@ class FedrankStrategyMixin:
                     f"round {server_round}: node {msg.metadata.src_node_id} failed to train: "
                     f"{reason}"
                 )
-        try:
-            screened = screen_replies(
-                server_round,
-                replies,
-                global_arrays=(
-                    self.global_arrays if self.global_arrays is not None else ArrayRecord()
-                ),
-                sent=self.last_messages,
-                min_replies=self.min_replies,
-                stage="train",
-                logger=log,
-            )
-        except NotEnoughReplies:
-            self._forget_failed(replies)
-            raise
-        self._forget_failed(replies, screened.rejected)
+        screened = screen_replies(
+            server_round,
+            replies,
+            global_arrays=self.global_arrays if self.global_arrays is not None else ArrayRecord(),
+            sent=self.last_messages,
+            min_replies=self.min_replies,
+            stage="train",
+            logger=log,
+        )
+        self._forget_failed(screened.rejected)
         self.last_rejected = [r.to_dict() for r in screened.rejected]
         replies = list(screened.valid)
         replies.sort(key=_fingerprint)
@@ -201,29 +195,13 @@ class FedrankStrategyMixin:
             arrays = self._keep_integer_buffers(arrays, self.global_arrays)
         return arrays, metrics
 
-    def _forget_failed(
-        self, replies: list[Message], rejected: Iterable[Rejection] | None = None
-    ) -> None:
+    def _forget_failed(self, rejected: Iterable[Rejection]) -> None:
         """Tell ``forget_node`` about every node that failed (error or no reply): whatever it
         held may be gone (a restarted SuperNode), so the server asks it again before it next
         trains. Nodes whose reply was merely invalid still hold their scores."""
         if self.forget_node is None:
             return
-        if rejected is None:
-            destination = {
-                m.metadata.message_id: int(m.metadata.dst_node_id)
-                for m in self.last_messages
-                if m.metadata.message_id
-            }
-            answered = {
-                destination.get(m.metadata.reply_to_message_id, int(m.metadata.src_node_id))
-                for m in replies
-                if not m.has_error()
-            }
-            nodes = [n for n in destination.values() if n not in answered]
-        else:
-            nodes = [r.node_id for r in rejected if r.kind in ("error", "missing")]
-        for node in dict.fromkeys(nodes):
+        for node in dict.fromkeys(r.node_id for r in rejected if r.kind in ("error", "missing")):
             self.forget_node(int(node))
 
     @staticmethod
