@@ -11,7 +11,9 @@ Messages it handles (Flower Message API):
 - ``evaluate``: the global student on the node's held-out sets.
 
 Its data comes from ``node_config``: ``partition-id``/``num-partitions`` in a simulation, or
-``data-path`` (a LETOR file or folder) on a device (see :mod:`client.local_data`).
+``data-path`` (a LETOR file or folder) on a device (see :mod:`client.local_data`). A device's
+``node_config`` may also cap threads, steps, seconds, batch size and memory per round
+(:mod:`client.device`); training reports what it used (``device-*`` metrics).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.device import DeviceSettings
 from client.local_data import LocalData, load_local_data
 from client.trainer import evaluate_student, settings_from_config, train_student
 from common.config import CLIENT_KEYS, FedrankConfig
-from common.errors import ScoreTableError
+from common.errors import DataFormatError, ScoreTableError
 from common.models import build_model
 from common.records import load_arrays, model_to_arrays, score_table_from_record
 
@@ -44,6 +47,14 @@ _TABLES_LOCK = threading.Lock()
 # ---- helpers ---------------------------------------------------------------------------------
 def _settings(config: ConfigRecord) -> FedrankConfig:
     return FedrankConfig.from_run_config({k: v for k, v in config.items() if k in CLIENT_KEYS})
+
+
+def _device(context: Context) -> DeviceSettings:
+    """The device's own limits from its ``node_config`` (ConfigError on an unknown key), with
+    its thread count applied."""
+    device = DeviceSettings.from_node_config(context.node_config)
+    device.apply()
+    return device
 
 
 def _local(context: Context, config: ConfigRecord) -> LocalData:
@@ -86,8 +97,21 @@ def _metrics(values: dict[str, Any]) -> MetricRecord:
     return MetricRecord(out)
 
 
-def _student(config: ConfigRecord, arrays: ArrayRecord) -> torch.nn.Module:
-    model = build_model(json.loads(str(config["model-spec"])))
+def _student(
+    config: ConfigRecord, arrays: ArrayRecord, context: Context, local: LocalData
+) -> torch.nn.Module:
+    """The global student; DataFormatError naming the node's data when its sets have another
+    number of features than the federation's student expects."""
+    spec = json.loads(str(config["model-spec"]))
+    expected = int(spec.get("num_features", local.train.num_features))
+    if local.train.num_features != expected:
+        path = context.node_config.get("data-path", config.get("data-path", ""))
+        raise DataFormatError(
+            f"'data-path' {str(path)!r} ({local.source}) has {local.train.num_features} "
+            f"features per item, the federation's student expects {expected}: give data with "
+            "the features the federation was set up with"
+        )
+    model = build_model(spec)
     load_arrays(model, arrays)
     return model
 
@@ -104,6 +128,7 @@ def hello(msg: Message, context: Context) -> Message:
     """Report the sets this node holds and the teacher-score version it has cached."""
     config = msg.content["config"]
     local = _local(context, config)
+    _device(context)  # a misconfigured device fails on its first message
     status: dict[str, Any] = {
         "held-version": _held_version(context) or "none",
         "num-sets": int(local.set_ids.size),
@@ -166,7 +191,8 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     settings = _settings(config)
     local = _local(context, config)
-    model = _student(config, msg.content["arrays"])
+    device = _device(context)
+    model = _student(config, msg.content["arrays"], context, local)
     loss = settings.composite_loss()
     teacher = None
     version = str(config.get("teacher-version", "none"))
@@ -183,9 +209,11 @@ def train(msg: Message, context: Context) -> Message:
         seed=_seed(config, local),
         step_offset=(rnd - 1) * per_round,
     )
+    run = device.train_settings(run, local.train)  # device caps only lower the server's
     values = train_student(
         model, local.train, loss, run, teacher=teacher, label_mask=local.label_mask
     )
+    values.update(device.report(run))
     meta = context.state.config_records.get(STATE_META)
     values["scores-received"] = int(meta["received"]) if meta is not None else 0
     values["client-key"] = int(local.client_key)
@@ -199,7 +227,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     settings = _settings(config)
     local = _local(context, config)
-    model = _student(config, msg.content["arrays"])
+    _device(context)
+    model = _student(config, msg.content["arrays"], context, local)
     sets = local.holdout if local.holdout is not None else local.train
     teacher = None
     version = str(config.get("teacher-version", "none"))

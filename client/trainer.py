@@ -1,9 +1,10 @@
 """Local training and evaluation of the student on a client's example sets.
 
 :func:`train_student` runs ``epochs`` passes over the sets (or at most ``max_steps`` optimiser
-steps) with the composite loss: label terms on the sets whose labels may be used
-(``label_mask``), teacher terms on every set, and FedProx's proximal term when
-``proximal_mu > 0``. :func:`evaluate_student` scores held-out sets and returns ranking metrics.
+steps, or until ``max_seconds`` have passed, checked after each step) with the composite loss:
+label terms on the sets whose labels may be used (``label_mask``), teacher terms on every set,
+and FedProx's proximal term when ``proximal_mu > 0``. :func:`evaluate_student` scores held-out
+sets and returns ranking metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class TrainSettings:
     proximal_mu: float = 0.0
     seed: int = 0
     step_offset: int = 0  # global step of the first local step (for loss-weight schedules)
+    max_seconds: float = 0.0  # 0: no time budget; else stop after the step that exceeds it
 
 
 def settings_from_config(
@@ -89,7 +91,7 @@ def train_student(
     step = 0
     model.train()
     epochs = settings.epochs if settings.epochs > 0 else 10**9
-    done = False
+    done = timed_out = False
     for epoch in range(epochs):
         batches = sets.batch_positions(
             settings.batch_size, shuffle=True, seed=settings.seed * 7919 + epoch
@@ -122,6 +124,9 @@ def train_student(
             if settings.max_steps and step >= settings.max_steps:
                 done = True
                 break
+            if settings.max_seconds > 0 and time.perf_counter() - start >= settings.max_seconds:
+                done = timed_out = True
+                break
         if done or (settings.epochs == 0 and not batches):
             break
     torch.random.set_rng_state(generator_state)
@@ -129,6 +134,7 @@ def train_student(
     out.update(
         {
             "steps": float(step),
+            "stopped-by-time": int(timed_out),
             "num-examples": int(sets.num_sets),
             "num-items": int(sets.num_items),
             "train-seconds": time.perf_counter() - start,

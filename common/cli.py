@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "score": ("client.export", "score_main", "score and rank example sets with an exported student"),
     "sweep": ("simulations.sweep", "main", "sweep loss weights over a scenario"),
     "report": ("simulations.report", "main", "tables and plots from finished runs"),
+    "certs": ("server.certs", "main", "make a local CA, SuperLink certificate and SuperNode keys"),
 }
 
 

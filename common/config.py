@@ -90,6 +90,10 @@ class FedrankConfig:
     score_mode: str = "targeted"
     score_dtype: str = "float32"
     client_policy: str = "uniform"
+    # ---- optional differential privacy (server-side clipping + Gaussian noise) ------------
+    dp_noise_multiplier: float = 0.0
+    dp_clipping_norm: float = 1.0
+    dp_delta: float = 1e-5
     # ---- local training on the clients ----------------------------------------------------
     local_epochs: int = 2
     local_steps: int = 0
@@ -320,9 +324,13 @@ class FedrankConfig:
         for name in ("round_timeout", "partition_alpha", "server_tau"):
             if getattr(self, name) <= 0:
                 fail(name, "must be > 0")
-        for name in ("proximal_mu", "weight_decay"):
+        for name in ("proximal_mu", "weight_decay", "dp_noise_multiplier"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
+        if self.dp_clipping_norm <= 0:
+            fail("dp_clipping_norm", "must be > 0")
+        if not 0.0 < self.dp_delta < 1.0:
+            fail("dp_delta", "must lie in (0, 1)")
         for name in ("server_beta1", "server_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, "must lie in [0, 1)")

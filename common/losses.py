@@ -285,8 +285,9 @@ def label_sigmoid_ce(
             y = (y / max_grade).clamp(0.0, 1.0)
         differs = _differs(y, mask)
     # masked items: s = -huge, y = 0 -> softplus(s) - y s = 0 exactly, with zero gradient
+    # (one fused kernel forward and backward: this term runs in every training step)
     s = torch.where(mask, scores, _neg_fill(scores.dtype))
-    value = (F.softplus(s) - y * s).sum(-1)
+    value = F.binary_cross_entropy_with_logits(s, y, reduction="none").sum(-1)
     keep = n >= 2
     if uniform_sets == "zero":
         keep = keep & differs
@@ -812,7 +813,7 @@ class CompositeLoss:
     ) -> tuple[Tensor, dict[str, float]]:
         values: dict[str, float] = {}
         label_item_mask = mask
-        present = mask.any(-1)
+        present = _count(mask) > 0  # (a sum is about twice as fast as any() on CPU)
         label_present = present
         if label_mask is not None:
             label_mask = label_mask.to(device=mask.device, dtype=torch.bool).reshape(-1)

@@ -269,9 +269,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         server = {k: float(v) for k, v in evaluate_fn(rnd, arrays).items()}
         seconds = time.perf_counter() - t_round
-        per_client = {
-            str(n): int(inner.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes
-        }
+        per_client = {str(n): int(inner.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes}
         slowest = max((float(r.get("train-seconds", 0.0)) for r in inner.last_train), default=0.0)
         row = {
             "round": rnd,

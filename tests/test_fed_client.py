@@ -196,3 +196,17 @@ def test_device_mode_reads_its_own_letor_folder(settings: dict) -> None:
     )
     status = reply.content["status"]
     assert status["num-train-sets"] == 471 and status["source"].startswith("device data")
+
+
+def test_time_budget_stops_local_training(settings: dict) -> None:
+    """``max_seconds`` ends the round's training after the step that exceeds it."""
+    from client.trainer import TrainSettings, train_student
+
+    local = load_local_data(NODE, settings)
+    cfg = FedrankConfig.from_run_config({**settings, "rank-weight": 0.0})
+    model = StudentModel(46, hidden=(8,))
+    run = TrainSettings(epochs=50, batch_size=2, max_seconds=1e-9)
+    out = train_student(model, local.train, cfg.composite_loss(), run)
+    assert out["steps"] == 1.0 and out["stopped-by-time"] == 1
+    full = train_student(model, local.train, cfg.composite_loss(), TrainSettings(batch_size=64))
+    assert full["steps"] == float(-(-local.train.num_sets // 64)) and full["stopped-by-time"] == 0

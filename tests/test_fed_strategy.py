@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
 
 from common.config import FedrankConfig
@@ -74,3 +74,58 @@ def test_fedadam_state_round_trips() -> None:
     load_strategy_state(fresh, state)
     np.testing.assert_array_equal(fresh.m_t["w"], [0.5, 0.5])
     np.testing.assert_array_equal(fresh.v_t["w"], [0.25, 0.25])
+
+
+def _message(node: int, content: RecordDict | None = None, reason: str = "") -> Message:
+    from flwr.app import Error, Metadata
+
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"reply-{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id=f"ins-{node}",
+        group_id="1",
+        created_at=0.0,
+        ttl=60,
+        message_type="train",
+    )
+    if reason:
+        return Message(Error(code=0, reason=reason), metadata=metadata)
+    assert content is not None
+    return Message(content, metadata=metadata)
+
+
+def test_node_without_current_scores_is_rejected_and_forgotten() -> None:
+    """A restarted SuperNode (same id, cached scores lost) fails with 'holds teacher scores
+    version': the round goes on without it and the server forgets what it holds, so the next
+    round says hello again; a fedrank error of another kind still stops the run."""
+    from common.errors import FedrankError
+    from server.score_distribution import ScoreDistributor
+
+    weights = ArrayRecord({"w": Array(np.ones(3, np.float32))})
+    good = _message(
+        1, RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 2})})
+    )
+    stale = _message(
+        2,
+        reason="<class 'common.errors.ScoreTableError'>:<'node 2 holds teacher scores version "
+        "'(none)', the server trains with version 'abc': the scores were not delivered'>",
+    )
+    distributor = ScoreDistributor(None, "targeted", "float32", {})
+    info = distributor.node(2)
+    info.version, info.client_key = "abc", 7
+    distributor.node(1).version = "abc"
+    cfg = FedrankConfig.from_run_config({})
+    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {}, forget_node=distributor.forget)
+    strategy.global_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    arrays, _ = strategy.aggregate_train(2, [good, stale])
+    np.testing.assert_array_equal(arrays["w"].numpy(), np.ones(3))
+    assert [r["node"] for r in strategy.last_rejected] == [2]
+    assert "holds teacher scores version" in strategy.last_rejected[0]["reason"]
+    assert (info.version, info.client_key) == ("", None)  # asked again next round
+    assert distributor.node(1).version == "abc"  # a node that trained keeps its state
+
+    bad = _message(3, reason="<class 'common.errors.DataFormatError'>:<'bad line 3'>")
+    with pytest.raises(FedrankError, match="node 3 failed to train"):
+        strategy.aggregate_train(3, [good, bad])
