@@ -364,10 +364,9 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
             for m in METRICS:
                 vals = np.array([by_unit[u][method].get(m, math.nan) for u in units], dtype=float)
-                entry[f"{m}_mean"] = (
-                    float(np.nanmean(vals)) if np.any(~np.isnan(vals)) else math.nan
-                )
-                entry[f"{m}_std"] = float(np.nanstd(vals, ddof=1)) if len(units) > 1 else 0.0
+                vals = vals[~np.isnan(vals)]
+                entry[f"{m}_mean"] = float(vals.mean()) if vals.size else math.nan
+                entry[f"{m}_std"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
             paired = [u for u in units if base_name in by_unit[u] and teacher_name in by_unit[u]]
             if method not in (base_name, teacher_name) and paired:
                 mine = np.array([by_unit[u][method]["ndcg@10"] for u in paired])

@@ -244,7 +244,7 @@ def make_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m server.certs",
+        prog="fedrank certs",
         description="Create a local CA, the SuperLink TLS certificate and SuperNode auth keys.",
     )
     parser.add_argument("--out", required=True, help="directory for the files (created)")

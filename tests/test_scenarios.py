@@ -226,7 +226,6 @@ def test_exp3_without_validation_metrics_stays_uniform() -> None:
 # ---- per-client weights reach the right clients (Flower's simulation runtime) -----------------
 def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     """A ClientApp that runs the real handlers, after asserting on the client what it got."""
-    from flwr.app import MetricRecord
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
@@ -266,8 +265,10 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
         got = {k: float(msg.content["config"][k]) for k in expected[pid]}
         assert got == expected[pid], f"client {pid} got {got}, expected {expected[pid]}"
         reply = real.train(msg, context)
-        seen = {f"seen-{k}": v for k, v in got.items()}
-        reply.content["seen"] = MetricRecord({"seen-partition": pid, **seen})
+        metrics = reply.content["metrics"]  # the reply's one MetricRecord
+        metrics["seen-partition"] = pid
+        for key, value in got.items():
+            metrics[f"seen-{key}"] = value
         return reply
 
     @app.evaluate()
