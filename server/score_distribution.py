@@ -6,11 +6,13 @@ Two modes (``score-mode``):
 - ``targeted``: each node first reports the ids of the sets it holds (``query.hello``) and gets
   the scores of exactly those sets.
 
-Before a training round the server calls :meth:`ScoreDistributor.ensure` with the sampled
-nodes. A node it has not heard from yet gets a ``query.hello`` (it reports its sets and the
-version it already holds); a node that lacks the current version gets a ``query.scores``
-message with the scores, which the node caches in ``context.state``. Train messages therefore
-stay one ``ArrayRecord`` + one ``ConfigRecord``. Every delivery is recorded with its bytes.
+Before a training round the server calls :meth:`ScoreDistributor.hello` with the connected
+nodes and :meth:`ScoreDistributor.ensure` with the sampled ones. A node it has not heard from
+yet, or that it was told to :meth:`~ScoreDistributor.forget` (it failed or was restarted), gets
+a ``query.hello`` (it reports its client key, its sets and the version it already holds); a
+node that lacks the current version gets a ``query.scores`` message with the scores, which the
+node caches in ``context.state``. Train messages therefore stay one ``ArrayRecord`` + one
+``ConfigRecord``. Every delivery is recorded with its bytes.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class NodeInfo:
     client_key: int | None = None
     source: str = ""
     version: str = ""  # teacher-score version the node holds (as far as the server knows)
+    confirmed: bool = False  # its hello is current (False: ask again before it trains)
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
     def policy_view(self) -> dict[str, Any]:
@@ -180,21 +183,22 @@ class ScoreDistributor:
         return self.nodes.setdefault(node_id, NodeInfo(node_id))
 
     def forget(self, node_id: int) -> None:
-        """Forget which teacher-score version ``node_id`` holds and its client key (it failed
-        or was restarted): before it next trains it is asked again (``query.hello``) and gets
-        the scores if it lacks them."""
+        """Forget which teacher-score version ``node_id`` holds (it failed or was restarted):
+        before it next trains it is asked again (``query.hello``), which refreshes its client
+        key and sets, and it gets the scores if it lacks them. The last known client key stays
+        visible to client policies until then."""
         info = self.nodes.get(int(node_id))
-        if info is not None and (info.version or info.client_key is not None):
+        if info is not None and (info.version or info.confirmed):
             log.info("node %d: asking again which teacher scores it holds", info.node_id)
             info.version = ""
-            info.client_key = None
+            info.confirmed = False
 
     def _config(self, **extra: Any) -> ConfigRecord:
         return ConfigRecord({**self.client_settings, "score-mode": self.mode, **extra})
 
     def hello(self, grid: Grid, node_ids: Iterable[int], failures: dict[int, str]) -> None:
         """Ask nodes the server has not heard from which sets and version they hold."""
-        todo = [n for n in node_ids if n not in self.nodes or self.nodes[n].client_key is None]
+        todo = [n for n in node_ids if n not in self.nodes or not self.nodes[n].confirmed]
         if not todo:
             return
         messages = [
@@ -215,6 +219,7 @@ class ScoreDistributor:
             info.num_sets = int(status["num-sets"])
             info.client_key = int(status["client-key"])
             info.source = str(status["source"])
+            info.confirmed = True
             if "set-ids" in status:
                 info.set_ids = [str(s) for s in status["set-ids"]]
 

@@ -227,6 +227,12 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     # ---- rounds --------------------------------------------------------------------------
     for rnd in range(start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
+        # nodes the server has not heard from (new, restarted or failed) report their client
+        # key and sets first: client policies choose a node's settings by its client key
+        hello_failures: dict[int, str] = {}
+        distributor.hello(grid, list(grid.get_node_ids()), hello_failures)
+        for n, reason in hello_failures.items():
+            log.warning("round %d: node %d did not answer the hello query: %s", rnd, n, reason)
         messages = list(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid)
         )

@@ -114,7 +114,7 @@ def test_node_without_current_scores_is_rejected_and_forgotten() -> None:
     )
     distributor = ScoreDistributor(None, "targeted", "float32", {})
     info = distributor.node(2)
-    info.version, info.client_key = "abc", 7
+    info.version, info.client_key, info.confirmed = "abc", 7, True
     distributor.node(1).version = "abc"
     cfg = FedrankConfig.from_run_config({})
     strategy = build_strategy(cfg, make_policy(cfg), lambda n: {}, forget_node=distributor.forget)
@@ -123,7 +123,8 @@ def test_node_without_current_scores_is_rejected_and_forgotten() -> None:
     np.testing.assert_array_equal(arrays["w"].numpy(), np.ones(3))
     assert [r["node"] for r in strategy.last_rejected] == [2]
     assert "holds teacher scores version" in strategy.last_rejected[0]["reason"]
-    assert (info.version, info.client_key) == ("", None)  # asked again next round
+    assert (info.version, info.confirmed) == ("", False)  # asked again next round
+    assert info.client_key == 7  # the last known key stays visible to client policies
     assert distributor.node(1).version == "abc"  # a node that trained keeps its state
 
     bad = _message(3, reason="<class 'common.errors.DataFormatError'>:<'bad line 3'>")
