@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# the venv's programs (flwr, flower-superlink, flower-supernode) come first on PATH
+export PATH="$PWD/.venv/bin:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 exec .venv/bin/fedrank simulate --out runs/main "$@"

@@ -3,6 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
+# the venv's programs (flwr, flower-superlink, flower-supernode) come first on PATH
+export PATH="$PWD/.venv/bin:$PATH"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 \
   FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 .venv/bin/python -m pytest "$@"

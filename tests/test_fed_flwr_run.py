@@ -70,6 +70,8 @@ def test_flwr_run_default_local_simulation(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {
         **os.environ,
+        # `flwr run` starts `flower-superlink` by name: take the one beside this interpreter
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
