@@ -47,19 +47,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
 def append_jsonl(path: str | os.PathLike[str], obj: Any) -> None:
     """Append one JSON object as one line (a single write, so lines never interleave)."""
-    line = json.dumps(obj, sort_keys=True, default=_json_default) + "\n"
+    line = json.dumps(obj, sort_keys=True, default=json_default) + "\n"
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(line)
         fh.flush()
         os.fsync(fh.fileno())
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for what results contain: numpy scalars/arrays, paths."""
     # numpy scalars and arrays, Paths: the types our results actually contain
     if hasattr(obj, "tolist"):
         return obj.tolist()

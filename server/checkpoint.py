@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic_io import atomic_path
+from common.atomic_io import atomic_path, json_default
 from common.errors import CheckpointError
 
 __all__ = [
@@ -62,7 +62,7 @@ def save_checkpoint(
     """Write ``<out_dir>/checkpoint.npz`` atomically; returns its path."""
     path = Path(out_dir) / CHECKPOINT_FILE
     meta = {**meta, "format": FORMAT, "round": int(server_round)}
-    text = json.dumps(meta, sort_keys=True, default=_json_default)
+    text = json.dumps(meta, sort_keys=True, default=json_default)
     arrays: dict[str, np.ndarray] = {"meta": np.frombuffer(text.encode(), dtype=np.uint8)}
     for key, value in weights.items():
         arrays[f"weights/{key}"] = np.asarray(value)
@@ -122,11 +122,3 @@ def check_compatible(checkpoint: Checkpoint, config: dict[str, Any], path: Path)
             f"cannot resume from {path}: the configuration differs in {shown}; only "
             f"{', '.join(sorted(RESUMABLE_KEYS))} may change"
         )
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
