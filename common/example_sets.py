@@ -76,14 +76,17 @@ class ExampleSets:
         if y.shape != (n_items,):
             raise DataFormatError(f"labels must be [{n_items}], got shape {y.shape}")
         if off.ndim != 1 or off.size < 1 or off[0] != 0 or off[-1] != n_items:
-            raise DataFormatError(f"offsets must run from 0 to {n_items}, got {off[:3]}...{off[-3:]}")
+            raise DataFormatError(
+                f"offsets must run from 0 to {n_items}, got {off[:3]}...{off[-3:]}"
+            )
         if np.any(np.diff(off) <= 0):
             raise DataFormatError("every example set must hold at least one item")
         if ids.shape != (off.size - 1,):
             raise DataFormatError(f"set_ids must be [{off.size - 1}], got shape {ids.shape}")
         if np.unique(ids).size != ids.size:
             values, counts = np.unique(ids, return_counts=True)
-            raise DataFormatError(f"set ids must be unique; repeated: {values[counts > 1][:5].tolist()}")
+            repeated = values[counts > 1][:5].tolist()
+            raise DataFormatError(f"set ids must be unique; repeated: {repeated}")
         for name in ("item_ids", "relevance"):
             arr = getattr(self, name)
             if arr is not None and arr.shape != (n_items,):
@@ -294,7 +297,8 @@ class ExampleSets:
         extra: Mapping[str, np.ndarray] | None = None,
     ) -> Iterator[PaddedBatch]:
         """Yield padded batches (see :meth:`batch_positions` for order and bucketing)."""
-        for positions in self.batch_positions(batch_size, shuffle=shuffle, seed=seed, bucket=bucket):
+        batches = self.batch_positions(batch_size, shuffle=shuffle, seed=seed, bucket=bucket)
+        for positions in batches:
             yield self.pad(positions, extra=extra)
 
     def padding_ratio(self, batch_size: int, *, bucket: bool = True) -> float:

@@ -29,3 +29,14 @@ def _isolated_data_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
     mp.setenv("FEDRANK_CACHE_DIR", str(tmp_path_factory.mktemp("fedrank-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Small tensors run fastest on one thread (and share a busy machine politely)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

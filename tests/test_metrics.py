@@ -13,14 +13,7 @@ from hypothesis import strategies as st
 from common import metrics as M
 from common.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---- brute-force references (one set: python lists of the real items only) ----------------

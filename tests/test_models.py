@@ -24,13 +24,7 @@ MQ2008 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "MQ200
 F = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train fastest on one thread (and share a busy machine politely)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_sets(num_sets: int = 12, num_features: int = F, seed: int = 0) -> ExampleSets:
