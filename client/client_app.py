@@ -116,6 +116,16 @@ def _student(
     return model
 
 
+def _validation_ndcg(model: torch.nn.Module, sets: Any) -> float:
+    """Mean NDCG@10 of ``model`` on ``sets`` by their labels (what a client can measure)."""
+    from common.metrics import ndcg
+    from common.models import score_sets
+
+    scores = score_sets(model, sets)
+    batch = sets.pad(extra={"s": scores})
+    return float(torch.nanmean(ndcg(batch.extra["s"], batch.labels, batch.mask, k=10)))
+
+
 def _seed(config: ConfigRecord, local: LocalData) -> int:
     base = int(config.get("seed", 0))
     rnd = int(config.get("server-round", 0))
@@ -210,9 +220,14 @@ def train(msg: Message, context: Context) -> Message:
         step_offset=(rnd - 1) * per_round,
     )
     run = device.train_settings(run, local.train)  # device caps only lower the server's
+    validate = bool(config.get("report-validation", False)) and local.holdout is not None
+    start = _validation_ndcg(model, local.holdout) if validate else None
     values = train_student(
         model, local.train, loss, run, teacher=teacher, label_mask=local.label_mask
     )
+    if validate:  # the reward of adaptive client policies: local validation gain
+        values["val-ndcg@10-start"] = start
+        values["val-ndcg@10"] = _validation_ndcg(model, local.holdout)
     values.update(device.report(run))
     meta = context.state.config_records.get(STATE_META)
     values["scores-received"] = int(meta["received"]) if meta is not None else 0

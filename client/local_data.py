@@ -27,7 +27,7 @@ import numpy as np
 from common.errors import ConfigError
 from common.example_sets import ExampleSets
 
-__all__ = ["LocalData", "load_local_data", "clear_cache"]
+__all__ = ["LocalData", "load_local_data", "clear_cache", "partition_options"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,8 @@ def load_local_data(node_config: Mapping[str, Any], settings: Mapping[str, Any])
     """The client's data, from its ``node_config`` and the server's client settings.
 
     ``settings`` holds the client keys of the run (``data-path``, ``seed``,
-    ``partition-scheme``, ``partition-alpha``, ``label-fraction``).
+    ``partition-scheme``, ``partition-alpha`` and ``partition-attribute`` (``dirichlet``),
+    ``partition-power`` (``sizes``), ``label-fraction``).
     """
     seed = int(settings.get("seed", 0))
     if "data-path" in node_config:
@@ -91,14 +92,14 @@ def load_local_data(node_config: Mapping[str, Any], settings: Mapping[str, Any])
         pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
         spec = str(settings.get("data-path", "synthetic"))
         scheme = str(settings.get("partition-scheme", "iid"))
-        alpha = float(settings.get("partition-alpha", 0.5))
         fraction = float(settings.get("label-fraction", 1.0))
-        key = ("partition", spec, seed, pid, num, scheme, alpha, fraction)
+        options = partition_options(settings)
+        key = ("partition", spec, seed, pid, num, scheme, fraction, tuple(sorted(options.items())))
         with _LOCK:
             cached = _CACHE.get(key)
         if cached is not None:
             return cached
-        data = _partition_data(spec, seed, pid, num, scheme, alpha, fraction)
+        data = _partition_data(spec, seed, pid, num, scheme, options, fraction)
     else:
         raise ConfigError(
             "node_config needs 'data-path' (a device's LETOR file or folder) or "
@@ -123,8 +124,28 @@ def _device_data(path: str, seed: int) -> LocalData:
     )
 
 
+def partition_options(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Options of ``simulations.partitioners.partition`` for the run's ``partition-scheme``:
+    ``alpha`` and ``attribute`` for ``dirichlet``, ``power`` for ``sizes``, none for ``iid``."""
+    scheme = str(settings.get("partition-scheme", "iid"))
+    if scheme == "dirichlet":
+        return {
+            "alpha": float(settings.get("partition-alpha", 0.5)),
+            "attribute": str(settings.get("partition-attribute", "positive_rate")),
+        }
+    if scheme == "sizes":
+        return {"power": float(settings.get("partition-power", 1.0))}
+    return {}
+
+
 def _partition_data(
-    spec: str, seed: int, pid: int, num: int, scheme: str, alpha: float, fraction: float
+    spec: str,
+    seed: int,
+    pid: int,
+    num: int,
+    scheme: str,
+    options: Mapping[str, Any],
+    fraction: float,
 ) -> LocalData:
     from simulations.partitioners import label_availability, partition
 
@@ -132,8 +153,7 @@ def _partition_data(
         raise ConfigError(f"node_config 'partition-id' {pid} must lie in 0..{num - 1}")
     dataset = _dataset(spec, seed)
     train_all = dataset.splits["train"]
-    options: dict[str, Any] = {"alpha": alpha} if scheme == "dirichlet" else {}
-    parts = partition(train_all, num, scheme=scheme, seed=seed, **options)
+    parts = partition(train_all, num, scheme=scheme, seed=seed, **dict(options))
     train = train_all.take(parts[pid])
     holdout = None
     vali = dataset.splits.get("vali")

@@ -39,6 +39,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "student_features": ("device", "all"),
     "partition_scheme": ("iid", "dirichlet", "sizes"),
     "eval_split": ("test", "vali"),
+    "partition_attribute": ("positive_rate", "cluster"),
+    "pair_weight": ("none", "inverse_rank", "log_discount", "rank_gap"),
+    "weight_ranks": ("teacher", "student", "both"),
 }
 
 # loss family -> (key of the loss name, key of the weight)
@@ -73,6 +76,7 @@ class FedrankConfig:
     seed: int = 0
     student_hidden: str = "16"
     student_features: str = "device"
+    device_features: str = ""
     # ---- federation -----------------------------------------------------------------------
     num_server_rounds: int = 5
     fraction_train: float = 1.0
@@ -90,6 +94,7 @@ class FedrankConfig:
     score_mode: str = "targeted"
     score_dtype: str = "float32"
     client_policy: str = "uniform"
+    client_policy_options: str = ""
     # ---- optional differential privacy (server-side clipping + Gaussian noise) ------------
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 1.0
@@ -110,10 +115,14 @@ class FedrankConfig:
     rank_loss: str = "rank_softmax_ce"
     rank_weight: float | str = 1.0
     temperature: float = 1.0
+    pair_weight: str = "none"
+    weight_ranks: str = "teacher"
     label_fraction: float = 1.0
     # ---- simulated clients ----------------------------------------------------------------
     partition_scheme: str = "iid"
     partition_alpha: float = 0.5
+    partition_attribute: str = "positive_rate"
+    partition_power: float = 1.0
     # ---- teacher (trained once on the server, cached) -------------------------------------
     teacher_epochs: int = 30
     teacher_d_model: int = 64
@@ -197,6 +206,8 @@ class FedrankConfig:
         from common.losses import FAMILY_LOSSES, LOSS_TARGETS, LOSSES, LossTerm, WeightSchedule
 
         terms = []
+        weighted = self.pair_weight != "none"
+        takers: list[str] = []
         for family, (loss_field, weight_field) in LOSS_KEYS.items():
             loss = getattr(self, loss_field)
             weight = getattr(self, weight_field)
@@ -213,7 +224,22 @@ class FedrankConfig:
             takes_temperature = "temperature" in inspect.signature(LOSSES[loss]).parameters
             if LOSS_TARGETS[loss] == "teacher" and takes_temperature:
                 options["temperature"] = float(self.temperature)
+            if weighted and "pair_weight" in inspect.signature(LOSSES[loss]).parameters:
+                options["pair_weight"] = self.pair_weight
+                options["weight_ranks"] = self.weight_ranks
+                takers.append(f"{to_key(loss_field)} = {loss}")
             terms.append(LossTerm(family, loss, weight, options))
+        if weighted and not takers:
+            pairwise = [
+                name
+                for name, fn in LOSSES.items()
+                if "pair_weight" in inspect.signature(fn).parameters
+            ]
+            raise ConfigError(
+                f"'pair-weight' {self.pair_weight!r} needs a loss that takes pair weights, but "
+                f"'rank-loss' {self.rank_loss!r} and 'rank-label-loss' {self.rank_label_loss!r} "
+                f"do not; losses that do: {', '.join(pairwise)} (or set 'pair-weight' = none)"
+            )
         return terms
 
     def composite_loss(self) -> Any:
@@ -239,6 +265,80 @@ class FedrankConfig:
             epochs=self.teacher_epochs,
             seed=self.seed,
         )
+
+    def device_columns(self, num_features: int, default: Any = None) -> list[int] | None:
+        """Feature columns of the student, from ``student-features`` and ``device-features``.
+
+        ``student-features = "all"``: None (every column). Otherwise ``device-features``
+        ``""`` gives ``default`` (the dataset's device columns); a count (``"20"``), a fraction
+        (``"0.5"``) or a comma list of column indices (``"1,2,5"``) picks the columns with
+        :func:`common.features.restrict_features` (seeded by ``seed``). ConfigError naming
+        ``device-features`` when the value does not fit ``num_features``.
+        """
+        if self.student_features == "all":
+            return None
+        keep = self._device_keep()
+        if keep is None:
+            return None if default is None else [int(c) for c in default]
+        from common.features import restrict_features
+
+        try:
+            cols = restrict_features(int(num_features), keep, seed=self.seed)
+        except ConfigError as err:
+            raise ConfigError(
+                f"'device-features' {self.device_features!r} does not fit the data's "
+                f"{num_features} feature columns: {err}"
+            ) from None
+        return [int(c) for c in cols]
+
+    def _device_keep(self) -> int | float | list[int] | None:
+        """``device-features`` parsed: None, a count, a fraction or a list of columns."""
+        text = self.device_features.strip().replace(" ", "")
+        if not text:
+            return None
+        expected = (
+            "must be '' (the data's device columns), a column count such as '20', a "
+            "fraction in (0, 1] such as '0.5' or a comma list of column indices such as "
+            f"'1,2,5', got {self.device_features!r}"
+        )
+        try:
+            if "," in text:
+                cols = [int(p) for p in text.split(",")]
+                if any(c < 0 for c in cols):
+                    raise ValueError
+                return cols
+            if text.isdigit():
+                if int(text) < 1:
+                    raise ValueError
+                return int(text)
+            fraction = float(text)
+            if not 0.0 < fraction <= 1.0:
+                raise ValueError
+            return fraction
+        except ValueError:
+            raise ConfigError(f"'device-features' {expected}") from None
+
+    def policy_options(self) -> dict[str, Any]:
+        """``client-policy-options`` as a dict (``{}`` when empty); ConfigError naming the key
+        when it is not a JSON object."""
+        import json
+
+        text = self.client_policy_options.strip()
+        if not text:
+            return {}
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f"'client-policy-options' is not valid JSON ({err.msg}): "
+                f"{self.client_policy_options!r}"
+            ) from None
+        if not isinstance(options, dict):
+            raise ConfigError(
+                "'client-policy-options' must hold a JSON object ({...}), got "
+                f"{self.client_policy_options!r}"
+            )
+        return options
 
     def check_data_path(self, base: str | Path | None = None) -> None:
         """Raise ConfigError naming ``data-path`` unless it is ``synthetic`` or exists."""
@@ -324,7 +424,7 @@ class FedrankConfig:
         for name in ("round_timeout", "partition_alpha", "server_tau"):
             if getattr(self, name) <= 0:
                 fail(name, "must be > 0")
-        for name in ("proximal_mu", "weight_decay", "dp_noise_multiplier"):
+        for name in ("proximal_mu", "weight_decay", "dp_noise_multiplier", "partition_power"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
         if self.dp_clipping_norm <= 0:
@@ -341,6 +441,12 @@ class FedrankConfig:
         if self.teacher_d_model % self.teacher_heads:
             fail("teacher_d_model", f"must be divisible by 'teacher-heads' ({self.teacher_heads})")
         self.hidden_sizes()
+        if self._device_keep() is not None and self.student_features == "all":
+            fail(
+                "device_features",
+                "needs 'student-features' = device (with 'all' the student reads every column)",
+            )
+        self.policy_options()
         loss = self.composite_loss()  # unknown loss names, wrong family, negative weights
         if all(t.schedule.always_zero for t in loss.terms):
             raise ConfigError(
@@ -378,6 +484,10 @@ CLIENT_KEYS: frozenset[str] = frozenset(
         "label_fraction",
         "partition_scheme",
         "partition_alpha",
+        "partition_attribute",
+        "partition_power",
+        "pair_weight",
+        "weight_ranks",
         "score_mode",
     )
 )

@@ -11,6 +11,8 @@ register themselves in :data:`POLICIES` (name -> factory taking the run's
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +28,14 @@ class ClientConfigPolicy:
     ``node_info`` holds what the server knows about the node: ``num-sets`` (sets it holds,
     once it has reported them), ``client-key`` (a stable id such as the simulated partition)
     and the last metrics it reported under ``last-metrics``.
+
+    ``wants_validation = True`` makes the server set ``report-validation`` in every training
+    ``ConfigRecord``: clients then add ``val-ndcg@10-start`` (the received global model on
+    their held-out sets) and ``val-ndcg@10`` (after local training) to their training reply.
+    Off by default: it costs two evaluations per client and round.
     """
+
+    wants_validation: bool = False
 
     def configure(self, server_round: int, node_id: int, node_info: dict[str, Any]) -> dict:
         """Keys to override for ``node_id`` this round (``{}``: the run's settings)."""
@@ -47,6 +56,7 @@ class UniformPolicy(ClientConfigPolicy):
     """Every client trains with the run's loss weights and settings."""
 
 
+EXTRA_POLICIES = "simulations.client_weights"  # imported on an unknown policy name
 POLICIES: dict[str, Callable[[FedrankConfig], ClientConfigPolicy]] = {
     "uniform": lambda config: UniformPolicy(),
 }
@@ -58,8 +68,17 @@ def register_policy(name: str, factory: Callable[[FedrankConfig], ClientConfigPo
 
 
 def make_policy(config: FedrankConfig) -> ClientConfigPolicy:
-    """The policy named by ``client-policy``; ConfigError listing the valid names otherwise."""
+    """The policy named by ``client-policy``; ConfigError listing the valid names otherwise.
+
+    Factories take the run's configuration (``client-policy-options`` is in it, see
+    :meth:`~common.config.FedrankConfig.policy_options`). An unknown name first imports
+    :mod:`simulations.client_weights` (which registers ``per-client`` and ``adaptive``), so
+    those work under ``flwr run`` too.
+    """
     name = config.client_policy
+    if name not in POLICIES:
+        with contextlib.suppress(ModuleNotFoundError):  # a deployment without simulations
+            importlib.import_module(EXTRA_POLICIES)
     if name not in POLICIES:
         raise ConfigError(
             f"'client-policy' {name!r} is unknown; valid: {', '.join(sorted(POLICIES))}"

@@ -147,9 +147,10 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     device_table = table.subset(device_ids)
 
     # ---- student -------------------------------------------------------------------------
-    columns = None
-    if cfg.student_features == "device":
-        columns = [int(c) for c in np.asarray(dataset.student_columns).tolist()]
+    # the dataset's device columns, or those `device-features` picks (ConfigError naming it)
+    columns = cfg.device_columns(
+        dataset.num_features, default=np.asarray(dataset.student_columns).tolist()
+    )
     torch.manual_seed(cfg.seed)
     student = StudentModel(dataset.num_features, hidden=cfg.hidden_sizes(), feature_indices=columns)
     arrays = model_to_arrays(student)
@@ -174,6 +175,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             **client_settings,
             "model-spec": json.dumps(student.spec),
             "teacher-version": distributor.version or "none",
+            # clients add val-ndcg@10-start / val-ndcg@10 (two evaluations) when the policy
+            # rewards them (e.g. the adaptive weights)
+            "report-validation": bool(getattr(policy, "wants_validation", False)),
         }
     )
 

@@ -93,7 +93,15 @@ ADAPTIVE_KEYS = (
 )
 OPTIONS_KEY = "client-policy-options"
 # client keys that must be the same on every client (the data and its split, the score mode)
-NOT_PER_CLIENT = ("data-path", "seed", "partition-scheme", "partition-alpha", "score-mode")
+NOT_PER_CLIENT = (
+    "data-path",
+    "seed",
+    "partition-scheme",
+    "partition-alpha",
+    "partition-attribute",
+    "partition-power",
+    "score-mode",
+)
 
 
 def _check_settings(settings: Any, where: str) -> dict[str, Any]:
@@ -176,6 +184,8 @@ class PerClientWeights(ClientConfigPolicy):
 # ---- adaptive weights: Exp3 per client --------------------------------------------------------
 class AdaptiveWeights(ClientConfigPolicy):
     """Exp3 per client over candidate settings, rewarded by the local validation gain."""
+
+    wants_validation = True  # clients report val-ndcg@10-start and val-ndcg@10
 
     def __init__(
         self, options: Mapping[str, Any], base: FedrankConfig | None = None, seed: int | None = None
@@ -336,13 +346,11 @@ def make_client_policy(
 
 
 def _options_from_config(name: str, config: FedrankConfig) -> dict[str, Any]:
-    text = getattr(config, OPTIONS_KEY.replace("-", "_"), "") or "{}"
+    options = config.policy_options()  # ConfigError naming the key unless a JSON object
     try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{OPTIONS_KEY!r} is not valid JSON: {err.msg}") from None
-    if not isinstance(options, dict):
-        raise ConfigError(f"{OPTIONS_KEY!r} must hold a JSON object")
+        check_policy_options({"policy": name, **options})
+    except ConfigError as err:
+        raise ConfigError(f"{OPTIONS_KEY!r}: {err}") from None
     return {"policy": name, **options}
 
 

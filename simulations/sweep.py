@@ -63,6 +63,7 @@ DEFAULT_SPACE: dict[str, Any] = {
 }
 # pair-weight options join the default space when the configuration has them
 OPTIONAL_DEFAULTS: dict[str, Any] = {"pair-weight": ["none", "log_discount"]}
+PAIR_KEYS = ("pair-weight", "weight-ranks")
 # keys that do not change what a run computes, so they are not part of its hash
 UNHASHED = ("out-dir", "teacher-cache-dir", "resume")
 
@@ -144,9 +145,12 @@ class SearchSpace:
             if isinstance(spec, list):
                 if not spec:
                     raise ConfigError(f"{name!r}: the list of values is empty")
+                # pair weights need a pairwise loss: the point's other keys decide (a point
+                # without one is skipped, naming the reason), so probe the value with one
+                probe = {"rank-loss": "rank_pairwise_ce"} if name in PAIR_KEYS else {}
                 for value in spec:
                     try:
-                        FedrankConfig.from_run_config({name: value, "label-weight": 1})
+                        FedrankConfig.from_run_config({name: value, "label-weight": 1, **probe})
                     except ConfigError as err:
                         if name.endswith("-weight"):  # all-zero weights are fine in a sweep
                             if "are 0" not in str(err):

@@ -75,6 +75,19 @@ def test_weights_take_numbers_and_schedules() -> None:
         ({"learning-rate": -1.0}, "learning-rate"),
         ({"student-hidden": "16,x"}, "student-hidden"),
         ({"resume": "yes"}, "resume"),
+        ({"client-policy-options": "{not json"}, "client-policy-options"),
+        ({"client-policy-options": "[1, 2]"}, "client-policy-options"),  # not an object
+        ({"partition-attribute": "height"}, "partition-attribute"),
+        ({"partition-power": -1.0}, "partition-power"),
+        ({"device-features": "abc"}, "device-features"),
+        ({"device-features": "0"}, "device-features"),
+        ({"device-features": "1.5"}, "device-features"),
+        ({"device-features": "1,-2"}, "device-features"),
+        ({"device-features": "3", "student-features": "all"}, "device-features"),
+        ({"pair-weight": "quadratic"}, "pair-weight"),
+        ({"weight-ranks": "oracle"}, "weight-ranks"),
+        # the default rank-loss (rank_softmax_ce) and rank-label-loss take no pair weights
+        ({"pair-weight": "rank_gap"}, "pair-weight"),
     ],
 )
 def test_bad_values_name_the_key(values: dict, key: str) -> None:
@@ -145,3 +158,61 @@ def test_checkpoint_round_trip_and_corruption(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path)
     assert load_checkpoint(tmp_path / "none") is None
+
+
+def test_pair_weights_reach_the_pairwise_losses() -> None:
+    import torch
+
+    cfg = FedrankConfig.from_run_config(
+        {
+            "rank-loss": "rank_pairwise_ce",
+            "rank-label-loss": "label_pairwise_logistic",
+            "pair-weight": "log_discount",
+            "weight-ranks": "student",
+        }
+    )
+    assert {"pair-weight": "log_discount", "weight-ranks": "student"}.items() <= (
+        cfg.client_dict().items()  # they travel to the clients
+    )
+    options = {t.family: t.options for t in cfg.loss_terms()}
+    want = {"pair_weight": "log_discount", "weight_ranks": "student"}
+    assert want.items() <= options["rank"].items()
+    assert want.items() <= options["rank_label"].items()
+    assert "pair_weight" not in options["label"]  # label_sigmoid_ce takes no pair weights
+    # the weights change the loss the client trains with
+    g = torch.Generator().manual_seed(0)
+    scores, teacher = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    labels, mask = (torch.rand(4, 6, generator=g) > 0.5).float(), torch.ones(4, 6, dtype=bool)
+    plain = cfg.replace(**{"pair-weight": "none"}).composite_loss()
+    _, weighted = cfg.composite_loss()(scores, labels, teacher, mask)
+    _, unweighted = plain(scores, labels, teacher, mask)
+    assert weighted["rank"] != pytest.approx(unweighted["rank"])
+    assert weighted["label"] == pytest.approx(unweighted["label"])
+    # one pairwise loss is enough; teacher ranks on a label loss need the teacher's scores
+    only_label = FedrankConfig.from_run_config(
+        {"rank-label-loss": "label_pairwise_logistic", "pair-weight": "rank_gap", "rank-weight": 0}
+    )
+    assert only_label.uses_teacher
+
+
+def test_device_features_pick_the_students_columns() -> None:
+    from simulations.partitioners import restrict_features
+
+    default = [0, 2, 4]
+    cfg = FedrankConfig.from_run_config({})
+    assert cfg.device_columns(10, default=default) == default  # "": the data's default
+    assert cfg.replace(**{"student-features": "all"}).device_columns(10, default) is None
+    for text, keep in (("4", 4), ("0.5", 0.5), ("1, 3,7", [1, 3, 7])):
+        cols = cfg.replace(**{"device-features": text, "seed": 3}).device_columns(10, default)
+        assert cols == restrict_features(10, keep, seed=3).tolist()
+    assert len(cfg.replace(**{"device-features": "0.5"}).device_columns(10, default)) == 5
+    for text in ("11", "1,10"):  # more columns than the data has, a column outside it
+        with pytest.raises(ConfigError, match="device-features"):
+            cfg.replace(**{"device-features": text}).device_columns(10, default)
+
+
+def test_client_policy_options_are_a_json_object() -> None:
+    assert FedrankConfig.from_run_config({}).policy_options() == {}
+    text = '{"candidates": [{"rank-weight": 0.5}, {"rank-weight": 2.0}], "scale": 0.1}'
+    cfg = FedrankConfig.from_run_config({"client-policy-options": text})
+    assert cfg.policy_options()["scale"] == 0.1

@@ -167,6 +167,7 @@ def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
     assert metrics["steps"] == 3.0 and metrics["scores-received"] == 1
     for key in ("loss-label", "loss-rank-label", "loss-rank", "loss-total"):
         assert np.isfinite(metrics[key])
+    assert "val-ndcg@10" not in metrics  # only when the server asks (report-validation)
     new = reply.content["arrays"]
     assert isinstance(new, ArrayRecord) and set(new) == set(content["arrays"])
     assert not np.allclose(new["net.0.weight"].numpy(), content["arrays"]["net.0.weight"].numpy())
@@ -179,6 +180,23 @@ def test_label_only_training_needs_no_scores(settings: dict) -> None:
     labels_only = {**settings, "rank-weight": 0.0, "score-weight": 0.0}
     reply = _send("train", _train_content(labels_only, "none"), _context())
     assert reply.content["metrics"]["loss-rank"] == 0.0
+
+
+def test_validation_metrics_when_the_server_asks(settings: dict) -> None:
+    """``report-validation``: NDCG@10 on the held-out sets of the received model and of the
+    locally trained one -- the same numbers the evaluate handler reports for those weights."""
+    labels_only = {**settings, "rank-weight": 0.0, "score-weight": 0.0, "local-steps": 20}
+    content = _train_content(labels_only, "none")
+    content["config"]["report-validation"] = True
+    reply = _send("train", content, _context())
+    metrics = reply.content["metrics"]
+    before = _send("evaluate", content, _context()).content["metrics"]
+    after = _send(
+        "evaluate", {"arrays": reply.content["arrays"], "config": content["config"]}, _context()
+    ).content["metrics"]
+    assert metrics["val-ndcg@10-start"] == pytest.approx(before["ndcg@10"], abs=1e-6)
+    assert metrics["val-ndcg@10"] == pytest.approx(after["ndcg@10"], abs=1e-6)
+    assert metrics["val-ndcg@10"] != metrics["val-ndcg@10-start"]
 
 
 def test_node_without_data_names_data_path(settings: dict) -> None:

@@ -208,3 +208,34 @@ def test_real_mq2008_fold_partitions_exactly_and_dirichlet_skews() -> None:
     iid = [rate[p].mean() for p in partition(train, 10, "iid", seed=0)]
     skew = [rate[p].mean() for p in partition(train, 10, "dirichlet", seed=0, alpha=0.1)]
     assert np.std(skew) > 2 * np.std(iid)
+
+
+def test_partition_keys_reach_the_simulated_clients() -> None:
+    """``partition-attribute`` (dirichlet) and ``partition-power`` (sizes) from the run's
+    client settings pick the client's sets exactly as ``partition`` does with those options."""
+    from client.local_data import load_local_data
+    from common.config import FedrankConfig
+    from common.datasets import load_dataset
+
+    spec = "synthetic:num_sets=120,min_items=8,max_items=12"
+    train = load_dataset(spec, seed=0).splits["train"]
+    cases = [
+        ({"partition-scheme": "sizes", "partition-power": 2.0}, {"power": 2.0}),
+        (
+            {"partition-scheme": "dirichlet", "partition-attribute": "cluster"},
+            {"alpha": 0.5, "attribute": "cluster"},
+        ),
+    ]
+    for keys, options in cases:
+        settings = FedrankConfig.from_run_config({"data-path": spec, **keys}).client_dict()
+        scheme = keys["partition-scheme"]
+        parts = partition(train, 4, scheme=scheme, seed=0, **options)
+        for pid in range(4):
+            local = load_local_data({"partition-id": pid, "num-partitions": 4}, settings)
+            assert local.train.set_ids.tolist() == train.set_ids[parts[pid]].tolist()
+    # the options change the split: a steeper power law, another attribute
+    steep = partition(train, 4, scheme="sizes", seed=0, power=2.0)
+    assert [len(p) for p in steep] != [len(p) for p in partition(train, 4, "sizes", 0)]
+    by_rate = partition(train, 4, scheme="dirichlet", seed=0, alpha=0.5)
+    by_cluster = partition(train, 4, scheme="dirichlet", seed=0, alpha=0.5, attribute="cluster")
+    assert any(not np.array_equal(a, b) for a, b in zip(by_rate, by_cluster, strict=True))

@@ -11,13 +11,14 @@ import pytest
 
 from common.config import FedrankConfig
 from common.errors import ConfigError, FedrankError
-from server.client_policy import POLICIES, make_policy
+from server.client_policy import POLICIES, make_policy, register_policy
 from simulations.client_weights import (
     AdaptiveWeights,
     PerClientWeights,
     check_policy_options,
     policy_config,
 )
+from simulations.partitioners import restrict_features
 from simulations.scenarios import list_scenarios, load_scenario, parse_scenario
 from simulations.sweep import SearchSpace, plan_runs, run_hash
 
@@ -244,7 +245,28 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
         **scenario.run_config(0),
         "out-dir": os.fspath(tmp_path / "run"),
         "teacher-cache-dir": os.fspath(tmp_path / "teacher"),
+        # the same run checks that these keys reach the clients and the student
+        "device-features": "3",
+        "rank-loss": "rank_pairwise_ce",
+        "pair-weight": "log_discount",
+        "weight-ranks": "both",
     }
+    # a per-client policy that also wants the clients' validation metrics (like `adaptive`);
+    # its options travel in `client-policy-options`
+    assert config["client-policy"] == "per-client" and config["client-policy-options"]
+    observed: list[dict] = []
+
+    class ValidatingPerClient(PerClientWeights):
+        wants_validation = True
+
+        def observe(self, server_round: int, node_id: int, metrics: dict) -> None:
+            observed.append(dict(metrics))
+
+    register_policy(
+        "per-client-validating",
+        lambda cfg: ValidatingPerClient(cfg.policy_options(), cfg),
+    )
+    config["client-policy"] = "per-client-validating"
     expected = {  # partition id -> what that client must train with
         0: {"rank-weight": 2.0, "label-fraction": 0.5, "label-weight": 0.05},
         1: {"rank-weight": 0.5, "label-fraction": 1.0, "label-weight": 0.2},
@@ -264,7 +286,12 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
         pid = int(context.node_config["partition-id"])
         got = {k: float(msg.content["config"][k]) for k in expected[pid]}
         assert got == expected[pid], f"client {pid} got {got}, expected {expected[pid]}"
+        config = msg.content["config"]
+        assert config["report-validation"] is True  # the policy wants validation metrics
+        assert (config["pair-weight"], config["weight-ranks"]) == ("log_discount", "both")
         reply = real.train(msg, context)
+        for key in ("val-ndcg@10-start", "val-ndcg@10"):
+            assert 0.0 <= reply.content["metrics"][key] <= 1.0
         metrics = reply.content["metrics"]  # the reply's one MetricRecord
         metrics["seen-partition"] = pid
         for key, value in got.items():
@@ -295,3 +322,38 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
         reply = by_partition[pid]
         assert int(reply["client-key"]) == pid  # the server's key is the partition id
         assert {k: reply[f"seen-{k}"] for k in want} == want
+    # the policy saw the validation metrics of both clients
+    assert sorted(int(m["client-key"]) for m in observed) == [0, 1]
+    assert all("val-ndcg@10" in m and "val-ndcg@10-start" in m for m in observed)
+    # device-features = "3": the student reads 3 seeded columns of the data
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    num_features = summary["data"]["num_features"]
+    columns = restrict_features(num_features, 3, seed=0).tolist()
+    assert summary["data"]["student_columns"] == columns
+    assert summary["student"]["spec"]["feature_indices"] == columns
+
+
+def test_unknown_policy_names_import_the_simulation_policies(monkeypatch) -> None:  # noqa: ANN001
+    """Under `flwr run` nothing imported simulations.client_weights: make_policy does, and the
+    policy gets its options from `client-policy-options`."""
+    import sys
+
+    import server.client_policy as client_policy
+    import simulations
+
+    monkeypatch.setattr(client_policy, "POLICIES", {"uniform": POLICIES["uniform"]})
+    monkeypatch.delitem(sys.modules, "simulations.client_weights")
+    monkeypatch.setattr(simulations, "client_weights", simulations.client_weights)
+    options = json.dumps({"candidates": [{"rank-weight": 0.5}, {"rank-weight": 2.0}]})
+    config = FedrankConfig.from_run_config(
+        {"client-policy": "adaptive", "client-policy-options": options}
+    )
+    policy = client_policy.make_policy(config)
+    assert "simulations.client_weights" in sys.modules
+    assert type(policy).__name__ == "AdaptiveWeights" and policy.wants_validation
+    assert policy.candidates == [{"rank-weight": 0.5}, {"rank-weight": 2.0}]
+    assert not client_policy.UniformPolicy.wants_validation
+    with pytest.raises(ConfigError, match="client-policy-options"):  # options are checked
+        client_policy.make_policy(config.replace(**{"client-policy-options": '{"scale": 1}'}))
+    with pytest.raises(ConfigError, match="'client-policy' 'bandit' is unknown"):
+        client_policy.make_policy(config.replace(**{"client-policy": "bandit"}))
