@@ -209,7 +209,10 @@ def prepare_unit(
 
     cache = out / "central" / f"{unit_name(data, seed)}.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        cached = json.loads(cache.read_text())
+        # a cache from a run with fewer scenarios is computed again, not half-used
+        if all(s in cached.get("central", {}) for s in scenarios):
+            return cached
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = FedrankConfig.from_run_config({**base_config(args, data, "privileged"), "seed": seed})
     dataset = load_dataset(data, seed=seed)
