@@ -19,3 +19,7 @@ class ScoreTableError(FedrankError, ValueError):
 
 class CheckpointError(FedrankError, ValueError):
     """A checkpoint or exported model is corrupt, truncated or incompatible."""
+
+
+class OutputError(FedrankError, OSError):
+    """An output path cannot be written as asked (a device, a directory, a link loop)."""
