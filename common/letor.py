@@ -13,6 +13,14 @@ decoded together with numpy (one pass per character column), never token by toke
 Any line the vectorised path cannot vouch for sends the file through a plain line-by-line
 parser, which also produces the error message (file, line number, what was expected).
 
+Limits: features are held as a dense float32 matrix (items x features x 4 bytes) and gzip
+files are decompressed in memory, so the reader refuses a file whose dense matrix or
+decompressed text would exceed :data:`MAX_DATA_BYTES` (4 GiB; the environment variable
+``FEDRANK_MAX_DATA_BYTES`` sets another limit in bytes, e.g. ``8e9``) with an error naming the
+file and, for a feature index that makes the matrix that wide, its line. Values and labels
+must fit in float32 (``|x| <= 3.4e38``); qids must be UTF-8. Running out of memory anyway is
+reported in one line naming the file.
+
 Cache: a parsed file is stored as ``<file>.fedrank-cache.npz`` beside the file when that
 folder is writable, else in ``$FEDRANK_CACHE_DIR`` (default ``~/.cache/fedrank``) under
 ``letor/``. The cache is keyed by the source's size, mtime and SHA-256 of its bytes plus the
@@ -23,12 +31,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
 import re
 import stat
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +48,9 @@ from common.errors import DataFormatError
 from common.example_sets import ExampleSets
 
 __all__ = [
+    "MAX_DATA_BYTES",
     "STATS",
+    "max_data_bytes",
     "cache_path_for",
     "read_letor",
     "read_letor_folder",
@@ -47,9 +59,14 @@ __all__ = [
 ]
 
 #: Bumped whenever parsing changes, so old caches are re-parsed.
-READER_VERSION = 1
+READER_VERSION = 2
 CACHE_SUFFIX = ".fedrank-cache.npz"
 SPLIT_NAMES = ("train", "vali", "test")
+
+#: Default limit on the bytes of a dense feature matrix or of a decompressed file.
+MAX_DATA_BYTES = 4 * 2**30
+_LIMIT_ENV = "FEDRANK_MAX_DATA_BYTES"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 #: Counters for tests and diagnostics: files parsed, cache hits, cache files written.
 STATS: dict[str, int] = {"parses": 0, "cache_hits": 0, "cache_writes": 0}
@@ -83,15 +100,21 @@ def read_letor(
         raise DataFormatError(f"{src}: no such data file")
     if num_features is not None and (int(num_features) != num_features or num_features < 0):
         raise DataFormatError(f"num_features must be a non-negative integer, got {num_features!r}")
-    raw = src.read_bytes()
-    key = None
-    if cache:
-        key = _cache_key(src, raw, num_features)
-        hit = _cache_load(src, key)
-        if hit is not None:
-            STATS["cache_hits"] += 1
-            return hit
-    sets = _parse(raw, src, num_features)
+    limit = max_data_bytes()
+    try:
+        raw = src.read_bytes()
+        key = None
+        if cache:
+            key = _cache_key(src, raw, num_features)
+            hit = _cache_load(src, key)
+            if hit is not None:
+                STATS["cache_hits"] += 1
+                return hit
+        sets = _parse(raw, src, num_features, limit)
+    except MemoryError:
+        raise DataFormatError(
+            f"{src}: not enough memory to read it ({src.stat().st_size:,} bytes on disk)"
+        ) from None
     STATS["parses"] += 1
     if cache and key is not None:
         _cache_store(src, key, sets)
@@ -131,6 +154,24 @@ def find_split_file(folder: Path, name: str) -> Path | None:
     return None
 
 
+def max_data_bytes() -> int:
+    """The reader's limit in bytes: ``$FEDRANK_MAX_DATA_BYTES`` if set, else 4 GiB."""
+    text = os.environ.get(_LIMIT_ENV, "").strip()
+    if not text:
+        return MAX_DATA_BYTES
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 1):
+        raise DataFormatError(f"{_LIMIT_ENV} must be a number of bytes >= 1, got {text!r}")
+    return int(value)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 def user_cache_dir() -> Path:
     """``$FEDRANK_CACHE_DIR`` if set, else ``~/.cache/fedrank``."""
     env = os.environ.get("FEDRANK_CACHE_DIR")
@@ -145,17 +186,24 @@ def cache_path_for(path: str | os.PathLike[str]) -> Path:
 
 
 # ---- parsing: fast path ----------------------------------------------------------------------
-def _decode(raw: bytes, src: Path) -> bytes:
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
-            raise DataFormatError(f"{src}: not a readable gzip file ({err})") from None
-    return raw
+def _decode(raw: bytes, src: Path, limit: int) -> bytes:
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:  # at most `limit` bytes: a small file must not inflate into all of memory
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as fh:
+            data = fh.read(limit + 1)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataFormatError(f"{src}: not a readable gzip file ({err})") from None
+    if len(data) > limit:
+        raise DataFormatError(
+            f"{src}: decompresses to more than {_gib(limit)}, the reader's limit "
+            f"(set {_LIMIT_ENV} to allow more)"
+        )
+    return data
 
 
-def _parse(raw: bytes, src: Path, num_features: int | None) -> ExampleSets:
-    data = _decode(raw, src)
+def _parse(raw: bytes, src: Path, num_features: int | None, limit: int) -> ExampleSets:
+    data = _decode(raw, src, limit)
     lines = data.split(b"\n")
     labels: list[bytes] = []
     qids: list[bytes] = []
@@ -176,9 +224,9 @@ def _parse(raw: bytes, src: Path, num_features: int | None) -> ExampleSets:
         comments.append(comment)
     if not labels and ok:
         raise DataFormatError(f"{src}: empty file (no data lines)")
-    result = _fast_arrays(labels, qids, rests, num_features) if ok else None
+    result = _fast_arrays(labels, qids, rests, num_features, limit) if ok else None
     if result is None:  # something unusual or wrong: the line parser decides and explains
-        return _parse_lines(lines, src, num_features)
+        return _parse_lines(lines, src, num_features, limit)
     y, feats, offsets, set_ids = result
     item_ids = _item_ids(comments)
     return ExampleSets(
@@ -186,8 +234,17 @@ def _parse(raw: bytes, src: Path, num_features: int | None) -> ExampleSets:
     )
 
 
+def _fits_float32(values: np.ndarray) -> bool:
+    """True when every value is finite and stays finite in float32."""
+    return bool(np.all(np.isfinite(values)) and np.all(np.abs(values) <= _FLOAT32_MAX))
+
+
 def _fast_arrays(
-    labels: list[bytes], qids: list[bytes], rests: list[bytes], num_features: int | None
+    labels: list[bytes],
+    qids: list[bytes],
+    rests: list[bytes],
+    num_features: int | None,
+    limit: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Vectorised decoding; ``None`` when any check fails (the slow path then explains)."""
     n = len(labels)
@@ -197,7 +254,7 @@ def _fast_arrays(
         y = np.array(labels).astype(np.float64)
     except ValueError:
         return None
-    if not np.all(np.isfinite(y)):
+    if not _fits_float32(y):
         return None
     # sets: qids must form contiguous runs with distinct ids
     q = np.array(qids)
@@ -207,6 +264,10 @@ def _fast_arrays(
     run_ids = q[starts]
     if np.unique(run_ids).size != run_ids.size:
         return None
+    try:
+        set_ids = np.array([r.decode("utf-8") for r in run_ids.tolist()])
+    except UnicodeDecodeError:
+        return None
     offsets = np.append(starts, n).astype(np.int64)
 
     pairs = np.fromiter((r.count(b":") for r in rests), dtype=np.int64, count=n)
@@ -215,6 +276,8 @@ def _fast_arrays(
     if decoded is None:
         return None
     index, value = decoded
+    if not _fits_float32(value):
+        return None
     row = np.repeat(np.arange(n, dtype=np.int64), pairs)
     if index.size:
         if index.min() < 1:
@@ -229,11 +292,11 @@ def _fast_arrays(
         if width > num_features:
             return None
         width = int(num_features)
-    if n * width > 2**31:
+    if n * width * 4 > limit:
         return None
     feats = np.zeros((n, width), dtype=np.float32)
     feats[row, index - 1] = value
-    return y.astype(np.float32), feats, offsets, run_ids.astype(str)
+    return y.astype(np.float32), feats, offsets, set_ids
 
 
 def _decode_pairs(buf: bytes, expected: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -358,10 +421,14 @@ def read_letor_slow(path: str | os.PathLike[str], num_features: int | None = Non
     src = Path(path)
     if not src.is_file():
         raise DataFormatError(f"{src}: no such data file")
-    return _parse_lines(_decode(src.read_bytes(), src).split(b"\n"), src, num_features)
+    limit = max_data_bytes()
+    lines = _decode(src.read_bytes(), src, limit).split(b"\n")
+    return _parse_lines(lines, src, num_features, limit)
 
 
-def _parse_lines(lines: list[bytes], src: Path, num_features: int | None) -> ExampleSets:
+def _parse_lines(
+    lines: list[bytes], src: Path, num_features: int | None, limit: int
+) -> ExampleSets:
     labels: list[float] = []
     rows: list[dict[int, float]] = []
     set_ids: list[str] = []
@@ -369,6 +436,7 @@ def _parse_lines(lines: list[bytes], src: Path, num_features: int | None) -> Exa
     docids: list[str | None] = []
     seen: dict[str, int] = {}
     width = 0
+    width_line = 0  # the line holding the largest feature index
 
     for lineno, line in enumerate(lines, start=1):
         body, _, comment = line.partition(b"#")
@@ -382,10 +450,15 @@ def _parse_lines(lines: list[bytes], src: Path, num_features: int | None) -> Exa
         label = _number(tokens[0])
         if label is None:
             raise fail(f"expected a numeric label as the first token, got {_show(tokens[0])}")
+        if abs(label) > _FLOAT32_MAX:
+            raise fail(f"label {_show(tokens[0])} is outside the float32 range (|x| <= 3.4e38)")
         if len(tokens) < 2 or not tokens[1].startswith(b"qid:") or len(tokens[1]) == 4:
             got = _show(tokens[1]) if len(tokens) > 1 else "end of line"
             raise fail(f"expected 'qid:<id>' after the label, got {got}")
-        qid = tokens[1][4:].decode("utf-8", "replace")
+        try:
+            qid = tokens[1][4:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise fail(f"the set id in {_show(tokens[1])} is not valid UTF-8") from None
         feats: dict[int, float] = {}
         prev = 0
         for tok in tokens[2:]:
@@ -404,9 +477,12 @@ def _parse_lines(lines: list[bytes], src: Path, num_features: int | None) -> Exa
             value = _number(val_b)
             if value is None:
                 raise fail(f"expected a finite numeric value in {_show(tok)}")
+            if abs(value) > _FLOAT32_MAX:
+                raise fail(f"value {_show(tok)} is outside the float32 range (|x| <= 3.4e38)")
             feats[idx] = value
             prev = idx
-            width = max(width, idx)
+            if idx > width:
+                width, width_line = idx, lineno
         if not set_ids or set_ids[-1] != qid:
             if qid in seen:
                 raise fail(
@@ -426,6 +502,14 @@ def _parse_lines(lines: list[bytes], src: Path, num_features: int | None) -> Exa
         raise DataFormatError(f"{src}: empty file (no data lines)")
     if num_features is not None:
         width = int(num_features)
+    dense = len(rows) * width * 4
+    if dense > limit:
+        where = f"{src}, line {width_line}: feature index {width}" if width_line else f"{src}:"
+        raise DataFormatError(
+            f"{where} makes the dense feature matrix {len(rows):,} items x {width:,} features "
+            f"x 4 bytes = {_gib(dense)}, above the reader's limit of {_gib(limit)} "
+            f"(set {_LIMIT_ENV} to allow more)"
+        )
     features = np.zeros((len(rows), width), dtype=np.float32)
     for r, feats in enumerate(rows):
         for idx, value in feats.items():

@@ -238,6 +238,90 @@ def test_malformed_gzip_file(tmp_path: Path) -> None:
         read_letor(path, cache=False)
 
 
+# ---- hostile sizes, encodings and values ----------------------------------------------------
+def test_huge_feature_index_is_refused_before_allocating(tmp_path: Path, capsys) -> None:
+    """A 37-byte file whose feature index 10^9 would make a 7.45 GiB dense matrix."""
+    import tracemalloc
+
+    from common.cli import main as fedrank
+
+    path = write(tmp_path / "tiny.txt", "1 qid:1 1:0.5\n0 qid:1 1000000000:1.5\n")
+    assert path.stat().st_size == 37
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataFormatError) as err:
+            read_letor(path, cache=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    message = str(err.value)
+    assert f"{path}, line 2: feature index 1000000000" in message
+    assert "7.45 GiB" in message and "4.00 GiB" in message and "FEDRANK_MAX_DATA_BYTES" in message
+    with pytest.raises(DataFormatError, match=r"line 2: feature index 1000000000"):
+        read_letor_slow(path)
+    assert fedrank(["data", "stats", str(path)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_data_limit_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    path = write(tmp_path / "ok.txt", GOOD)
+    monkeypatch.setenv("FEDRANK_MAX_DATA_BYTES", "8")  # 2 items x 2 features x 4 bytes = 16
+    with pytest.raises(DataFormatError, match=r"ok\.txt, line 1: feature index 2 makes .* 2 items"):
+        read_letor(path, cache=False)
+    monkeypatch.setenv("FEDRANK_MAX_DATA_BYTES", "16")
+    assert read_letor(path, cache=False).num_items == 2
+    bomb = tmp_path / "bomb.txt.gz"
+    bomb.write_bytes(gzip.compress(b"0 qid:1 1:0\n" * 100_000))  # 1.2 MB from ~2 kB
+    monkeypatch.setenv("FEDRANK_MAX_DATA_BYTES", "1e6")
+    with pytest.raises(DataFormatError, match=r"bomb\.txt\.gz: decompresses to more than"):
+        read_letor(bomb, cache=False)
+    monkeypatch.setenv("FEDRANK_MAX_DATA_BYTES", "lots")
+    with pytest.raises(DataFormatError, match="FEDRANK_MAX_DATA_BYTES must be a number"):
+        read_letor(path, cache=False)
+
+
+def test_running_out_of_memory_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    """With the limit lifted, an 80 TB matrix fails in numpy: reported naming the file."""
+    monkeypatch.setenv("FEDRANK_MAX_DATA_BYTES", "1e18")
+    path = write(tmp_path / "huge.txt", "1 qid:1 10000000000000:1\n0 qid:1 1:1\n")
+    with pytest.raises(DataFormatError, match=r"huge\.txt: not enough memory to read it"):
+        read_letor(path, cache=False)
+
+
+def test_set_ids_must_be_utf8(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"1 qid:caf\xe9 1:1\n0 qid:caf\xe9 2:1\n")
+    with pytest.raises(
+        DataFormatError, match=r"latin1\.txt, line 1: the set id .* not valid UTF-8"
+    ):
+        read_letor(bad, cache=False)
+    good = tmp_path / "utf8.txt"
+    good.write_bytes("1 qid:café 1:1\n0 qid:café 2:1\n1 qid:b 1:1\n".encode())
+    fast, slow = read_letor(good, cache=False), read_letor_slow(good)
+    assert fast.set_ids.tolist() == ["café", "b"]
+    assert_same(fast, slow)
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("1e39 qid:1 1:1\n", "label '1e39'"),
+        ("1 qid:1 1:1 2:-1e39\n", "value '2:-1e39'"),
+        ("1 qid:1 1:1 2:340282350000000000000000000000000000001.5\n", "value '2:3402823"),
+    ],
+)
+def test_values_past_float32_are_refused(tmp_path: Path, text: str, what: str) -> None:
+    path = write(tmp_path / "big.txt", "0 qid:1 1:0\n" + text)
+    with pytest.raises(DataFormatError) as err:
+        read_letor(path, cache=False)
+    message = str(err.value)
+    assert f"{path}, line 2: {what}" in message and "float32 range" in message
+    edge = write(tmp_path / "edge.txt", "3.4e38 qid:1 1:-3.4e38\n")
+    sets = read_letor(edge, cache=False)
+    assert np.isfinite(sets.labels).all() and np.isfinite(sets.features).all()
+
+
 # ---- cache -----------------------------------------------------------------------------------
 def test_cache_hit_is_identical_and_skips_parsing(mq2008_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "S2.txt.gz"
