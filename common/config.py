@@ -53,6 +53,21 @@ LOSS_KEYS: dict[str, tuple[str, str]] = {
 }
 
 
+# ---- upper bounds: a value past them would fail later with a traceback (or fill memory) ----
+#: Flower's records carry integers as int64.
+INT64_MAX = 2**63 - 1
+#: numpy's legacy seeding and many tools take 32-bit seeds.
+MAX_SEED = 2**32 - 1
+MAX_STUDENT_WIDTH = 4096
+MAX_STUDENT_LAYERS = 8
+UPPER_BOUNDS: dict[str, int] = {
+    "seed": MAX_SEED,
+    "teacher_d_model": 4096,
+    "teacher_layers": 48,
+    "batch_size": 65536,
+}
+
+
 def to_key(field_name: str) -> str:
     """``local_epochs`` -> ``local-epochs`` (the Flower configuration key)."""
     return field_name.replace("_", "-")
@@ -138,6 +153,8 @@ class FedrankConfig:
     def __post_init__(self) -> None:
         self._check_types()
         self._check_values()
+        self._check_bounds()
+        self._check_cross_keys()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -458,6 +475,31 @@ class FedrankConfig:
         if self.client_policy != "uniform":
             # policies are registered by server.client_policy; checked there (server side)
             pass
+
+    # ---- upper bounds and keys that contradict each other --------------------------------
+    def _check_bounds(self) -> None:
+        """Every integer fits in int64; sizes and the seed stay within :data:`UPPER_BOUNDS`."""
+        for name, top in UPPER_BOUNDS.items():
+            if getattr(self, name) > top:
+                raise ConfigError(f"{to_key(name)!r} must be <= {top}, got {getattr(self, name)!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+                raise ConfigError(f"{to_key(f.name)!r} must fit in 64 bits, got {value!r}")
+        widths = self.hidden_sizes()
+        if len(widths) > MAX_STUDENT_LAYERS or any(w > MAX_STUDENT_WIDTH for w in widths):
+            raise ConfigError(
+                f"'student-hidden' allows at most {MAX_STUDENT_LAYERS} layers of at most "
+                f"{MAX_STUDENT_WIDTH} units (a device student), got {self.student_hidden!r}"
+            )
+
+    def _check_cross_keys(self) -> None:
+        if self.min_replies > self.min_available_nodes:
+            raise ConfigError(
+                f"'min-replies' ({self.min_replies}) must be <= 'min-available-nodes' "
+                f"({self.min_available_nodes}): a round starts once that many nodes are "
+                "connected, and asking for more replies than that can stall or stop the run"
+            )
 
 
 # keys that travel to clients in every train/evaluate ConfigRecord

@@ -95,6 +95,51 @@ def test_bad_values_name_the_key(values: dict, key: str) -> None:
         FedrankConfig.from_run_config(values)
 
 
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"seed": 2**70}, r"'seed' must be <= 4294967295"),
+        ({"seed": 2**32}, r"'seed' must be <= 4294967295"),
+        ({"local-steps": 2**64}, r"'local-steps' must fit in 64 bits"),
+        ({"student-hidden": "100000000"}, r"'student-hidden' allows at most 8 layers of at most"),
+        ({"student-hidden": ",".join(["8"] * 9)}, r"'student-hidden' allows at most 8 layers"),
+        ({"teacher-d-model": 2**40, "teacher-heads": 1}, r"'teacher-d-model' must be <= 4096"),
+        ({"teacher-layers": 1000}, r"'teacher-layers' must be <= 48"),
+        ({"batch-size": 10**7}, r"'batch-size' must be <= 65536"),
+        (
+            {"min-replies": 3, "min-available-nodes": 2},
+            r"'min-replies' \(3\) must be <= 'min-available-nodes' \(2\)",
+        ),
+    ],
+)
+def test_upper_bounds_and_contradicting_keys(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FedrankConfig.from_run_config(values)
+
+
+def test_values_at_the_bounds_are_accepted() -> None:
+    cfg = FedrankConfig.from_run_config(
+        {
+            "seed": 2**32 - 1,
+            "student-hidden": ",".join(["4096"] * 8),
+            "teacher-d-model": 4096,
+            "min-replies": 2,
+            "min-available-nodes": 2,
+        }
+    )
+    assert cfg.seed == 2**32 - 1 and len(cfg.hidden_sizes()) == 8
+
+
+def test_huge_sizes_fail_in_the_cli_in_one_line(capsys) -> None:
+    from common.cli import main as fedrank
+
+    rc = fedrank(
+        ["simulate", "--clients", "2", "--rounds", "1", "--set", "seed=1180591620717411303424"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "'seed' must be <= 4294967295" in err
+
+
 def test_all_weights_zero_is_an_error() -> None:
     zero = {"label-weight": 0, "rank-label-weight": 0, "rank-weight": 0, "score-weight": 0}
     with pytest.raises(ConfigError, match="weight"):
