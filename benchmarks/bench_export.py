@@ -4,11 +4,13 @@
 
 Trains a teacher (the server's set-aware model, default size of a run) and a student (the
 default device student) on the fold's training sets for a few epochs, exports the student to
-TorchScript and ONNX with ``client.export`` and measures, on the fold's test sets:
+safetensors and ONNX with ``client.export`` (and to TorchScript, which fedrank writes for other
+runtimes but never loads: file size only) and measures, on the fold's test sets:
 
 - parameters and file size (teacher: its saved state dict; student: each export file);
 - scoring latency per set, one set at a time on one thread (what a device does), for the
-  teacher and for the student in memory, as TorchScript and with ONNX Runtime; ratios;
+  teacher and for the student in memory, as loaded from safetensors (rebuilt from the spec)
+  and with ONNX Runtime; the load time of each file; ratios;
 - NDCG@10 of each exported student against the in-memory student (must be equal).
 
 Prints one table with ratios measured in this run.
@@ -93,11 +95,18 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(tmp)
         teacher_file = folder / "teacher.pt"
         torch.save({k: v.detach().cpu() for k, v in teacher.state_dict().items()}, teacher_file)
-        files = {"torchscript": folder / "student.pt", "onnx": folder / "student.onnx"}
-        exported = {}
+        files = {"safetensors": folder / "student.safetensors", "onnx": folder / "student.onnx"}
+        exported, load_ms = {}, {}
         for fmt, path in files.items():
             export_student(student, path, fmt)
+            t0 = time.perf_counter()
             exported[fmt] = load_exported(path)
+            load_ms[fmt] = 1000 * (time.perf_counter() - t0)
+        write_only = folder / "student.pt"
+        export_student(student, write_only, "torchscript")
+        t0 = time.perf_counter()  # the old scoring path, for comparison (we wrote this file)
+        torch.jit.load(str(write_only))
+        load_ms["torchscript via torch.jit.load (old path)"] = 1000 * (time.perf_counter() - t0)
 
         in_memory = score_sets(student, test)
         ndcg_mem = ndcg10(test, in_memory)
@@ -129,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {
             "teacher (state dict)": teacher_file.stat().st_size,
             **{f"student ({fmt})": p.stat().st_size for fmt, p in files.items()},
+            "student (torchscript, write-only)": write_only.stat().st_size,
         }
 
     params_t, params_s = count_parameters(teacher), count_parameters(student)
@@ -147,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:<24}{params:>12,}{size_text:>14}{1000 * latency[name]:>12.3f}"
             f"{t_lat / latency[name]:>11.1f}x"
         )
+    print(
+        "student (torchscript, write-only): "
+        f"{sizes['student (torchscript, write-only)']:,} bytes (never loaded by fedrank)"
+    )
+    print("load time: " + ", ".join(f"{fmt} {ms:.1f} ms" for fmt, ms in load_ms.items()))
     print(f"parameters: teacher / student = {params_t / params_s:.1f}x")
     for fmt in files:
         print(

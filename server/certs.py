@@ -9,10 +9,15 @@
 - ``node-<i>`` (OpenSSH private key) and ``node-<i>.pub`` (OpenSSH public key): one ECDSA
   P-384 key pair per SuperNode, for ``flower-supernode --auth-supernode-private-key`` and
   ``flwr supernode register``.
+- ``student-signing.key`` / ``student-signing.pub`` (PEM): the server's ECDSA P-384 key pair
+  that signs student exports (``fedrank export --sign-key``); devices verify with the public
+  key (``fedrank score --verify-key``).
 
 Only the ``cryptography`` package is needed (Flower already depends on it). Private keys are
-written with mode 0600. Every file is written atomically; existing files are kept unless
-``--force`` is given, so re-running never silently replaces a CA that nodes already trust.
+created with mode 0600 (the file never exists with wider permissions). Every file is written
+atomically; existing files are kept unless ``--force`` is given, so re-running never silently
+replaces a CA that nodes already trust. The command ends by printing the hardened commands
+that use these files (docs/deployment.md explains them).
 """
 
 from __future__ import annotations
@@ -31,10 +36,19 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic_io import atomic_path
+from common.atomic_io import atomic_write_bytes
 from common.errors import ConfigError
+from server.deploy_commands import hardened_commands
 
-__all__ = ["CertPaths", "make_ca", "make_server_cert", "make_node_keys", "make_all", "main"]
+__all__ = [
+    "CertPaths",
+    "make_ca",
+    "make_server_cert",
+    "make_node_keys",
+    "make_signing_key",
+    "make_all",
+    "main",
+]
 
 _LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
@@ -49,6 +63,8 @@ class CertPaths:
     server_key: Path
     node_private_keys: list[Path] = field(default_factory=list)
     node_public_keys: list[Path] = field(default_factory=list)
+    signing_key: Path | None = None
+    signing_public_key: Path | None = None
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -56,9 +72,8 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-        os.chmod(tmp, 0o600 if private else 0o644)
+    # the mode is set when the file is created, before any key byte is in it
+    atomic_write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -222,6 +237,23 @@ def make_node_keys(
     return private_paths, public_paths
 
 
+def make_signing_key(out_dir: Path, force: bool = False) -> tuple[Path, Path]:
+    """Create (or keep) the ECDSA P-384 key pair that signs student exports (PEM)."""
+    priv, pub = out_dir / "student-signing.key", out_dir / "student-signing.pub"
+    if priv.exists() and pub.exists() and not force:
+        _load_key(priv)
+        return priv, pub
+    key = _new_key()
+    _write(priv, _pem_key(key), private=True)
+    _write(
+        pub,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    return priv, pub
+
+
 def make_all(
     out_dir: str | os.PathLike[str],
     hosts: Sequence[str] = (),
@@ -239,7 +271,10 @@ def make_all(
     ca_cert, ca_key = make_ca(out, days=days, force=force)
     server_cert, server_key = make_server_cert(out, hosts, days=days, force=force)
     privs, pubs = make_node_keys(out, nodes, force=force)
-    return CertPaths(ca_cert, ca_key, server_cert, server_key, privs, pubs)
+    signing_key, signing_pub = make_signing_key(out, force=force)
+    return CertPaths(
+        ca_cert, ca_key, server_cert, server_key, privs, pubs, signing_key, signing_pub
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -264,6 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"SuperLink cert/key  {paths.server_cert} {paths.server_key}")
     for priv, pub in zip(paths.node_private_keys, paths.node_public_keys, strict=True):
         print(f"SuperNode key pair  {priv} {pub}")
+    print(f"export signing pair {paths.signing_key} {paths.signing_public_key}")
+    print()
+    print(hardened_commands(str(args.out), args.host[0] if args.host else "SERVER"))
     return 0
 
 

@@ -1,8 +1,12 @@
-"""Student export (TorchScript, ONNX) and on-device scoring: `fedrank export` / `fedrank score`."""
+"""Student export (safetensors, ONNX, write-only TorchScript) and on-device scoring:
+`fedrank export` / `fedrank score`, including hostile files and signed exports."""
 
 from __future__ import annotations
 
 import json
+import os
+import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +22,10 @@ from client.export import (
     rank_sets,
 )
 from common.cli import main as fedrank
-from common.errors import CheckpointError, DataFormatError
+from common.errors import CheckpointError, ConfigError, DataFormatError
 from common.letor import read_letor
 from common.models import StudentModel, score_sets
+from common.signing import load_private_key, load_public_key
 
 REPO = Path(__file__).resolve().parents[1]
 MQ2008 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
@@ -62,7 +67,7 @@ def run_dir(tmp_path_factory, student):
     return run
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
 def test_export_cli_then_score_equals_in_memory(tmp_path, run_dir, student, test_sets, fmt, capsys):
     out = tmp_path / f"student.{fmt}"
     assert fedrank(["export", "--run", str(run_dir), "--format", fmt, "--out", str(out)]) == 0
@@ -102,8 +107,8 @@ def test_export_cli_then_score_equals_in_memory(tmp_path, run_dir, student, test
 
 
 def test_score_prints_trec_run_to_stdout(tmp_path, student, test_sets, capsys):
-    model = tmp_path / "s.pt"
-    export_student(student, model, "torchscript")
+    model = tmp_path / "s.safetensors"
+    export_student(student, model)
     assert fedrank(["score", "--model", str(model), "--data", str(MQ2008), "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == sum(min(3, n) for n in test_sets.sizes.tolist())
@@ -149,13 +154,11 @@ def test_missing_or_corrupt_run_student(tmp_path, run_dir, capsys):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"student\.pt cannot be read"):
         load_run_student(broken)
-    assert (
-        fedrank(["export", "--run", str(broken), "--format", "torchscript", "--out", str(out)]) == 2
-    )
+    assert fedrank(["export", "--run", str(broken), "--out", str(out)]) == 2
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["safetensors", "onnx"])
 def test_truncated_or_flipped_export_is_a_checkpoint_error(tmp_path, student, fmt):
     good = tmp_path / f"good.{fmt}"
     export_student(student, good, fmt)
@@ -216,3 +219,295 @@ def test_torch_load_is_weights_only(tmp_path, run_dir):
     torch.save({"x": Evil()}, bad / "student" / "student.pt")
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_run_student(bad)
+
+
+# ---- the file is data: what a hostile or damaged file cannot do ------------------------------
+def _student_file(tmp_path: Path, student, **tamper) -> Path:
+    """A safetensors export of ``student`` whose tensors are changed by ``tamper`` (name ->
+    array, or None to drop it), re-stamped with a matching checksum as an attacker would."""
+    import safetensors.numpy
+
+    from client.student_files import student_metadata, weights_digest
+
+    arrays = {k: v.detach().numpy().copy() for k, v in student.state_dict().items()}
+    for key, value in tamper.items():
+        key = key.replace("__", ".")
+        if value is None:
+            arrays.pop(key)
+        else:
+            arrays[key] = value
+    meta = student_metadata(student)
+    meta["weights_sha256"] = weights_digest(arrays)
+    path = tmp_path / f"tampered-{'-'.join(tamper) or 'none'}.safetensors"
+    path.write_bytes(safetensors.numpy.save(arrays, metadata={"fedrank": json.dumps(meta)}))
+    return path
+
+
+def test_safetensors_file_carries_the_whole_state_dict(tmp_path, student):
+    import safetensors.numpy
+
+    out = tmp_path / "s.safetensors"
+    meta = export_student(student, out)
+    arrays = safetensors.numpy.load(out.read_bytes())
+    state = student.state_dict()
+    assert set(arrays) == set(state)  # weights and every buffer (feature_indices, transform.*)
+    for key, value in state.items():
+        np.testing.assert_array_equal(arrays[key], value.numpy())
+    assert meta["spec"] == student.spec and meta["num_inputs"] == 16
+    loaded = load_exported(out)
+    assert loaded.format == "safetensors" and loaded.signed_by is None
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            {"net__0__weight": np.zeros((3, 16), np.float32)},
+            r"'net\.0\.weight' has shape \(3, 16\)",
+        ),
+        (
+            {"net__0__bias": np.zeros(16, np.float64)},
+            r"'net\.0\.bias' is float64, expected float32",
+        ),
+        ({"net__2__bias": None}, r"tensor 'net\.2\.bias' is missing"),
+        ({"extra": np.zeros(2, np.float32)}, r"tensor 'extra' is not part of the spec's model"),
+        ({"net__2__weight": np.full((1, 16), np.inf, np.float32)}, r"'net\.2\.weight' holds non-"),
+        ({"feature_indices": np.arange(100, 116)}, r"weights the student cannot run with"),
+    ],
+    ids=["shape", "dtype", "missing", "unexpected", "inf", "indices"],
+)
+def test_safetensors_tensors_are_checked_against_the_spec(tmp_path, student, tamper, message):
+    path = _student_file(tmp_path, student, **tamper)
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_exported(path)
+    assert str(path) in str(err.value)
+
+
+def test_safetensors_spec_and_foreign_files_are_refused(tmp_path, student, capsys):
+    import safetensors.numpy
+
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(safetensors.numpy.save({"w": np.zeros(3, np.float32)}))
+    assert fedrank(["score", "--model", str(foreign), "--data", str(TEST_FILE)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a fedrank export" in err and str(foreign) in err
+    teacher_spec = tmp_path / "teacher.safetensors"
+    arrays = {k: v.numpy() for k, v in student.state_dict().items()}
+    meta = {"format": EXPORT_FORMAT, "num_features": 46, "parameters": 1, "spec": {"kind": "x"}}
+    teacher_spec.write_bytes(safetensors.numpy.save(arrays, metadata={"fedrank": json.dumps(meta)}))
+    with pytest.raises(CheckpointError, match="corrupt: its weights"):
+        load_exported(teacher_spec)
+    from client.student_files import weights_digest
+
+    meta["weights_sha256"] = weights_digest(arrays)
+    teacher_spec.write_bytes(safetensors.numpy.save(arrays, metadata={"fedrank": json.dumps(meta)}))
+    with pytest.raises(CheckpointError, match="bad student spec"):
+        load_exported(teacher_spec)
+
+
+def _crafted_torchscript(path: Path, victim_load: Path, victim_call: Path) -> None:
+    """A TorchScript file with fedrank metadata whose ``__setstate__`` writes ``victim_load``
+    while it is loaded and whose ``forward`` writes ``victim_call`` (through ``torch.from_file``
+    with shared memory): what `fedrank score --model X.pt` ran before it refused TorchScript."""
+
+    class Crafted(torch.nn.Module):
+        def __init__(self, a: str, b: str) -> None:
+            super().__init__()
+            self.w = torch.zeros(46)
+            self.a = a
+            self.b = b
+
+        @torch.jit.export
+        def __getstate__(self) -> tuple[torch.Tensor, str, str, bool]:
+            return (self.w, self.a, self.b, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: tuple[torch.Tensor, str, str, bool]) -> None:
+            self.w, self.a, self.b, self.training = state[0], state[1], state[2], state[3]
+            t = torch.from_file(self.a, True, 4, dtype=torch.uint8)
+            t.fill_(65)
+            self.w = self.w + t.float().sum() * 0
+
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            t = torch.from_file(self.b, True, 4, dtype=torch.uint8)
+            t.fill_(66)
+            return (features * self.w).sum(-1) + t.float().sum() * 0
+
+    meta = {"format": EXPORT_FORMAT, "num_features": 46, "parameters": 46, "spec": {}}
+    meta["weights_sha256"] = "0" * 64
+    scripted = torch.jit.script(Crafted(str(victim_load), str(victim_call)))
+    torch.jit.save(scripted, str(path), _extra_files={"fedrank.json": json.dumps(meta)})
+
+
+def test_crafted_torchscript_is_refused_without_running(tmp_path, capsys):
+    victims = [tmp_path / "victim-load", tmp_path / "victim-call"]
+    evil = tmp_path / "student.pt"
+    _crafted_torchscript(evil, *victims)
+    for v in victims:
+        v.write_bytes(b"\0" * 4)
+    rc = fedrank(["score", "--model", str(evil), "--data", str(TEST_FILE)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert str(evil) in err and "does not load TorchScript" in err
+    assert [v.read_bytes() for v in victims] == [b"\0" * 4] * 2  # nothing ran
+    # the file really is hostile: loading it as TorchScript writes the first victim
+    torch.jit.load(str(evil))
+    assert victims[0].read_bytes() == b"AAAA"
+
+
+def test_torchscript_export_is_write_only(tmp_path, student, test_sets, capsys):
+    out = tmp_path / "student.pt"
+    run = tmp_path / "run"
+    from server.server_app import _save_student
+
+    _save_student(student, run, {"round": 1})
+    assert fedrank(["export", "--run", str(run), "--format", "torchscript", "--out", str(out)]) == 0
+    assert "does not load TorchScript" in capsys.readouterr().out
+    # for other runtimes it scores like the student (we wrote this file, so we may load it)
+    module = torch.jit.load(str(out))
+    batch = test_sets.pad(np.arange(5))
+    with torch.no_grad():
+        expected = student(batch.features, batch.mask)
+        got = module(batch.features).masked_fill(~batch.mask, 0.0)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(CheckpointError, match="does not load TorchScript"):
+        load_exported(out)
+
+
+def _onnx_with_external_weight(path: Path, location: str, in_attribute: bool) -> None:
+    """A fedrank-stamped ONNX model whose weight lives in an external file ``location``
+    (as an initializer, or inside a Constant node's attribute)."""
+    import hashlib
+
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[46])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(46 * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    features = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["s", "i", 46])
+    scores = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["s", "i"])
+    nodes = [
+        helper.make_node("Mul", ["features", "W"], ["prod"]),
+        helper.make_node("ReduceSum", ["prod", "axes"], ["scores"], keepdims=0),
+    ]
+    inits = [helper.make_tensor("axes", TensorProto.INT64, [1], [-1])]
+    if in_attribute:
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=weight))
+    else:
+        inits.append(weight)
+    graph = helper.make_graph(nodes, "g", [features], [scores], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {"format": EXPORT_FORMAT, "num_features": 46, "parameters": 46, "spec": {}}
+    meta["graph_sha256"] = hashlib.sha256(model.graph.SerializeToString()).hexdigest()
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "fedrank", json.dumps(meta)
+    path.write_bytes(model.SerializeToString())
+
+
+@pytest.mark.parametrize("in_attribute", [False, True], ids=["initializer", "attribute"])
+def test_onnx_with_external_data_is_refused(tmp_path, monkeypatch, capsys, in_attribute):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(46, dtype=np.float32).tobytes())
+    model = tmp_path / "student.onnx"
+    _onnx_with_external_weight(model, "secret.bin", in_attribute)
+    monkeypatch.chdir(tmp_path)  # where ONNX Runtime looks for a relative location
+    rc = fedrank(["score", "--model", str(model), "--data", str(TEST_FILE)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert str(model) in err and "refers to external data (tensor 'W')" in err
+
+
+def test_signed_export_verifies_and_tampering_is_refused(tmp_path, run_dir, student, capsys):
+    from server.certs import make_signing_key
+
+    keys, other = tmp_path / "keys", tmp_path / "other"
+    keys.mkdir(), other.mkdir()
+    priv, pub = make_signing_key(keys)
+    _, other_pub = make_signing_key(other)
+    for fmt in ("safetensors", "onnx"):
+        out = tmp_path / f"signed.{fmt}"
+        args = ["export", "--run", str(run_dir), "--format", fmt, "--out", str(out)]
+        assert fedrank([*args, "--sign-key", str(priv)]) == 0
+        assert "signed by sha256:" in capsys.readouterr().out
+        score = ["score", "--model", str(out), "--data", str(TEST_FILE), "--top", "1"]
+        assert fedrank([*score, "--verify-key", str(pub)]) == 0
+        assert "verified" in capsys.readouterr().err
+        assert fedrank([*score, "--verify-key", str(other_pub)]) == 2
+        assert "does not verify with the key" in capsys.readouterr().err
+    unsigned = tmp_path / "unsigned.safetensors"
+    export_student(student, unsigned)
+    score = ["score", "--model", str(unsigned), "--data", str(TEST_FILE), "--verify-key", str(pub)]
+    assert fedrank(score) == 2
+    assert "is not signed" in capsys.readouterr().err
+    # a signed file whose metadata is edited (same length, so the header still parses)
+    signed = tmp_path / "signed.safetensors"
+    raw = signed.read_bytes()
+    tampered = tmp_path / "tampered.safetensors"
+    tampered.write_bytes(raw.replace(b'\\"round\\": 3', b'\\"round\\": 9', 1))
+    assert tampered.read_bytes() != raw
+    with pytest.raises(CheckpointError, match="does not verify"):
+        load_exported(tampered, load_public_key(pub))
+    with pytest.raises(ConfigError, match="--sign-key: TorchScript exports are not signed"):
+        export_student(student, tmp_path / "x.pt", "torchscript", sign_key=load_private_key(priv))
+
+
+# ---- --out: stdout, FIFOs, devices and symlinks ---------------------------------------------
+def _score_to(model: Path, out: str) -> int:
+    return fedrank(["score", "--model", str(model), "--data", str(TEST_FILE), "--out", out])
+
+
+def test_score_out_dash_is_stdout(tmp_path, student, test_sets, capsys):
+    model = tmp_path / "s.safetensors"
+    export_student(student, model)
+    assert _score_to(model, "-") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == test_sets.num_items and lines[0].split()[1] == "Q0"
+    assert not (Path.cwd() / "-").exists()
+
+
+def test_score_out_fifo_is_written_in_place(tmp_path, student, test_sets):
+    model = tmp_path / "s.safetensors"
+    export_student(student, model)
+    fifo = tmp_path / "ranking.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()))
+    reader.start()
+    try:
+        assert _score_to(model, str(fifo)) == 0
+    finally:
+        reader.join(timeout=60)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)  # still the FIFO, not a file renamed over it
+    assert len(received[0].decode().splitlines()) == test_sets.num_items
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_score_out_symlink_writes_its_target(tmp_path, student):
+    model = tmp_path / "s.safetensors"
+    export_student(student, model)
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    target = real_dir / "ranking.txt"
+    target.write_text("old\n")
+    target.chmod(0o640)
+    link = tmp_path / "ranking-link.txt"
+    link.symlink_to(target)
+    assert _score_to(model, str(link)) == 0
+    assert link.is_symlink() and link.resolve() == target  # the link stays a link
+    assert target.read_text().split()[1] == "Q0"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert not list(tmp_path.glob(".*.tmp")) and not list(real_dir.glob(".*.tmp"))
+
+
+def test_score_out_link_to_proc_stdout_is_written_in_place(tmp_path, student, capfd):
+    """A link into /proc (as /dev/stdout is) is written through, never renamed over."""
+    model = tmp_path / "s.safetensors"
+    export_student(student, model)
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    assert _score_to(model, str(link)) == 0
+    out = capfd.readouterr().out
+    assert link.is_symlink() and out.splitlines()[0].split()[1] == "Q0"
