@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"SuperNode key pair  {priv} {pub}")
     print(f"export signing pair {paths.signing_key} {paths.signing_public_key}")
     print()
-    print(hardened_commands(str(args.out), args.host[0] if args.host else "SERVER"))
+    print(hardened_commands(str(args.out), args.host[0] if args.host else "127.0.0.1"))
     return 0
 
 

@@ -61,7 +61,7 @@ def gateway_command(
 def supernode_command(
     key: str,
     node_config: str,
-    server: str = f"SERVER:{GATEWAY_PORT}",
+    server: str = f"{LOOPBACK}:{GATEWAY_PORT}",
     certs: str = "certs",
     port: int = 9094,
 ) -> list[str]:
@@ -97,7 +97,7 @@ def render(args: Sequence[str]) -> str:
     return " \\\n    ".join(parts)
 
 
-def hardened_commands(certs: str = "certs", server: str = "SERVER") -> str:
+def hardened_commands(certs: str = "certs", server: str = LOOPBACK) -> str:
     """The server's two commands and one SuperNode's, as ``fedrank certs`` prints them."""
     node = supernode_command(
         f"{certs}/node-1",

@@ -1,6 +1,9 @@
 """Real Flower deployment processes for tests: SuperLink, SuperNodes and the ``flwr`` CLI.
 
-Everything runs on loopback ports chosen free at run time, in a temporary ``FLWR_HOME``, with
+The commands are the hardened ones the docs print (:mod:`server.deploy_commands`): the
+SuperLink on loopback with TLS and SuperNode authentication, ``fedrank gateway`` serving only
+its Fleet API, SuperNodes dialling the gateway. Everything runs on loopback ports chosen free at
+run time, in a temporary ``FLWR_HOME``, with
 Flower's telemetry, update check and runtime dependency installation off. Every process is
 started in its own session and remembered; :meth:`Processes.stop_all` stops each one and every
 process it spawned (collected from ``/proc`` by parent PID before the parent is stopped), first
@@ -29,6 +32,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
+from server.deploy_commands import gateway_command, superlink_command, supernode_command
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
 HOST = "127.0.0.1"
@@ -40,6 +45,18 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _local_program(args: Sequence[str]) -> list[str]:
+    """A documented command with its program taken from this environment's bin folder."""
+    return [str(BIN / args[0]), *args[1:]]
 
 
 def wait_until(
@@ -337,34 +354,47 @@ class Deployment:
     port: int = 0
     superlink: Proc | None = None
     supernodes: dict[str, Proc] = field(default_factory=dict)
+    gateway_port: int = 0
+    gateway: Proc | None = None
 
     @property
     def address(self) -> str:
+        """The SuperLink's loopback address (Control API: the ``flwr`` CLI)."""
         return f"{HOST}:{self.port}"
+
+    @property
+    def fleet_address(self) -> str:
+        """Where SuperNodes dial: the gateway when one runs, else the SuperLink."""
+        return f"{HOST}:{self.gateway_port}" if self.gateway is not None else self.address
 
     @property
     def env(self) -> dict[str, str]:
         return self.procs.env
 
-    def start_superlink(self, extra_args: Sequence[str] = (), timeout: float = 60.0) -> Proc:
+    def start_superlink(
+        self, extra_args: Sequence[str] = (), timeout: float = 60.0, gateway: bool = True
+    ) -> Proc:
+        """The documented SuperLink command (and, with TLS and ``gateway``, the documented
+        ``fedrank gateway`` in front of it for the SuperNodes)."""
         self.port = self.port or free_port()
-        args = [str(BIN / "flower-superlink"), "--host", HOST, "--port", str(self.port)]
         if self.certs is None:
-            args.append("--insecure")
-        else:
-            args += [
-                "--ssl-ca-certfile",
-                str(self.certs / "ca.crt"),
-                "--ssl-certfile",
-                str(self.certs / "server.pem"),
-                "--ssl-keyfile",
-                str(self.certs / "server.key"),
+            args = [
+                str(BIN / "flower-superlink"),
+                "--insecure",
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+                "--disable-runtime-dependency-installation",
             ]
-            if self.auth:
-                args.append("--enable-supernode-auth")
-        args += ["--disable-runtime-dependency-installation", *extra_args]
-        self.superlink = self.procs.start("superlink", args)
+        else:
+            args = _local_program(superlink_command(str(self.certs), self.port))
+            if not self.auth:
+                args.remove("--enable-supernode-auth")
+        self.superlink = self.procs.start("superlink", [*args, *extra_args])
         self.superlink.wait_for_log(r"Uvicorn running on", timeout)
+        if self.certs is not None and gateway:
+            self.start_gateway(timeout)
         write_connection(
             self.flwr_home,
             self.connection,
@@ -373,6 +403,21 @@ class Deployment:
             insecure=self.certs is None,
         )
         return self.superlink
+
+    def start_gateway(self, timeout: float = 60.0) -> Proc:
+        """``fedrank gateway`` on a free port: the Fleet API only, in front of the SuperLink."""
+        assert self.certs is not None, "the gateway serves TLS only"
+        self.gateway_port = self.gateway_port or free_port()
+        args = gateway_command(str(self.certs), f"{HOST}:{self.gateway_port}", self.address)
+        self.gateway = self.procs.start("gateway", _local_program(args))
+        wait_until(
+            lambda: port_open(HOST, self.gateway_port) or self.gateway.popen.poll() is not None,
+            timeout,
+            what="the gateway to listen",
+        )
+        if not self.gateway.alive():
+            raise RuntimeError(f"fedrank gateway exited:\n{self.gateway.log()[-3000:]}")
+        return self.gateway
 
     def register(self, public_key: Path, timeout: float = 60.0) -> int:
         """``flwr supernode register`` the key; returns the node id."""
@@ -392,21 +437,34 @@ class Deployment:
     ) -> Proc:
         home = self.procs.workdir / f"home-{name}"
         home.mkdir(parents=True, exist_ok=True)
-        args = [
-            str(BIN / "flower-supernode"),
-            "--superlink",
-            self.address,
-            "--port",
-            str(free_port()),
-        ]
-        if insecure or self.certs is None:
-            args.append("--insecure")
-        else:
-            args += ["--root-certificates", str(self.certs / "ca.crt")]
-        if private_key is not None:
-            args += ["--auth-supernode-private-key", str(private_key)]
-        if node_config:
-            args += ["--node-config", node_config]
+        if self.certs is not None and private_key is not None and not insecure:
+            args = _local_program(
+                supernode_command(
+                    str(private_key),
+                    node_config,
+                    server=self.fleet_address,
+                    certs=str(self.certs),
+                    port=free_port(),
+                )
+            )
+            if not node_config:
+                args = args[:-2]
+        else:  # the refused variants: no key, or no TLS
+            args = [
+                str(BIN / "flower-supernode"),
+                "--superlink",
+                self.fleet_address,
+                "--port",
+                str(free_port()),
+            ]
+            if insecure or self.certs is None:
+                args.append("--insecure")
+            else:
+                args += ["--root-certificates", str(self.certs / "ca.crt")]
+            if private_key is not None:
+                args += ["--auth-supernode-private-key", str(private_key)]
+            if node_config:
+                args += ["--node-config", node_config]
         if max_wait_time is not None:
             args += ["--max-retries", "3", "--max-wait-time", str(max_wait_time)]
         args += list(extra_args)

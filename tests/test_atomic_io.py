@@ -77,6 +77,8 @@ def test_resolve_output_treats_dev_and_proc_as_in_place(tmp_path: Path) -> None:
 
 
 def test_write_output_writes_dev_null_in_place(tmp_path: Path) -> None:
+    """The measured failure: `--out /dev/null` as root renamed a file over the device."""
+    assert resolve_output("/dev/null")[1], "never write below unless it goes in place"
     before = os.stat("/dev/null")
     assert write_output("/dev/null", b"discarded") == "in place"
     after = os.stat("/dev/null")

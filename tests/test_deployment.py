@@ -2,33 +2,42 @@
 SuperNode authentication on, driven with the real ``flower-superlink``, ``flower-supernode`` and
 ``flwr`` commands against this repository's ServerApp and ClientApp.
 
-The fleet: a local CA, a SuperLink certificate and three ECDSA node keys from
-``server.certs``; the SuperLink with TLS and ``--enable-supernode-auth`` on a free port; two
-registered SuperNodes (``flwr supernode register``), each with its own LETOR file of MQ2008
-sets (``--node-config data-path=...``); one SuperNode with an unregistered key and one without
-TLS, both of which must be refused. Every process is stopped by PID when the module ends, also
-when a test fails, and the teardown checks that none is left.
+The fleet runs the hardened commands the docs print (``server.deploy_commands``): a local CA, a
+SuperLink certificate and four ECDSA node keys from ``server.certs``; the SuperLink with TLS and
+``--enable-supernode-auth`` on a free loopback port; ``fedrank gateway`` serving only its Fleet
+API on another port (the "network address"); two registered SuperNodes dialling the gateway
+(``flwr supernode register``), each with its own LETOR file of MQ2008 sets (``--node-config
+data-path=...``); one SuperNode with an unregistered key and one without TLS, both of which
+must be refused. Every process is stopped by PID when the module ends, also when a test fails,
+and the teardown checks that none is left.
 """
 
 from __future__ import annotations
 
 import gzip
+import ipaddress
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from deploy_helpers import (
+    HOST,
     REPO,
     Deployment,
     Proc,
     deployment,
+    flwr_cli,
+    flwr_env,
     processes_with_env,
     wait_until,
+    write_connection,
 )
 
 from server.certs import make_all
@@ -62,6 +71,7 @@ class Fleet:
     device_files: list[Path]
     device_sets: list[list[str]]
     keys: list[Path]
+    public_keys: list[Path]
     intruder: Proc
     plain: Proc
 
@@ -133,7 +143,7 @@ def _rows(out_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     work = tmp_path_factory.mktemp("deploy")
-    certs = make_all(work / "certs", nodes=3)
+    certs = make_all(work / "certs", nodes=4)
     files, sets = _device_files(work, 2)
     with deployment(work, work / "certs", auth=True) as dep:
         dep.start_superlink()
@@ -155,7 +165,15 @@ def fleet(tmp_path_factory):
         )
         homes = [dep.flwr_home] + [work / f"home-{n}" for n in dep.supernodes]
         yield Fleet(
-            dep, work, node_ids, files, sets, list(certs.node_private_keys), intruder, plain
+            dep,
+            work,
+            node_ids,
+            files,
+            sets,
+            list(certs.node_private_keys),
+            list(certs.node_public_keys),
+            intruder,
+            plain,
         )
     # every process this module started is gone
     left = {str(h): processes_with_env("FLWR_HOME", str(h)) for h in homes}
@@ -214,6 +232,46 @@ def test_insecure_node_is_refused(fleet: Fleet):
     assert {int(n["node-id"]) for n in fleet.dep.nodes()} == set(fleet.node_ids)
 
 
+def _listening_hosts(port: int) -> set[str]:
+    """The IPv4/IPv6 addresses a TCP socket listens on at ``port`` (from /proc/net)."""
+    hosts = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, _, hexport = local.partition(":")
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(addr)
+                if width == 8:
+                    hosts.add(".".join(str(b) for b in reversed(raw)))
+                else:  # four little-endian 32-bit words
+                    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                    hosts.add(str(ipaddress.IPv6Address(words)))
+    return hosts
+
+
+def test_control_api_is_not_on_the_network_address(fleet: Fleet):
+    """The SuperLink listens on loopback only; the network address (the gateway) serves the
+    Fleet API, through which both nodes joined, and nothing else."""
+    dep = fleet.dep
+    assert _listening_hosts(dep.port) == {"127.0.0.1"}
+    ca = fleet.work / "certs" / "ca.crt"
+    context = ssl.create_default_context(cafile=str(ca))
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/docs"):
+        reply = httpx.post(f"https://{dep.fleet_address}{path}", verify=context, content=b"")
+        assert reply.status_code == 404 and "only the Fleet API" in reply.text, path
+    # the flwr CLI pointed at the network address can neither list runs nor register a key
+    home = fleet.work / "flwr-home-outsider"
+    write_connection(home, "outsider", dep.fleet_address, root_certificates=ca)
+    env = flwr_env(home)
+    for args in (
+        ["ls", "outsider"],
+        ["supernode", "register", str(fleet.public_keys[3]), "outsider"],
+    ):
+        assert flwr_cli(args, env, timeout=120, check=False).returncode != 0, args
+    assert {int(n["node-id"]) for n in dep.nodes()} == set(fleet.node_ids)
+    assert dep.fleet_address != dep.address and dep.fleet_address.startswith(HOST)
+
+
 def test_flwr_stop_ends_a_run(fleet: Fleet):
     dep = fleet.dep
     out = fleet.work / "runs" / "stopped"
@@ -267,9 +325,53 @@ def test_supernode_restart_rejoins_and_gets_its_scores(fleet: Fleet):
     assert node2_deliveries, "node2 never received teacher scores"
 
 
+def test_trusted_entities_refuse_an_app_built_here(fleet: Fleet):
+    """``flower-supernode --trusted-entities`` runs only apps whose signature by a trusted
+    Ed25519 key the SuperLink got from Flower Hub; an app started with ``flwr run .`` carries
+    none, so such a node refuses it (docs/deployment.md: which apps a SuperNode runs)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    dep = fleet.dep
+    operator = ed25519.Ed25519PrivateKey.generate().public_key()
+    openssh = operator.public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+    trusted = fleet.work / "trusted-entities.yaml"
+    trusted.write_text(f'fedrank-operator: "{openssh}"\n')
+    node_id = dep.register(fleet.public_keys[3])
+    node = dep.start_supernode(
+        "trusting",
+        fleet.keys[3],
+        node_config=f'data-path="{fleet.device_files[0]}" threads=1',
+        extra_args=["--trusted-entities", str(trusted)],
+    )
+    wait_until(
+        lambda: any(int(n["node-id"]) == node_id and n["status"] == "online" for n in dep.nodes()),
+        120,
+        interval=2.0,
+        what="the trusting SuperNode online",
+    )
+    run_id = dep.run(REPO, fleet.config("trusting", **{"min-available-nodes": 3}))
+    try:
+        node.wait_for_log(r"The FAB could not be verified", RUN_TIMEOUT)
+    finally:
+        dep.stop_run(run_id)
+        node.stop(timeout=10)
+
+
 def test_client_side_needs_only_common_and_client(tmp_path: Path):
-    """A device holds common/ and client/ (plus flwr, torch, numpy): the ClientApp and the
-    scoring CLI import and work with the server's and the simulations' packages missing."""
+    """A device holds common/ and client/ (plus flwr, torch, numpy, safetensors): the ClientApp
+    and the scoring CLI import and work with the server's and the simulations' packages
+    missing, and score a signed safetensors export after checking its signature."""
+    from client.export import export_student
+    from common.models import StudentModel
+    from common.signing import load_private_key
+    from server.certs import make_signing_key
+
+    signing_key, signing_pub = make_signing_key(tmp_path)
+    model = tmp_path / "student.safetensors"
+    export_student(StudentModel(46, hidden=(8,)), model, sign_key=load_private_key(signing_key))
     device = tmp_path / "device"
     device.mkdir()
     for pkg in ("common", "client"):
@@ -286,6 +388,9 @@ import client.client_app, client.export, client.device, client.trainer
 from client.local_data import load_local_data
 local = load_local_data({{"data-path": {str(data)!r}}}, {{"seed": 0}})
 assert local.train.num_sets > 0
+from client.export import score_main
+assert score_main(["--model", {str(model)!r}, "--data", {str(data)!r},
+                   "--verify-key", {str(signing_pub)!r}, "--out", {str(tmp_path / "r.txt")!r}]) == 0
 blocked = [m for m in sys.modules if m.split(".")[0] in ("server", "simulations", "matplotlib")]
 assert not blocked, blocked
 print("ok", local.train.num_sets)
