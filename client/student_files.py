@@ -154,12 +154,10 @@ def encode_student(
     """The bytes of ``student`` in format ``fmt`` and the metadata written into them."""
     if fmt not in FORMATS:
         raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    student = student.eval()
     if fmt == "safetensors":
         props = _signed(meta, sign_key)
-        return safetensors.numpy.save(_state_arrays(student), metadata=props), json.loads(
-            props[META_KEY]
-        )
+        data = safetensors.numpy.save(_state_arrays(student), metadata=props)
+        return data, json.loads(props[META_KEY])
     if fmt == "onnx":
         return _onnx_bytes(ScoringModule(student), meta, sign_key)
     if sign_key is not None:
@@ -169,7 +167,9 @@ def encode_student(
         )
     scripted = _trace(ScoringModule(student))
     buf = io.BytesIO()
-    torch.jit.save(scripted, buf, _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice
+        torch.jit.save(scripted, buf, _extra_files={TORCHSCRIPT_META_FILE: json.dumps(meta)})
     return buf.getvalue(), meta
 
 
