@@ -137,9 +137,8 @@ def qrels_main(args: argparse.Namespace) -> int:
     if args.out:
         text = "".join(lines)
         atomic_write_text(args.out, text)
-        print(
-            f"wrote qrels of {sets.num_sets} sets, {sets.num_items} items of {source} to {args.out}"
-        )
+        note = f"wrote qrels of {sets.num_sets} sets, {sets.num_items} items of {source}"
+        print(f"{note} to {args.out}", file=sys.stderr)
     else:
         with contextlib.suppress(BrokenPipeError):
             sys.stdout.writelines(lines)

@@ -236,12 +236,13 @@ class _ItemIndex:
             ids = self.sets.item_ids[lo:hi].tolist()  # type: ignore[index]
             table = {item: lo + i for i, item in enumerate(ids)}
             if len(table) != len(ids):
-                seen: set[str] = set()
-                dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+                values, counts = np.unique(np.asarray(ids), return_counts=True)
+                dup = str(values[counts > 1][0])
+                set_id = str(self.sets.set_ids[k])
                 raise DataFormatError(
-                    f"set {self.sets.set_ids[k]!r} of the data holds item id {dup!r} twice, so "
-                    f"{self.source} cannot be matched by id; give positions instead (a "
-                    f"'position' column in CSV or Parquet)"
+                    f"set {set_id!r} of the data holds item id {dup!r} twice, so {self.source} "
+                    "cannot be matched by id; give positions instead (a 'position' column in "
+                    "CSV or Parquet)"
                 )
             self.by_id[k] = table
         return table
