@@ -404,11 +404,11 @@ class ScoreTable:
         raw = np.asarray(self._set_ids[positions])
         return np.char.decode(raw, "utf-8").astype(str) if raw.dtype.kind == "S" else raw
 
-    def align(self, sets: ExampleSets) -> np.ndarray:
-        """Flat float32 teacher scores ``[sets.num_items]`` in the item order of ``sets``.
+    def check_covers(self, sets: ExampleSets) -> np.ndarray:
+        """Check that the table holds every set of ``sets`` with as many scores as items,
+        without reading any score; returns the sets' table positions.
 
-        Raises :class:`ScoreTableError` naming the set when one of ``sets`` is missing from the
-        table or holds a different number of items than the table has scores for.
+        Raises :class:`ScoreTableError` naming the set otherwise (as :meth:`align`).
         """
         positions = self._positions(sets.set_ids)
         table_sizes = np.asarray(self._offsets[positions + 1]) - np.asarray(
@@ -423,7 +423,15 @@ class ScoreTable:
                 f"{int(table_sizes[k])} teacher scores (table version {self.version}); "
                 f"{wrong.size} set(s) differ in length"
             )
-        _, items = self._gather(positions)
+        return positions
+
+    def align(self, sets: ExampleSets) -> np.ndarray:
+        """Flat float32 teacher scores ``[sets.num_items]`` in the item order of ``sets``.
+
+        Raises :class:`ScoreTableError` naming the set when one of ``sets`` is missing from the
+        table or holds a different number of items than the table has scores for.
+        """
+        _, items = self._gather(self.check_covers(sets))
         return self._values(items).astype(np.float32)
 
     def to_float16(self) -> ScoreTable:
@@ -700,7 +708,7 @@ class ScoreTableWriter:
             raise ScoreTableError("score table version must be a non-empty string")
         self.version = version
         self.table: ScoreTable | None = None
-        self._ids: list[bytes] = []
+        self._ids: list[np.ndarray] = []  # utf-8 bytes arrays, one per chunk (the index)
         self._sizes: list[np.ndarray] = []
         self._tmp: Path | None = None
         self._scores: _NpyStream | None = None
@@ -739,11 +747,10 @@ class ScoreTableWriter:
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
             k = int(np.searchsorted(np.cumsum(n), bad, side="right"))
             raise ScoreTableError(f"non-finite teacher score in set {str(ids[k])!r}")
-        for set_id in ids.tolist():
-            encoded = set_id.encode("utf-8")
-            if not encoded or encoded.endswith(b"\x00"):
-                raise ScoreTableError(f"set id {set_id!r} is empty or ends in a NUL character")
-            self._ids.append(encoded)
+        encoded = np.char.encode(ids, "utf-8")
+        if encoded.size and np.any(np.char.str_len(encoded) == 0):
+            raise ScoreTableError("set ids must not be empty")
+        self._ids.append(encoded)
         self._sizes.append(n)
         self._scores.write(_cast(values, self.dtype))
 
@@ -759,8 +766,9 @@ class ScoreTableWriter:
                 shutil.rmtree(tmp)
 
     def _finish(self, tmp: Path) -> None:
-        width = max((len(e) for e in self._ids), default=1)
-        ids = np.array(self._ids, dtype=f"S{width}")
+        width = max([1, *(chunk.dtype.itemsize for chunk in self._ids)])
+        ids = np.concatenate([np.zeros(0, f"S{width}"), *self._ids]).astype(f"S{width}")
+        self._ids = []
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         order = np.argsort(ids, kind="stable").astype(np.int64)
@@ -781,7 +789,7 @@ class ScoreTableWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
         scores = np.load(tmp / "scores.npy", mmap_mode="r", allow_pickle=False)
-        digest = _start_hash((e.decode("utf-8") for e in self._ids), offsets, self.dtype)
+        digest = _start_hash((bytes(e).decode("utf-8") for e in ids), offsets, self.dtype)
         for chunk in _read_chunks(scores):
             digest.update(_little(chunk))
         del scores

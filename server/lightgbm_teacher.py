@@ -364,7 +364,7 @@ def train_or_load_lightgbm(
             table = ScoreTable.load(table_path(folder))
             if table.version != info.get("score_table_version"):
                 raise CheckpointError(f"cached score table in {folder} belongs to another model")
-            table.align(all_sets)
+            table.check_covers(all_sets)
         except (CheckpointError, ScoreTableError) as err:
             log.warning("lightgbm teacher cache %s is unusable (%s); retraining", folder, err)
         else:

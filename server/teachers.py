@@ -76,7 +76,7 @@ def load_imported_table(spec: str, dataset: Any) -> TeacherBundle:
     try:
         if source is not None:
             table = ScoreTable.load(source)
-            table.align(all_sets)
+            table.check_covers(all_sets)
             info = {"kind": "imported", "source": str(source), "format": "table"}
         else:
             table = import_score_table(path, all_sets)

@@ -105,7 +105,7 @@ def test_writer_refuses_bad_chunks_and_leaves_nothing(tmp_path: Path):
         (["a", "b"], [1], [0.0], "2 set ids need as many sizes"),
         (["a"], [2], [0.0], "2 items in all came with 1 scores"),
         (["a", "a"], [1, 1], [0.0, 1.0], "set ids repeat"),
-        ([""], [1], [0.0], "empty"),
+        ([""], [1], [0.0], "must not be empty"),
     ]
     for ids, sizes, scores, message in cases:
         with pytest.raises(ScoreTableError, match=message), ScoreTableWriter(target) as writer:
