@@ -59,7 +59,7 @@ FOLDER_FORMAT = "fedrank-score-table-folder-v1"
 META_FILE = "meta.json"
 _FILES = ("scores.npy", "offsets.npy", "set_ids.npy", "index_ids.npy", "index_pos.npy")
 _SCORE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_CHUNK_ITEMS = 1 << 20  # items per chunk when streaming scores (4 MiB of float32)
+_CHUNK_ITEMS = 1 << 18  # items per chunk when streaming scores (1 MiB of float32)
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -72,12 +72,13 @@ def _start_hash(set_ids: Iterable[str], offsets: np.ndarray, dtype: np.dtype) ->
         encoded = set_id.encode("utf-8")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
-    digest.update(np.ascontiguousarray(offsets, dtype="<i8").tobytes())
+    digest.update(_little(np.asarray(offsets, dtype="<i8")))
     return digest
 
 
-def _little(chunk: np.ndarray) -> bytes:
-    return np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<")).tobytes()
+def _little(chunk: np.ndarray) -> memoryview:
+    """The little-endian bytes of ``chunk`` for hashing (no copy when it already is)."""
+    return memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
 
 
 def content_hash(set_ids: np.ndarray, offsets: np.ndarray, scores: np.ndarray) -> str:
@@ -110,7 +111,7 @@ class _NpyStream:
         self.fh.write(_npy_header(self.dtype, 0))
 
     def write(self, values: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        self.fh.write(_little(np.asarray(values, dtype=self.dtype)))
         self.length += int(values.size)
 
     def close(self) -> None:
@@ -180,6 +181,7 @@ class ScoreTable:
         "_sorted",
         "_path",
         "_decoded",
+        "_members",
     )
 
     def __init__(
@@ -212,6 +214,7 @@ class ScoreTable:
         self._path: Path | None = None
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
         self._decoded: np.ndarray | None = ids
+        self._members: frozenset[str] | None = None
         self._checksum = content_hash(ids, off, values)
         self._version = self._checksum if version is None else str(version)
         if not self._version:
@@ -241,6 +244,7 @@ class ScoreTable:
         self._sorted = index
         self._path = path
         self._decoded = None if set_ids.dtype.kind == "S" else set_ids
+        self._members = None
         return self
 
     # ---- construction ------------------------------------------------------------------
@@ -325,6 +329,10 @@ class ScoreTable:
         return self.num_sets
 
     def __contains__(self, set_id: object) -> bool:
+        if self._path is None:  # in memory: a set of the ids, built once (fast one by one)
+            if self._members is None:
+                self._members = frozenset(self._set_ids.tolist())
+            return str(set_id) in self._members
         found, _ = self._find(np.asarray([str(set_id)]))
         return bool(found[0])
 
@@ -350,14 +358,20 @@ class ScoreTable:
     def _find(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, table positions) of ``wanted`` str ids, by binary search."""
         keys, positions = self._index()
-        if keys.dtype.kind == "S":
-            probe = np.char.encode(wanted.astype(str), "utf-8")
-        else:
-            probe = wanted.astype(str)
         if keys.size == 0:
             return np.zeros(wanted.size, bool), np.zeros(wanted.size, np.int64)
+        if keys.dtype.kind == "S":
+            probe = np.char.encode(wanted.astype(str), "utf-8")
+            width = keys.dtype.itemsize
+        else:
+            probe = wanted.astype(str)
+            width = keys.dtype.itemsize // 4
+        # the probe in the keys' own dtype: numpy would otherwise cast all the keys (O(sets))
+        # to a wider probe's; an id longer than every key cannot be in the table
+        fits = np.char.str_len(probe) <= width
+        probe = probe.astype(keys.dtype)
         at = np.clip(np.searchsorted(keys, probe), 0, keys.size - 1)
-        found = np.asarray(keys[at]) == probe
+        found = (np.asarray(keys[at]) == probe) & fits
         return found, np.asarray(positions[at], dtype=np.int64)
 
     def _positions(self, set_ids: Sequence[str] | np.ndarray) -> np.ndarray:
@@ -767,7 +781,7 @@ class ScoreTableWriter:
 
     def _finish(self, tmp: Path) -> None:
         width = max([1, *(chunk.dtype.itemsize for chunk in self._ids)])
-        ids = np.concatenate([np.zeros(0, f"S{width}"), *self._ids]).astype(f"S{width}")
+        ids = np.concatenate([np.zeros(0, f"S{width}"), *self._ids], dtype=f"S{width}")
         self._ids = []
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -14,6 +14,7 @@ from common.errors import CheckpointError, ScoreTableError
 from common.example_sets import ExampleSets
 from common.records import score_table_from_record, score_table_to_record
 from common.score_table import META_FILE, ScoreTable, ScoreTableWriter
+from server.teacher_scoring import score_to_table
 
 
 def random_table(num_sets: int = 300, seed: int = 0) -> ScoreTable:
@@ -183,3 +184,42 @@ def test_meta_that_disagrees_with_the_files_is_refused(tmp_path: Path):
         (path / META_FILE).write_text(json.dumps({**meta, **change}))
         with pytest.raises(CheckpointError, match=message):
             ScoreTable.load(path)
+
+
+def test_teachers_score_the_data_in_chunks_of_whole_sets(tmp_path: Path):
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 12, size=200)
+    n = int(sizes.sum())
+    sets = ExampleSets(
+        features=rng.normal(size=(n, 3)).astype(np.float32),
+        labels=np.zeros(n, np.float32),
+        offsets=np.concatenate([[0], np.cumsum(sizes)]),
+        set_ids=[f"s{i}" for i in range(200)],
+    )
+    seen: list[int] = []
+
+    def scorer(part: ExampleSets) -> np.ndarray:
+        seen.append(part.num_sets)
+        return part.features @ np.array([1.0, -2.0, 0.5], np.float32)
+
+    expected = ScoreTable.from_scores(sets, sets.features @ np.array([1.0, -2.0, 0.5], np.float32))
+    streamed = score_to_table(sets, scorer, tmp_path / "t", chunk_items=50)
+    assert len(seen) > 10 and sum(seen) == 200  # chunks of whole sets, each set once
+    assert streamed.path == tmp_path / "t" and streamed.equals(expected)
+    assert score_to_table(sets, scorer, chunk_items=64).equals(expected)  # in memory
+    with pytest.raises(ScoreTableError, match="returned 3 scores for"):
+        score_to_table(sets, lambda part: np.zeros(3, np.float32), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() and no_temp_files(tmp_path)
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_lookup_of_ids_longer_or_shorter_than_every_id(tmp_path: Path, on_disk: bool):
+    table = ScoreTable(["abc", "abcdef"], [0, 1, 3], np.array([1.0, 2.0, 3.0], np.float32))
+    if on_disk:
+        table = ScoreTable.load(table.save(tmp_path / "t"))
+    assert "abc" in table and "abcdef" in table
+    for absent in ("abcdefg", "abcdefgh-much-longer", "ab", ""):
+        assert absent not in table
+    with pytest.raises(ScoreTableError, match="'abcdefg' is not in the teacher score table"):
+        table.subset(["abc", "abcdefg"])
+    assert table.subset(["abcdef", "abc"]).set_ids.tolist() == ["abcdef", "abc"]
