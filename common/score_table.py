@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -64,14 +64,28 @@ _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 # ---- hashing -------------------------------------------------------------------------------
-def _start_hash(set_ids: Iterable[str], offsets: np.ndarray, dtype: np.dtype) -> Any:
+_ID_CHUNK = 1 << 16  # set ids hashed per update
+
+
+def _start_hash(set_ids: np.ndarray, offsets: np.ndarray, dtype: np.dtype) -> Any:
+    """A SHA-256 fed with the format, the dtype, every set id (8-byte little-endian length,
+    then its utf-8 bytes) and the offsets; the caller adds the score bytes.
+
+    ``set_ids``: str (``U``) or utf-8 bytes (``S``, e.g. a table folder's memory map); ids go
+    in chunks, so a memory-mapped column is never copied whole.
+    """
     digest = hashlib.sha256()
     digest.update(FORMAT.encode())
     digest.update(str(np.dtype(dtype)).encode())
-    for set_id in set_ids:
-        encoded = set_id.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
+    for lo in range(0, set_ids.size, _ID_CHUNK):
+        chunk = np.asarray(set_ids[lo : lo + _ID_CHUNK])
+        encoded = (
+            chunk.tolist()
+            if chunk.dtype.kind == "S"
+            else [s.encode("utf-8") for s in chunk.tolist()]
+        )
+        lengths = [len(e).to_bytes(8, "little") for e in encoded]
+        digest.update(b"".join(b for pair in zip(lengths, encoded, strict=True) for b in pair))
     digest.update(_little(np.asarray(offsets, dtype="<i8")))
     return digest
 
@@ -83,7 +97,7 @@ def _little(chunk: np.ndarray) -> memoryview:
 
 def content_hash(set_ids: np.ndarray, offsets: np.ndarray, scores: np.ndarray) -> str:
     """SHA-256 (first 16 hex chars) over the ids, offsets, score dtype and score bytes."""
-    digest = _start_hash(np.asarray(set_ids).tolist(), offsets, scores.dtype)
+    digest = _start_hash(np.asarray(set_ids), offsets, scores.dtype)
     digest.update(_little(np.asarray(scores)))
     return digest.hexdigest()[:16]
 
@@ -457,7 +471,7 @@ class ScoreTable:
         if self._dtype == np.float16:
             return self
         if self._path is not None:
-            digest = _start_hash(self._id_strings(), self._offsets, np.dtype(np.float16))
+            digest = _start_hash(self._set_ids, self._offsets, np.dtype(np.float16))
             for chunk in _read_chunks(self._scores):
                 digest.update(_little(_cast(chunk, np.dtype(np.float16))))
             return ScoreTable._attach(
@@ -481,14 +495,6 @@ class ScoreTable:
         return ScoreTable(
             self.set_ids, self._offsets, self.scores.astype(np.float32), self._version
         )
-
-    def _id_strings(self) -> Iterator[str]:
-        """The set ids as str, one at a time (no decoded copy of all of them)."""
-        if self._set_ids.dtype.kind == "S":
-            for raw in self._set_ids:
-                yield bytes(raw).decode("utf-8")
-        else:
-            yield from self._set_ids.tolist()
 
     # ---- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -663,7 +669,7 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 
 def _verify_folder(table: ScoreTable, folder: Path) -> None:
     """Recompute the checksum (streaming) and check the index against the ids."""
-    digest = _start_hash(table._id_strings(), np.asarray(table._offsets), table._dtype)
+    digest = _start_hash(table._set_ids, np.asarray(table._offsets), table._dtype)
     finite = True
     for chunk in _read_chunks(table._scores):
         finite &= bool(np.all(np.isfinite(chunk)))
@@ -803,7 +809,7 @@ class ScoreTableWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
         scores = np.load(tmp / "scores.npy", mmap_mode="r", allow_pickle=False)
-        digest = _start_hash((bytes(e).decode("utf-8") for e in ids), offsets, self.dtype)
+        digest = _start_hash(ids, offsets, self.dtype)
         for chunk in _read_chunks(scores):
             digest.update(_little(chunk))
         del scores

@@ -3,6 +3,7 @@ atomic replacement and refusal of damaged folders."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -223,3 +224,22 @@ def test_lookup_of_ids_longer_or_shorter_than_every_id(tmp_path: Path, on_disk: 
     with pytest.raises(ScoreTableError, match="'abcdefg' is not in the teacher score table"):
         table.subset(["abc", "abcdefg"])
     assert table.subset(["abcdef", "abc"]).set_ids.tolist() == ["abcdef", "abc"]
+
+
+def test_the_content_hash_keeps_its_definition(tmp_path: Path):
+    """The version of a table stays what it was (cached tables and clients keep their
+    versions): SHA-256 over the format, dtype, each id (8-byte length, utf-8 bytes), the
+    offsets and the scores; more ids than one hashing chunk."""
+    rng = np.random.default_rng(9)
+    n = 70_000
+    sizes = rng.integers(0, 3, size=n)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    ids = [f"é{i}" if i % 3 else f"q{i}" for i in range(n)]
+    scores = rng.normal(size=int(offsets[-1])).astype(np.float32)
+    digest = hashlib.sha256(b"fedrank-score-table-v1float32")
+    for set_id in ids:
+        digest.update(len(set_id.encode()).to_bytes(8, "little") + set_id.encode())
+    digest.update(offsets.astype("<i8").tobytes() + scores.astype("<f4").tobytes())
+    table = ScoreTable(ids, offsets, scores)
+    assert table.version == digest.hexdigest()[:16]
+    assert ScoreTable.load(table.save(tmp_path / "t")).version == table.version
