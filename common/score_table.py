@@ -35,140 +35,38 @@ older layout) is still written and read when the path ends in ``.npz``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import json
 import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
 from common.atomic_io import atomic_path
 from common.errors import CheckpointError, ScoreTableError
 from common.example_sets import ExampleSets
+from common.score_table_io import (
+    CHUNK_ITEMS,
+    FILES,
+    FOLDER_FORMAT,
+    FORMAT,
+    META_FILE,
+    SCORE_DTYPES,
+    NpyStream,
+    cast_scores,
+    content_hash,
+    little_bytes,
+    read_chunks,
+    read_meta,
+    replace_folder,
+    start_hash,
+)
 
-__all__ = ["FORMAT", "FOLDER_FORMAT", "ScoreTable", "ScoreTableWriter", "content_hash"]
-
-FORMAT = "fedrank-score-table-v1"
-FOLDER_FORMAT = "fedrank-score-table-folder-v1"
-META_FILE = "meta.json"
-_FILES = ("scores.npy", "offsets.npy", "set_ids.npy", "index_ids.npy", "index_pos.npy")
-_SCORE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_CHUNK_ITEMS = 1 << 18  # items per chunk when streaming scores (1 MiB of float32)
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
-
-
-# ---- hashing -------------------------------------------------------------------------------
-_ID_CHUNK = 1 << 16  # set ids hashed per update
-
-
-def _start_hash(set_ids: np.ndarray, offsets: np.ndarray, dtype: np.dtype) -> Any:
-    """A SHA-256 fed with the format, the dtype, every set id (8-byte little-endian length,
-    then its utf-8 bytes) and the offsets; the caller adds the score bytes.
-
-    ``set_ids``: str (``U``) or utf-8 bytes (``S``, e.g. a table folder's memory map); ids go
-    in chunks, so a memory-mapped column is never copied whole.
-    """
-    digest = hashlib.sha256()
-    digest.update(FORMAT.encode())
-    digest.update(str(np.dtype(dtype)).encode())
-    for lo in range(0, set_ids.size, _ID_CHUNK):
-        chunk = np.asarray(set_ids[lo : lo + _ID_CHUNK])
-        encoded = (
-            chunk.tolist()
-            if chunk.dtype.kind == "S"
-            else [s.encode("utf-8") for s in chunk.tolist()]
-        )
-        lengths = [len(e).to_bytes(8, "little") for e in encoded]
-        digest.update(b"".join(b for pair in zip(lengths, encoded, strict=True) for b in pair))
-    digest.update(_little(np.asarray(offsets, dtype="<i8")))
-    return digest
-
-
-def _little(chunk: np.ndarray) -> memoryview:
-    """The little-endian bytes of ``chunk`` for hashing (no copy when it already is)."""
-    return memoryview(np.ascontiguousarray(chunk, dtype=chunk.dtype.newbyteorder("<"))).cast("B")
-
-
-def content_hash(set_ids: np.ndarray, offsets: np.ndarray, scores: np.ndarray) -> str:
-    """SHA-256 (first 16 hex chars) over the ids, offsets, score dtype and score bytes."""
-    digest = _start_hash(np.asarray(set_ids), offsets, scores.dtype)
-    digest.update(_little(np.asarray(scores)))
-    return digest.hexdigest()[:16]
-
-
-# ---- .npy files written in a stream --------------------------------------------------------
-def _npy_header(dtype: np.dtype, length: int) -> bytes:
-    buffer = io.BytesIO()
-    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False}
-    np.lib.format.write_array_header_1_0(buffer, {**header, "shape": (length,)})
-    return buffer.getvalue()
-
-
-class _NpyStream:
-    """A 1-d ``.npy`` file written chunk by chunk; the header is rewritten with the final length.
-
-    numpy pads ``.npy`` headers with spare room for the length to grow, so the rewrite keeps
-    the header's size; the writer checks that it does.
-    """
-
-    def __init__(self, path: Path, dtype: np.dtype) -> None:
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.length = 0
-        self.fh: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed by close()
-        self.header_size = len(_npy_header(self.dtype, 0))
-        self.fh.write(_npy_header(self.dtype, 0))
-
-    def write(self, values: np.ndarray) -> None:
-        self.fh.write(_little(np.asarray(values, dtype=self.dtype)))
-        self.length += int(values.size)
-
-    def close(self) -> None:
-        header = _npy_header(self.dtype, self.length)
-        if len(header) != self.header_size:  # pragma: no cover - numpy keeps spare room
-            raise ScoreTableError("cannot finish the score file: its .npy header grew")
-        self.fh.seek(0)
-        self.fh.write(header)
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
-        self.fh.close()
-
-
-def _read_chunks(memmap: np.ndarray, chunk: int = _CHUNK_ITEMS) -> Iterator[np.ndarray]:
-    """The values of a memory-mapped 1-d array in chunks, through plain reads.
-
-    Reading the file instead of touching the mapping keeps the pages out of this process's
-    resident memory (the OS page cache still serves them).
-    """
-    path = getattr(memmap, "filename", None)
-    if path is None:  # an in-memory array
-        for lo in range(0, memmap.size, chunk):
-            yield np.asarray(memmap[lo : lo + chunk])
-        return
-    dtype = memmap.dtype
-    with open(path, "rb") as fh:
-        fh.seek(int(memmap.offset))
-        remaining = int(memmap.size)
-        while remaining:
-            n = min(chunk, remaining)
-            data = fh.read(n * dtype.itemsize)
-            if len(data) != n * dtype.itemsize:
-                raise CheckpointError(f"score table file {path} is truncated")
-            yield np.frombuffer(data, dtype=dtype)
-            remaining -= n
-
-
-def _cast(chunk: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if chunk.dtype == dtype:
-        return chunk
-    if dtype == np.float16 and chunk.size and float(np.max(np.abs(chunk))) > _FLOAT16_MAX:
-        raise ScoreTableError("teacher scores exceed the float16 range; keep float32")
-    return chunk.astype(dtype)
+__all__ = ["FORMAT", "FOLDER_FORMAT", "META_FILE", "ScoreTable", "ScoreTableWriter", "content_hash"]
 
 
 # ---- the table -----------------------------------------------------------------------------
@@ -209,7 +107,7 @@ class ScoreTable:
         # private copies: the arrays are frozen below and must not freeze the caller's
         off = np.array(offsets, dtype=np.int64).reshape(-1)
         values = np.asarray(scores)
-        dtype = values.dtype if values.dtype in _SCORE_DTYPES else np.dtype(np.float32)
+        dtype = values.dtype if values.dtype in SCORE_DTYPES else np.dtype(np.float32)
         values = np.array(values, dtype=dtype).reshape(-1)
         _check_offsets(off, ids.size, values.size)
         if np.unique(ids).size != ids.size:
@@ -293,7 +191,7 @@ class ScoreTable:
         """All scores (the memory map itself for an opened folder, read-only)."""
         if self._scores.dtype != self._dtype:
             values = np.concatenate(
-                [_cast(c, self._dtype) for c in _read_chunks(self._scores)]
+                [cast_scores(c, self._dtype) for c in read_chunks(self._scores)]
                 or [np.zeros(0, self._dtype)]
             )
             values.flags.writeable = False
@@ -403,7 +301,7 @@ class ScoreTable:
         """Teacher scores (float32) of one set, in item order."""
         pos = int(self._positions([set_id])[0])
         lo, hi = int(self._offsets[pos]), int(self._offsets[pos + 1])
-        return _cast(np.asarray(self._scores[lo:hi]), self._dtype).astype(np.float32)
+        return cast_scores(np.asarray(self._scores[lo:hi]), self._dtype).astype(np.float32)
 
     def _gather(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         starts = np.asarray(self._offsets[positions])
@@ -416,7 +314,7 @@ class ScoreTable:
 
     def _values(self, items: np.ndarray) -> np.ndarray:
         """Scores at ``items`` in the table's dtype (reads only their pages from a folder)."""
-        return _cast(np.asarray(self._scores[items]), self._dtype)
+        return cast_scores(np.asarray(self._scores[items]), self._dtype)
 
     def subset(self, set_ids: Sequence[str] | np.ndarray) -> ScoreTable:
         """The scores of ``set_ids`` only (in that order), same version: a client's payload.
@@ -471,9 +369,9 @@ class ScoreTable:
         if self._dtype == np.float16:
             return self
         if self._path is not None:
-            digest = _start_hash(self._set_ids, self._offsets, np.dtype(np.float16))
-            for chunk in _read_chunks(self._scores):
-                digest.update(_little(_cast(chunk, np.dtype(np.float16))))
+            digest = start_hash(self._set_ids, self._offsets, np.dtype(np.float16))
+            for chunk in read_chunks(self._scores):
+                digest.update(little_bytes(cast_scores(chunk, np.dtype(np.float16))))
             return ScoreTable._attach(
                 set_ids=self._set_ids,
                 offsets=self._offsets,
@@ -484,7 +382,7 @@ class ScoreTable:
                 index=self._sorted,
                 path=self._path,
             )
-        values = _cast(self._scores, np.dtype(np.float16))
+        values = cast_scores(self._scores, np.dtype(np.float16))
         return ScoreTable(self._set_ids, self._offsets, values, self._version)
 
     def to_float32(self) -> ScoreTable:
@@ -506,15 +404,15 @@ class ScoreTable:
         with ScoreTableWriter(target, dtype=self._dtype, version=self._version) as writer:
             ids = self.set_ids
             sizes = self.sizes
-            # whole sets per chunk, about _CHUNK_ITEMS items each
+            # whole sets per chunk, about CHUNK_ITEMS items each
             bounds = np.searchsorted(
-                self._offsets, np.arange(0, self.num_items, _CHUNK_ITEMS), side="right"
+                self._offsets, np.arange(0, self.num_items, CHUNK_ITEMS), side="right"
             )
             cuts = sorted({0, *(int(b) - 1 for b in bounds[1:]), self.num_sets})
             for a, b in zip(cuts[:-1], cuts[1:], strict=True):
                 lo, hi = int(self._offsets[a]), int(self._offsets[b])
                 writer.add(
-                    ids[a:b], sizes[a:b], _cast(np.asarray(self._scores[lo:hi]), self._dtype)
+                    ids[a:b], sizes[a:b], cast_scores(np.asarray(self._scores[lo:hi]), self._dtype)
                 )
         return target
 
@@ -556,7 +454,7 @@ class ScoreTable:
             raise CheckpointError(
                 f"score table file {source} has format {fmt!r}, expected {FORMAT!r}"
             )
-        if scores.dtype not in _SCORE_DTYPES:
+        if scores.dtype not in SCORE_DTYPES:
             raise CheckpointError(
                 f"score table file {source} holds {scores.dtype} scores, expected float32/float16"
             )
@@ -576,9 +474,9 @@ class ScoreTable:
         """Memory-map a table folder. ``verify`` recomputes the checksum by streaming the
         files (the scores never all sit in memory); a damaged folder raises CheckpointError."""
         folder = Path(path)
-        meta = _read_meta(folder)
+        meta = read_meta(folder)
         arrays: dict[str, np.ndarray] = {}
-        for name in _FILES:
+        for name in FILES:
             file = folder / name
             try:
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
@@ -607,7 +505,7 @@ class ScoreTable:
                     f"score table file {folder / name} holds {arr.dtype} {arr.shape}, "
                     f"expected {length} values of kind {kind!r} (see {META_FILE})"
                 )
-        if scores.dtype != dtype or dtype not in _SCORE_DTYPES:
+        if scores.dtype != dtype or dtype not in SCORE_DTYPES:
             raise CheckpointError(
                 f"score table file {folder / 'scores.npy'} holds {scores.dtype} scores, "
                 f"{META_FILE} says {dtype} (float32 or float16)"
@@ -641,39 +539,13 @@ def _check_offsets(off: np.ndarray, num_sets: int, num_items: int) -> None:
         raise ScoreTableError("score table offsets must be non-decreasing")
 
 
-def _read_meta(folder: Path) -> dict[str, Any]:
-    file = folder / META_FILE
-    if not file.is_file():
-        raise CheckpointError(f"score table folder {folder} has no {META_FILE}")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"score table file {file} is corrupt: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(
-            f"score table file {file} has format {found!r}, expected {FOLDER_FORMAT!r}"
-        )
-    for key, kind in (("num_sets", int), ("num_items", int), ("version", str)):
-        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
-            raise CheckpointError(f"score table file {file}: {key!r} is missing or malformed")
-    for key in ("checksum", "dtype"):
-        if not isinstance(meta.get(key), str):
-            raise CheckpointError(f"score table file {file}: {key!r} is missing or malformed")
-    try:
-        np.dtype(meta["dtype"])
-    except TypeError as err:
-        raise CheckpointError(f"score table file {file}: unknown dtype {meta['dtype']!r}") from err
-    return meta
-
-
 def _verify_folder(table: ScoreTable, folder: Path) -> None:
     """Recompute the checksum (streaming) and check the index against the ids."""
-    digest = _start_hash(table._set_ids, np.asarray(table._offsets), table._dtype)
+    digest = start_hash(table._set_ids, np.asarray(table._offsets), table._dtype)
     finite = True
-    for chunk in _read_chunks(table._scores):
+    for chunk in read_chunks(table._scores):
         finite &= bool(np.all(np.isfinite(chunk)))
-        digest.update(_little(chunk))
+        digest.update(little_bytes(chunk))
     if digest.hexdigest()[:16] != table.checksum:
         raise CheckpointError(
             f"score table folder {folder} does not match its checksum (stored {table.checksum}, "
@@ -722,7 +594,7 @@ class ScoreTableWriter:
     ) -> None:
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
-        if self.dtype not in _SCORE_DTYPES:
+        if self.dtype not in SCORE_DTYPES:
             raise ScoreTableError(f"score table dtype must be float32 or float16, got {dtype}")
         if version is not None and not str(version):
             raise ScoreTableError("score table version must be a non-empty string")
@@ -731,7 +603,7 @@ class ScoreTableWriter:
         self._ids: list[np.ndarray] = []  # utf-8 bytes arrays, one per chunk (the index)
         self._sizes: list[np.ndarray] = []
         self._tmp: Path | None = None
-        self._scores: _NpyStream | None = None
+        self._scores: NpyStream | None = None
 
     def __enter__(self) -> ScoreTableWriter:
         if self.path.exists() and not (self.path / META_FILE).is_file():
@@ -742,7 +614,7 @@ class ScoreTableWriter:
         self._tmp = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         )
-        self._scores = _NpyStream(self._tmp / "scores.npy", self.dtype)
+        self._scores = NpyStream(self._tmp / "scores.npy", self.dtype)
         return self
 
     def add(
@@ -772,7 +644,7 @@ class ScoreTableWriter:
             raise ScoreTableError("set ids must not be empty")
         self._ids.append(encoded)
         self._sizes.append(n)
-        self._scores.write(_cast(values, self.dtype))
+        self._scores.write(cast_scores(values, self.dtype))
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         tmp = self._tmp
@@ -809,9 +681,9 @@ class ScoreTableWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
         scores = np.load(tmp / "scores.npy", mmap_mode="r", allow_pickle=False)
-        digest = _start_hash(ids, offsets, self.dtype)
-        for chunk in _read_chunks(scores):
-            digest.update(_little(chunk))
+        digest = start_hash(ids, offsets, self.dtype)
+        for chunk in read_chunks(scores):
+            digest.update(little_bytes(chunk))
         del scores
         checksum = digest.hexdigest()[:16]
         meta = {
@@ -821,22 +693,8 @@ class ScoreTableWriter:
             "num_sets": int(ids.size),
             "num_items": int(offsets[-1]),
             "dtype": str(self.dtype),
-            "files": list(_FILES),
+            "files": list(FILES),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _replace_folder(tmp, self.path)
+        replace_folder(tmp, self.path)
         self.table = ScoreTable.open(self.path, verify=False)
-
-
-def _replace_folder(new: Path, target: Path) -> None:
-    """Rename ``new`` to ``target``; an existing table folder there is moved aside first and
-    removed afterwards (never renamed through a symlink)."""
-    if target.is_symlink():
-        raise ScoreTableError(f"{target} is a symbolic link; will not replace it")
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.rename(target, old / "table")
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
