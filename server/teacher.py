@@ -631,7 +631,9 @@ def train_or_load_teacher(
                 log.info("teacher: reusing cached teacher %s (table %s)", folder, table.version)
                 return TeacherBundle(model, table, True, folder, info)
         result = train_teacher(splits["train"], splits.get("vali"), config, progress=progress)
-        table = build_score_table(result.model, all_sets, path=folder / SCORES_DIR)
+        table = build_score_table(
+            result.model, all_sets, path=folder / SCORES_DIR, progress=progress
+        )
         metrics = {}
         for name in sorted(splits):
             metrics[name] = evaluate(result.model, splits[name])
