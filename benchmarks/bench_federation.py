@@ -41,7 +41,7 @@ def _bytes_table(summary: dict, data_path: str, clients: int, seed: int) -> list
     from simulations.partitioners import partition
 
     teacher_dir = Path(summary["teacher"]["path"])
-    table = ScoreTable.load(teacher_dir / "scores.npz")
+    table = ScoreTable.load(teacher_dir / "scores")
     dataset = load_dataset(data_path, seed=seed)
     train, vali = dataset.splits["train"], dataset.splits["vali"]
     device_ids = [*train.set_ids.tolist(), *vali.set_ids.tolist()]

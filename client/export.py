@@ -56,6 +56,7 @@ from common.letor import find_split_file, read_letor
 from common.metrics import ndcg
 from common.models import build_model
 from common.signing import load_private_key, load_public_key
+from common.trec import item_names, run_lines
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -139,23 +140,13 @@ def rank_sets(sets: ExampleSets, scores: np.ndarray) -> Iterator[dict[str, Any]]
         lo, hi = int(sets.offsets[k]), int(sets.offsets[k + 1])
         s = scores[lo:hi]
         order = np.argsort(-s, kind="stable")
-        if sets.item_ids is not None:
-            items = [str(i) for i in sets.item_ids[lo:hi][order]]
-        else:
-            items = [str(int(i)) for i in order]
+        names = item_names(sets, k)
+        items = [names[i] for i in order]
         yield {
             "set": str(sets.set_ids[k]),
             "items": items,
             "scores": [float(v) for v in s[order]],
         }
-
-
-def _trec_lines(rankings: Iterator[dict[str, Any]], top: int) -> Iterator[str]:
-    for r in rankings:
-        for rank, (item, score) in enumerate(zip(r["items"], r["scores"], strict=True), 1):
-            if top and rank > top:
-                break
-            yield f"{r['set']} Q0 {item} {rank} {score:.6g} fedrank\n"
 
 
 def _read_data(path: str, split: str, num_features: int) -> tuple[ExampleSets, str]:
@@ -267,11 +258,11 @@ def score_main(argv: Sequence[str]) -> int:
         if Path(args.out).suffix == ".jsonl":
             text = "".join(json.dumps(r) + "\n" for r in _top(rankings, args.top))
         else:
-            text = "".join(_trec_lines(rankings, args.top))
+            text = "".join(run_lines(rankings, args.top))
         how = write_output(args.out, text)
     else:
         with contextlib.suppress(BrokenPipeError):
-            sys.stdout.writelines(_trec_lines(rankings, args.top))
+            sys.stdout.writelines(run_lines(rankings, args.top))
     per_set_ms = 1000.0 * seconds / max(sets.num_sets, 1)
     note = (
         f"scored {sets.num_sets} sets ({sets.num_items} items) of {src} with {model.format} "

@@ -14,8 +14,8 @@ from common.errors import FedrankError
 
 # name -> (module, function, one-line help); each function takes argv and returns an exit code
 SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
-    "data": ("common.data_cli", "main", "inspect example-set data: `fedrank data stats PATH`"),
-    "teacher": ("server.teacher_cli", "main", "train the teacher and write its score table"),
+    "data": ("common.data_cli", "main", "inspect data: `fedrank data stats|qrels PATH`"),
+    "teacher": ("server.teacher_cli", "main", "train or import a teacher; write its score table"),
     "simulate": ("simulations.simulate", "main", "run a federated simulation and compare students"),
     "export": ("client.export", "export_main", "export the global student (safetensors or onnx)"),
     "score": ("client.export", "score_main", "rank the items of each set with an exported student"),

@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "partition_attribute": ("positive_rate", "cluster"),
     "pair_weight": ("none", "inverse_rank", "log_discount", "rank_gap"),
     "weight_ranks": ("teacher", "student", "both"),
+    "teacher_kind": ("set-transformer", "lightgbm", "imported"),
 }
 
 # loss family -> (key of the loss name, key of the weight)
@@ -145,6 +146,14 @@ class FedrankConfig:
     teacher_heads: int = 4
     teacher_lr: float = 0.002
     teacher_cache_dir: str = ""
+    # ---- teacher kind: the built-in set transformer, LightGBM LambdaMART or imported scores -
+    teacher_kind: str = "set-transformer"
+    teacher_scores: str = ""
+    lightgbm_trees: int = 500
+    lightgbm_leaves: int = 31
+    lightgbm_learning_rate: float = 0.05
+    lightgbm_min_data_in_leaf: int = 20
+    lightgbm_early_stopping: int = 50
     # ---- evaluation and outputs -----------------------------------------------------------
     eval_split: str = "test"
     out_dir: str = "runs/fedrank"
@@ -371,6 +380,31 @@ class FedrankConfig:
             )
 
     # ---- validation ---------------------------------------------------------------------
+    def _check_teacher_kind(self) -> None:
+        """``teacher-kind`` against ``teacher-scores`` and the ``lightgbm-*`` settings."""
+        if self.teacher_kind == "imported" and not self.teacher_scores.strip():
+            raise ConfigError(
+                "'teacher-kind' = imported needs 'teacher-scores': a table folder written by "
+                "`fedrank teacher --scores` or a TREC run / CSV / Parquet file of scores"
+            )
+        if self.teacher_kind != "imported" and self.teacher_scores.strip():
+            raise ConfigError(
+                f"'teacher-scores' is set but 'teacher-kind' is {self.teacher_kind!r}; "
+                "set 'teacher-kind' = imported to distil those scores"
+            )
+        for name, low in (
+            ("lightgbm_trees", 1),
+            ("lightgbm_leaves", 2),
+            ("lightgbm_min_data_in_leaf", 1),
+            ("lightgbm_early_stopping", 0),
+        ):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{to_key(name)!r} must be >= {low}, got {getattr(self, name)!r}")
+        if self.lightgbm_learning_rate <= 0:
+            raise ConfigError(
+                f"'lightgbm-learning-rate' must be > 0, got {self.lightgbm_learning_rate!r}"
+            )
+
     def _check_types(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -457,6 +491,7 @@ class FedrankConfig:
             fail("label_fraction", "must lie in [0, 1]")
         if self.teacher_d_model % self.teacher_heads:
             fail("teacher_d_model", f"must be divisible by 'teacher-heads' ({self.teacher_heads})")
+        self._check_teacher_kind()
         self.hidden_sizes()
         if self._device_keep() is not None and self.student_features == "all":
             fail(

@@ -3,22 +3,30 @@
 ``fedrank data stats PATH`` prints, for a LETOR file, a fold folder (train / vali / test), a
 data root (its ``Fold1``) or ``synthetic[:key=value,...]``: sets, items, features, the label
 histogram, the set-size distribution and the sets with no relevant item (label > 0).
+
+``fedrank data qrels PATH [--split test] [--out FILE]`` writes TREC qrels (``qid 0 docid
+label``) of a LETOR file or a fold folder's split, with the ids ``fedrank score`` writes in its
+TREC runs, so ``trec_eval`` or ``ir-measures`` can evaluate those runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.atomic_io import atomic_write_text
 from common.datasets import load_dataset, resolve_letor
 from common.errors import DataFormatError
 from common.example_sets import ExampleSets
-from common.letor import read_letor
+from common.letor import SPLIT_NAMES, find_split_file, read_letor
+from common.trec import qrels_lines
 
 __all__ = ["describe", "main"]
 
@@ -107,6 +115,36 @@ def stats_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _letor_split(path: str, split: str) -> tuple[ExampleSets, str]:
+    """The sets of a LETOR file, or of ``split`` of a fold folder (``all``: every split)."""
+    src = Path(path).expanduser()
+    if src.is_file():
+        return read_letor(src), str(src)
+    if not src.is_dir():
+        raise DataFormatError(f"{path}: no such file or folder")
+    if split == "all":
+        _, splits = resolve_letor(src)
+        return ExampleSets.concat([splits[n] for n in SPLIT_NAMES if n in splits]), str(src)
+    found = find_split_file(src, split)
+    if found is None:
+        raise DataFormatError(f"{path}: folder has no {split}.txt or {split}.txt.gz (see --split)")
+    return read_letor(found), str(found)
+
+
+def qrels_main(args: argparse.Namespace) -> int:
+    sets, source = _letor_split(args.path, args.split)
+    lines = qrels_lines(sets, source)
+    if args.out:
+        text = "".join(lines)
+        atomic_write_text(args.out, text)
+        note = f"wrote qrels of {sets.num_sets} sets, {sets.num_items} items of {source}"
+        print(f"{note} to {args.out}", file=sys.stderr)
+    else:
+        with contextlib.suppress(BrokenPipeError):
+            sys.stdout.writelines(lines)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedrank data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,7 +154,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats.add_argument("path", help="LETOR file, fold folder, data root, or synthetic[:k=v,...]")
     stats.add_argument("--seed", type=int, default=0, help="seed for synthetic data (default 0)")
     stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    qrels = sub.add_parser(
+        "qrels", help="TREC qrels (qid 0 docid label) of a LETOR file or fold folder"
+    )
+    qrels.add_argument("path", help="LETOR file (.txt/.gz) or fold folder")
+    qrels.add_argument(
+        "--split",
+        default="test",
+        choices=(*SPLIT_NAMES, "all"),
+        help="split of a fold folder (default test; all: every split)",
+    )
+    qrels.add_argument("--out", help="file to write (atomically); default: standard output")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.command == "stats":
         return stats_main(args)
+    if args.command == "qrels":
+        return qrels_main(args)
     return 2  # pragma: no cover - argparse rejects unknown commands

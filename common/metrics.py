@@ -11,7 +11,8 @@ Conventions (the same in every function):
 - Masked items never count, whatever their scores or labels hold (padding content changes
   nothing).
 - Gain ``2^y - 1``, discount ``1 / log2(1 + rank)``; an item is *relevant* when ``y > 0``.
-  Labels are expected to be ``>= 0`` (binary or graded).
+  Labels are expected to be ``>= 0`` (binary or graded). ``dcg`` and ``ndcg`` take
+  ``gain="linear"`` for gain ``y`` (trec_eval's and ir-measures' nDCG).
 - A row with no real item is not a set: every per-set metric gives NaN for it.
 - Undefined values are NaN (e.g. AUC of a set without both a positive and a negative item);
   :func:`ranking_summary` averages over the sets with a finite value.
@@ -53,6 +54,7 @@ __all__ = [
 ]
 
 EMPTY_CONVENTIONS = ("zero", "one", "skip")
+GAINS = ("exponential", "linear")  # 2^y - 1 (default) or y (trec_eval)
 _PAIR_BUDGET = 1 << 22  # max B * N * N cells a pairwise metric materialises at once
 
 Array = torch.Tensor | np.ndarray
@@ -167,31 +169,47 @@ def _pair_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 # ---- relevance metrics --------------------------------------------------------------------
-def dcg(scores: Array, labels: Array, mask: Array, k: int | None = None) -> torch.Tensor:
-    """Discounted cumulative gain@k per set: ``sum_{rank<=k} (2^y - 1) / log2(1 + rank)``."""
+def _gains(y: torch.Tensor, m: torch.Tensor, gain: str) -> torch.Tensor:
+    if gain not in GAINS:
+        raise ConfigError(f"gain must be one of {list(GAINS)}, got {gain!r}")
+    values = torch.exp2(y) - 1.0 if gain == "exponential" else y
+    return torch.where(m, values, torch.zeros_like(y))
+
+
+def dcg(
+    scores: Array, labels: Array, mask: Array, k: int | None = None, gain: str = "exponential"
+) -> torch.Tensor:
+    """Discounted cumulative gain@k per set: ``sum_{rank<=k} (2^y - 1) / log2(1 + rank)``
+    (``gain="linear"``: ``y`` instead of ``2^y - 1``)."""
     _check_k(k)
     s, y, m = _prepare(scores, labels, mask)
     n_valid = m.sum(1)
     order = _order(s, m)
-    gains = torch.where(m, torch.exp2(y) - 1.0, torch.zeros_like(y)).gather(1, order)
+    gains = _gains(y, m, gain).gather(1, order)
     cut = _cutoff(n_valid, s.shape[1], k)
     value = (gains * _discounts(s.shape[1], s.device) * cut).sum(1)
     return _finish(value, torch.ones_like(m[:, 0]), n_valid)
 
 
 def ndcg(
-    scores: Array, labels: Array, mask: Array, k: int | None = None, empty: str = "zero"
+    scores: Array,
+    labels: Array,
+    mask: Array,
+    k: int | None = None,
+    empty: str = "zero",
+    gain: str = "exponential",
 ) -> torch.Tensor:
     """Normalised DCG@k per set: DCG@k divided by the DCG@k of the ideal order of the labels.
 
     ``empty`` is the value for a set without a relevant item (ideal DCG 0): ``"zero"``
-    (default), ``"one"`` or ``"skip"`` (NaN; summaries drop it).
+    (default), ``"one"`` or ``"skip"`` (NaN; summaries drop it). ``gain`` is
+    ``"exponential"`` (``2^y - 1``, default) or ``"linear"`` (``y``, as trec_eval).
     """
     _check_k(k)
     empty_value = _empty_value(empty)
     s, y, m = _prepare(scores, labels, mask)
     n, n_valid = s.shape[1], m.sum(1)
-    gains = torch.where(m, torch.exp2(y) - 1.0, torch.zeros_like(y))
+    gains = _gains(y, m, gain)
     disc = _discounts(n, s.device)
     cut = _cutoff(n_valid, n, k)
     actual = (gains.gather(1, _order(s, m)) * disc * cut).sum(1)

@@ -37,11 +37,13 @@ from common.models import StudentModel, count_parameters
 from common.records import model_to_arrays, record_nbytes
 from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from server.client_policy import make_policy
-from server.evaluation import evaluate_model, make_evaluate_fn
+from server.evaluation import make_evaluate_fn
 from server.privacy import DPSettings, wrap_strategy
 from server.run_output import RunOutput
 from server.score_distribution import ScoreDistributor, exchange
 from server.strategy import build_strategy, load_strategy_state, strategy_state
+from server.teacher_scoring import evaluate_scores
+from server.teachers import run_teacher, teacher_parameters
 from server.update_validation import NotEnoughReplies
 
 __all__ = ["app", "make_server_app", "run_server", "STUDENT_DIR"]
@@ -105,7 +107,6 @@ def _save_student(model: torch.nn.Module, out_dir: Path, info: dict[str, Any]) -
 def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     """Run one federation on ``grid`` with ``run_config``; returns the summary."""
     from common.datasets import load_dataset
-    from server.teacher import train_or_load_teacher
 
     t_run = time.perf_counter()
     cfg = FedrankConfig.from_run_config(dict(run_config))
@@ -130,19 +131,21 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     splits = dataset.splits
     cache_dir = cfg.teacher_cache_dir or str(Path(cfg.out_dir) / "teacher")
     t0 = time.perf_counter()
-    bundle = train_or_load_teacher(dataset, cfg.teacher_config(), cache_dir)
-    teacher_model, table = bundle
+    # the teacher of `teacher-kind`; its metrics come from its scores (any kind, no model)
+    bundle = run_teacher(cfg, dataset, cache_dir)
+    table = bundle.table
     teacher_seconds = time.perf_counter() - t0
     _log(
-        "teacher %s in %.1fs (table %s, %d sets)",
-        "loaded" if getattr(bundle, "cached", False) else "trained",
+        "teacher %s %s in %.1fs (table %s, %d sets)",
+        cfg.teacher_kind,
+        "loaded" if getattr(bundle, "cached", False) else "built",
         teacher_seconds,
         table.version,
         table.num_sets,
     )
     eval_sets = splits[cfg.eval_split]
     eval_teacher = table.align(eval_sets)
-    teacher_metrics = evaluate_model(teacher_model, eval_sets)
+    teacher_metrics = evaluate_scores(eval_sets, eval_teacher)
     device_ids = np.concatenate([splits[s].set_ids for s in ("train", "vali") if s in splits])
     device_table = table.subset(device_ids)
 
@@ -365,8 +368,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     )
     summary = {
         "teacher": {
+            "kind": cfg.teacher_kind,
             "metrics": teacher_metrics,
-            "parameters": count_parameters(teacher_model),
+            "parameters": teacher_parameters(bundle),
             "cached": bool(getattr(bundle, "cached", False)),
             "path": str(getattr(bundle, "path", "")),
             "score_table_version": table.version,

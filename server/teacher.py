@@ -33,6 +33,7 @@ from common.atomic_io import atomic_path, atomic_write_json
 from common.errors import CheckpointError, ConfigError, ScoreTableError
 from common.example_sets import ExampleSets
 from common.score_table import ScoreTable
+from server.teacher_scoring import score_to_table
 
 __all__ = [
     "TeacherConfig",
@@ -55,7 +56,7 @@ log = logging.getLogger("fedrank.teacher")
 CHECKPOINT_FORMAT = "fedrank-teacher-v1"
 WEIGHTS_FILE = "teacher.pt"
 SPEC_FILE = "teacher.json"
-SCORES_FILE = "scores.npz"
+SCORES_DIR = "scores"  # the score table folder (common.score_table)
 
 
 @dataclass
@@ -487,12 +488,24 @@ def load_teacher(directory: str | os.PathLike[str]) -> torch.nn.Module:
 
 # ---- score table ---------------------------------------------------------------------------
 def build_score_table(
-    model: torch.nn.Module, sets: ExampleSets, version: str | None = None
+    model: torch.nn.Module,
+    sets: ExampleSets,
+    version: str | None = None,
+    path: str | os.PathLike[str] | None = None,
+    progress: bool = False,
 ) -> ScoreTable:
-    """Teacher logits for every item of ``sets`` (version: content hash unless given)."""
+    """Teacher logits for every item of ``sets`` (version: content hash unless given), scored
+    in chunks of sets; with ``path`` they stream into that table folder."""
     from common.models import score_sets
 
-    return ScoreTable.from_scores(sets, score_sets(model, sets), version=version)
+    return score_to_table(
+        sets,
+        lambda part: score_sets(model, part),
+        path,
+        version=version,
+        progress=progress,
+        desc="teacher scores",
+    )
 
 
 def concat_splits(splits: Mapping[str, ExampleSets]) -> ExampleSets:
@@ -580,10 +593,10 @@ def _locked(path: Path) -> Iterator[None]:
 def _load_cached(folder: Path, sets: ExampleSets) -> tuple[torch.nn.Module, ScoreTable, dict]:
     info = load_teacher_info(folder)
     model = load_teacher(folder)
-    table = ScoreTable.load(folder / SCORES_FILE)
+    table = ScoreTable.load(folder / SCORES_DIR)
     if table.version != info.get("score_table_version"):
         raise CheckpointError(f"cached score table in {folder} belongs to another teacher")
-    table.align(sets)  # the table covers exactly these sets
+    table.check_covers(sets)  # the table covers these sets (no score is read)
     return model, table, info
 
 
@@ -618,11 +631,12 @@ def train_or_load_teacher(
                 log.info("teacher: reusing cached teacher %s (table %s)", folder, table.version)
                 return TeacherBundle(model, table, True, folder, info)
         result = train_teacher(splits["train"], splits.get("vali"), config, progress=progress)
-        table = build_score_table(result.model, all_sets)
+        table = build_score_table(
+            result.model, all_sets, path=folder / SCORES_DIR, progress=progress
+        )
         metrics = {}
         for name in sorted(splits):
             metrics[name] = evaluate(result.model, splits[name])
-        table.save(folder / SCORES_FILE)
         extra = {
             "config": config.to_dict(),
             "cache_key": key,

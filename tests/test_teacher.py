@@ -179,7 +179,7 @@ def test_cache_reuses_teacher(tmp_path: Path, small):
     for sets in small.splits.values():
         table.align(sets)
     files = {p.name: p.stat().st_mtime_ns for p in first.path.iterdir()}
-    assert set(files) == {"teacher.pt", "teacher.json", "scores.npz"}
+    assert set(files) == {"teacher.pt", "teacher.json", "scores"}
 
     second = train_or_load_teacher(load_dataset(SMALL), config, tmp_path / "cache")
     assert second.cached and second.path == first.path
@@ -187,7 +187,7 @@ def test_cache_reuses_teacher(tmp_path: Path, small):
     assert {p.name: p.stat().st_mtime_ns for p in second.path.iterdir()} == files
     test = small.splits["test"]
     np.testing.assert_array_equal(score_sets(second.model, test), score_sets(model, test))
-    assert ScoreTable.load(second.path / "scores.npz").version == table.version
+    assert ScoreTable.load(second.path / "scores").version == table.version
 
     # thread count does not change the teacher: same key; the seed does: new key
     assert teacher_cache_key(small.splits, config) == teacher_cache_key(
@@ -212,10 +212,10 @@ def test_cache_key_depends_on_data(small):
 def test_damaged_cache_is_retrained(tmp_path: Path, small):
     config = TeacherConfig(**{**FAST, "epochs": 1})
     first = train_or_load_teacher(small, config, tmp_path)
-    (first.path / "scores.npz").write_bytes(b"garbage")
+    (first.path / "scores" / "scores.npy").write_bytes(b"garbage")
     again = train_or_load_teacher(small, config, tmp_path)
     assert not again.cached
-    assert ScoreTable.load(again.path / "scores.npz").equals(again.table)
+    assert ScoreTable.load(again.path / "scores").equals(again.table)
 
 
 def test_cli_writes_checkpoint_table_and_metrics(tmp_path: Path, capsys):
@@ -227,7 +227,7 @@ def test_cli_writes_checkpoint_table_and_metrics(tmp_path: Path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"train", "vali", "test"}
     assert 0 <= metrics["splits"]["test"]["ndcg@10"] <= 1
-    table = ScoreTable.load(out / "scores.npz")
+    table = ScoreTable.load(out / "scores")
     assert table.dtype == np.float32 and metrics["score_table"]["version"] == table.version
     assert metrics["score_table"]["bytes_float16"] < metrics["score_table"]["bytes_float32"]
     model = load_teacher(out)
