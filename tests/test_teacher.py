@@ -152,7 +152,7 @@ def test_load_teacher_rejects_damage(tmp_path: Path, trained):
 def test_load_teacher_rejects_nan_weights(tmp_path: Path, trained):
     folder = save_teacher(trained, tmp_path / "t")
     state = torch.load(folder / "teacher.pt", weights_only=True)
-    key = next(iter(state))
+    key = next(k for k, v in state.items() if v.is_floating_point())
     state[key] = state[key].clone().fill_(float("nan"))
     torch.save(state, folder / "teacher.pt")
     info = json.loads((folder / "teacher.json").read_text())
