@@ -80,7 +80,8 @@ class ScoringModule(nn.Module):
     """The student's scoring path in a form TorchScript and ONNX can export.
 
     ``forward(features [B, N, F]) -> scores [B, N]``; it selects the student's columns
-    (``feature_indices``) and runs the student's MLP on each item.
+    (``feature_indices``), applies the student's feature transform (when it has one) and runs
+    the student's MLP on each item.
     """
 
     def __init__(self, student: nn.Module) -> None:
@@ -90,6 +91,8 @@ class ScoringModule(nn.Module):
         self.net = copy.deepcopy(student.net).eval()
         self.register_buffer("feature_indices", student.feature_indices.detach().clone())
         self.num_features = int(student.num_features)
+        transform = getattr(student, "transform", None)
+        self.transform = None if transform is None else copy.deepcopy(transform).eval()
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         shape_ok = features.dim() == 3 and features.size(-1) == self.num_features
@@ -98,7 +101,10 @@ class ScoringModule(nn.Module):
                 "fedrank student: features must be [sets, items, num_features] with the "
                 "model's num_features"
             )
-        return self.net(features.index_select(-1, self.feature_indices)).squeeze(-1)
+        x = features.index_select(-1, self.feature_indices)
+        if self.transform is not None:
+            x = self.transform(x)
+        return self.net(x).squeeze(-1)
 
 
 def _weights_digest(state: dict[str, np.ndarray]) -> str:
