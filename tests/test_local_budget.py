@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from client.device import DeviceSettings
-from client.trainer import MIN_RELATIVE_UPDATE, TrainSettings, planned_steps, train_student
+from client.trainer import (
+    MIN_RELATIVE_UPDATE,
+    TRAIN_METRICS,
+    TrainSettings,
+    planned_steps,
+    train_student,
+)
 from common.config import FedrankConfig
 from common.errors import ConfigError
 from common.models import StudentModel
@@ -59,8 +65,15 @@ def _train(sets, columns, settings: TrainSettings) -> dict[str, float]:
 def test_a_dozen_sets_take_the_floor_and_move_the_model(small_client, one_torch_thread) -> None:
     sets, columns = small_client
     out = _train(sets, columns, TrainSettings(epochs=2, min_steps=20, batch_size=16))
+    assert set(TRAIN_METRICS) <= set(out)  # the list a reply schema derives from
     assert out["steps"] == 20 and out["steps-planned"] == 20
     assert out["relative-update"] > MIN_RELATIVE_UPDATE and out["too-short"] == 0
+
+
+def test_long_sets_train_within_the_same_budget(one_torch_thread) -> None:
+    data = generate_synthetic(SyntheticConfig(num_sets=12, min_items=300, max_items=300), seed=2)
+    out = _train(data.sets, data.student_columns, TrainSettings(epochs=2, min_steps=20))
+    assert out["steps"] == 20 and out["num-items"] == 3600 and out["too-short"] == 0
 
 
 def test_a_device_cap_below_the_floor_is_flagged(small_client, one_torch_thread) -> None:
