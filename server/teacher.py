@@ -273,13 +273,17 @@ def train_teacher(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         num_batches = math.ceil(train.num_sets / config.batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=config.lr,
-            total_steps=config.epochs * num_batches,
-            pct_start=0.1,
-            anneal_strategy="cos",
-        )
+        total_steps = config.epochs * num_batches
+        if 0.1 * total_steps > 1:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=config.lr,
+                total_steps=total_steps,
+                pct_start=0.1,
+                anneal_strategy="cos",
+            )
+        else:  # ten steps or fewer: too short for a warm-up phase (OneCycleLR divides by 0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         step = 0
         for epoch in range(1, config.epochs + 1):
             epoch_start = time.perf_counter()

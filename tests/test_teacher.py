@@ -242,3 +242,12 @@ def test_cli_user_errors(tmp_path: Path):
 
     code = fedrank(["teacher", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), "-q"])
     assert code == 2
+
+
+def test_very_short_training_runs(small):
+    """Ten optimiser steps or fewer (2 epochs of 5 batches) train without a warm-up phase."""
+    train = small.splits["train"].take(np.arange(150))
+    config = TeacherConfig(**{**FAST, "epochs": 2, "patience": 2, "batch_size": 32})
+    result = train_teacher(train, None, config, False)
+    assert len(result.history) == 2 and np.isfinite(result.vali_ndcg10)
+    assert result.model.transform is not None  # the teacher takes raw features
