@@ -18,6 +18,7 @@ Its data comes from ``node_config``: ``partition-id``/``num-partitions`` in a si
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from typing import Any
@@ -29,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from client.device import DeviceSettings
 from client.local_data import LocalData, load_local_data
-from client.trainer import evaluate_student, settings_from_config, train_student
+from client.trainer import evaluate_student, planned_steps, settings_from_config, train_student
 from common.config import CLIENT_KEYS, FedrankConfig
 from common.errors import DataFormatError, ScoreTableError
 from common.models import build_model
@@ -209,16 +210,12 @@ def train(msg: Message, context: Context) -> Message:
     if loss.needs_teacher:
         teacher = _table(context, version).align(local.train)
     rnd = int(config.get("server-round", 1))
-    per_epoch = -(-local.train.num_sets // settings.batch_size)
-    per_round = settings.local_epochs * per_epoch if settings.local_epochs else 0
-    if settings.local_steps:
-        per_round = min(per_round, settings.local_steps) if per_round else settings.local_steps
     run = settings_from_config(
-        settings,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=_seed(config, local),
-        step_offset=(rnd - 1) * per_round,
+        settings, proximal_mu=float(config.get("proximal-mu", 0.0)), seed=_seed(config, local)
     )
+    # global step of this round's first step (loss-weight schedules), before device caps
+    per_round = planned_steps(run, local.train.num_sets)
+    run = dataclasses.replace(run, step_offset=(rnd - 1) * per_round)
     run = device.train_settings(run, local.train)  # device caps only lower the server's
     validate = bool(config.get("report-validation", False)) and local.holdout is not None
     start = _validation_ndcg(model, local.holdout) if validate else None

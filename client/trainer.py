@@ -1,10 +1,16 @@
 """Local training and evaluation of the student on a client's example sets.
 
-:func:`train_student` runs ``epochs`` passes over the sets (or at most ``max_steps`` optimiser
-steps, or until ``max_seconds`` have passed, checked after each step) with the composite loss:
-label terms on the sets whose labels may be used (``label_mask``), teacher terms on every set,
-and FedProx's proximal term when ``proximal_mu > 0``. :func:`evaluate_student` scores held-out
-sets and returns ranking metrics.
+:func:`train_student` takes :func:`planned_steps` optimiser steps (passes over the sets in a
+fresh shuffled order each, as many as the budget needs) with the composite loss: label terms on
+the sets whose labels may be used (``label_mask``), teacher terms on every set, and FedProx's
+proximal term when ``proximal_mu > 0``. :func:`evaluate_student` scores held-out sets and
+returns ranking metrics.
+
+The local budget works from a dozen sets to thousands per client: ``epochs`` passes, but never
+fewer than ``min_steps`` steps (a client with 12 sets and batches of 16 would otherwise take one
+step per epoch and leave the model where it started); ``steps`` > 0 sets the count exactly.
+A device may cap it (``max_steps``, ``max_seconds``). A round whose training was too short to
+move the model is flagged in the metrics (``too-short`` = 1, see :data:`MIN_RELATIVE_UPDATE`).
 """
 
 from __future__ import annotations
@@ -18,7 +24,34 @@ import torch
 
 from common.example_sets import ExampleSets
 
-__all__ = ["TrainSettings", "train_student", "evaluate_student", "settings_from_config"]
+__all__ = [
+    "MIN_RELATIVE_UPDATE",
+    "TRAIN_METRICS",
+    "TrainSettings",
+    "evaluate_student",
+    "planned_steps",
+    "settings_from_config",
+    "train_student",
+]
+
+# A round's training is "too short to move the model" when it took fewer than ``min_steps``
+# steps (a device cap or time budget cut it) or changed the trainable weights by less than this
+# fraction of their norm (||w_after - w_before|| / ||w_before||). One Adam step at the default
+# learning rate moves a 16-unit student by about 1e-2 of its norm, so 1e-3 means: no real step.
+MIN_RELATIVE_UPDATE = 1e-3
+
+# the metrics train_student reports besides one ``loss-<family>`` per loss term and
+# ``loss-total`` (a reply schema can be derived from this list)
+TRAIN_METRICS = (
+    "steps",
+    "steps-planned",
+    "relative-update",
+    "too-short",
+    "stopped-by-time",
+    "num-examples",
+    "num-items",
+    "train-seconds",
+)
 
 
 @dataclass(frozen=True)
@@ -26,7 +59,9 @@ class TrainSettings:
     """How a client trains in one round."""
 
     epochs: int = 1
-    max_steps: int = 0  # 0: no step budget, run ``epochs`` passes
+    min_steps: int = 0  # floor of the step count from ``epochs`` (0: no floor)
+    steps: int = 0  # > 0: exactly this many steps per round (overrides epochs and min_steps)
+    max_steps: int = 0  # > 0: a cap on the steps (a device's budget); 0: no cap
     learning_rate: float = 0.01
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -38,12 +73,13 @@ class TrainSettings:
 
 
 def settings_from_config(
-    config: Any, *, proximal_mu: float, seed: int, step_offset: int
+    config: Any, *, proximal_mu: float, seed: int, step_offset: int = 0
 ) -> TrainSettings:
     """TrainSettings from a :class:`~common.config.FedrankConfig`."""
     return TrainSettings(
         epochs=config.local_epochs,
-        max_steps=config.local_steps,
+        min_steps=config.min_local_steps,
+        steps=config.local_steps,
         learning_rate=config.learning_rate,
         optimizer=config.optimizer,
         weight_decay=config.weight_decay,
@@ -52,6 +88,29 @@ def settings_from_config(
         seed=seed,
         step_offset=step_offset,
     )
+
+
+def planned_steps(settings: TrainSettings, num_sets: int, capped: bool = True) -> int:
+    """Optimiser steps of one round on ``num_sets`` sets: ``steps`` if set, else
+    ``max(epochs * ceil(num_sets / batch_size), min_steps)``; with ``capped``, at most
+    ``max_steps`` (when set). 0 for a client without sets."""
+    if num_sets < 1:
+        return 0
+    if settings.steps > 0:
+        wanted = settings.steps
+    else:
+        per_epoch = -(-int(num_sets) // max(int(settings.batch_size), 1))
+        wanted = max(settings.epochs * per_epoch, settings.min_steps)
+    if capped and settings.max_steps > 0:
+        wanted = min(wanted, settings.max_steps)
+    return int(wanted)
+
+
+def _relative_change(before: list[torch.Tensor], model: torch.nn.Module) -> float:
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    moved = sum(float((a - b).pow(2).sum()) for a, b in zip(after, before, strict=True))
+    size = sum(float(b.pow(2).sum()) for b in before)
+    return (moved**0.5) / max(size**0.5, 1e-12)
 
 
 def _optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -70,8 +129,12 @@ def train_student(
     teacher: np.ndarray | None = None,
     label_mask: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place; returns the mean of each loss term (``loss-<family>``,
-    ``loss-total``), ``steps``, ``num-examples`` (sets), ``num-items`` and ``train-seconds``.
+    """Train ``model`` in place for :func:`planned_steps` steps; returns the mean of each loss
+    term (``loss-<family>``, ``loss-total``), ``steps`` (taken), ``steps-planned`` (before a
+    device cap), ``relative-update`` (``||w_after - w_before|| / ||w_before||``),
+    ``too-short`` (1 when the round could not move the model, see
+    :data:`MIN_RELATIVE_UPDATE`), ``stopped-by-time``, ``num-examples`` (sets),
+    ``num-items`` and ``train-seconds``.
 
     ``teacher`` is the flat teacher logits aligned with ``sets`` (``ScoreTable.align``);
     ``label_mask`` ``[sets.num_sets]`` bool marks the sets whose labels may be used.
@@ -86,16 +149,19 @@ def train_student(
         anchor = [p.detach().clone() for p in model.parameters()]
     optimizer = _optimizer(model, settings)
     extra = {"teacher": teacher} if teacher is not None else None
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    target = planned_steps(settings, sets.num_sets)
     sums: dict[str, float] = {}
     weight_total = 0
     step = 0
+    timed_out = False
     model.train()
-    epochs = settings.epochs if settings.epochs > 0 else 10**9
-    done = timed_out = False
-    for epoch in range(epochs):
+    epoch = 0
+    while step < target and not timed_out:
         batches = sets.batch_positions(
             settings.batch_size, shuffle=True, seed=settings.seed * 7919 + epoch
         )
+        epoch += 1
         for positions in batches:
             batch = sets.pad(positions, extra=extra)
             scores = model(batch.features, batch.mask)
@@ -121,19 +187,21 @@ def train_student(
                 sums[key] = sums.get(key, 0.0) + value * n
             weight_total += n
             step += 1
-            if settings.max_steps and step >= settings.max_steps:
-                done = True
+            if step >= target:
                 break
             if settings.max_seconds > 0 and time.perf_counter() - start >= settings.max_seconds:
-                done = timed_out = True
+                timed_out = True
                 break
-        if done or (settings.epochs == 0 and not batches):
-            break
     torch.random.set_rng_state(generator_state)
     out = {f"loss-{k.replace('_', '-')}": v / max(weight_total, 1) for k, v in sums.items()}
+    relative = _relative_change(before, model) if before else 0.0
+    short = step < min(settings.min_steps, planned_steps(settings, sets.num_sets, capped=False))
     out.update(
         {
             "steps": float(step),
+            "steps-planned": int(planned_steps(settings, sets.num_sets, capped=False)),
+            "relative-update": relative,
+            "too-short": int(short or relative < MIN_RELATIVE_UPDATE),
             "stopped-by-time": int(timed_out),
             "num-examples": int(sets.num_sets),
             "num-items": int(sets.num_items),

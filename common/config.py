@@ -93,6 +93,8 @@ class FedrankConfig:
     student_hidden: str = "16"
     student_features: str = "device"
     device_features: str = ""
+    # per-column feature normalisation fitted by the server, inside the student
+    feature_transform: bool = True
     # ---- federation -----------------------------------------------------------------------
     num_server_rounds: int = 5
     fraction_train: float = 1.0
@@ -118,6 +120,8 @@ class FedrankConfig:
     # ---- local training on the clients ----------------------------------------------------
     local_epochs: int = 2
     local_steps: int = 0
+    # floor of the optimiser steps per round (a client with a dozen sets still trains)
+    min_local_steps: int = 20
     learning_rate: float = 0.01
     optimizer: str = "adam"
     weight_decay: float = 0.0
@@ -463,8 +467,13 @@ class FedrankConfig:
         for name in ("local_epochs", "local_steps", "teacher_layers", "seed"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
-        if self.local_epochs == 0 and self.local_steps == 0:
-            fail("local_epochs", "and 'local-steps' are both 0: clients would not train")
+        if self.min_local_steps < 0:
+            fail("min_local_steps", "must be >= 0")
+        if self.local_epochs == 0 and self.local_steps == 0 and self.min_local_steps == 0:
+            fail(
+                "local_epochs",
+                "and 'local-steps' and 'min-local-steps' are all 0: clients would not train",
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             fail("fraction_train", "must lie in (0, 1]")
         if not 0.0 <= self.fraction_evaluate <= 1.0:
@@ -545,6 +554,7 @@ CLIENT_KEYS: frozenset[str] = frozenset(
         "seed",
         "local_epochs",
         "local_steps",
+        "min_local_steps",
         "learning_rate",
         "optimizer",
         "weight_decay",

@@ -56,6 +56,7 @@ __all__ = [
     "read_letor_folder",
     "read_letor_slow",
     "user_cache_dir",
+    "write_letor",
 ]
 
 #: Bumped whenever parsing changes, so old caches are re-parsed.
@@ -610,3 +611,29 @@ def _cache_store(src: Path, key: dict[str, object], sets: ExampleSets) -> None:
         STATS["cache_writes"] += 1
         return
     warnings.warn(f"could not write a LETOR cache for {src}", RuntimeWarning, stacklevel=3)
+
+
+# ---- writing -------------------------------------------------------------------------------
+def write_letor(sets: ExampleSets, path: str | os.PathLike[str]) -> Path:
+    """Write ``sets`` as a LETOR/SVMlight text file (atomically; ``.gz`` in the name gzips it).
+
+    Every feature is written (dense, ``repr`` precision of float32, so reading it back gives
+    the same float32 values); item ids become ``# docid = ...`` comments.
+    """
+    target = Path(path)
+    lines = []
+    feats = sets.features
+    labels = sets.labels
+    for s in range(sets.num_sets):
+        qid = sets.set_ids[s]
+        for i in range(int(sets.offsets[s]), int(sets.offsets[s + 1])):
+            values = " ".join(f"{j + 1}:{float(v)!r}" for j, v in enumerate(feats[i].tolist()))
+            label = f"{float(labels[i]):g}"
+            comment = f" #docid = {sets.item_ids[i]}" if sets.item_ids is not None else ""
+            lines.append(f"{label} qid:{qid} {values}{comment}\n")
+    data = "".join(lines).encode("utf-8")
+    if target.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return target

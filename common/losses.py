@@ -8,9 +8,12 @@ Every loss has the same signature ``fn(scores, target, mask, **options) -> Tenso
   (including ``inf`` or ``NaN``) changes neither the value nor the gradient;
 - the result is one value per set (``[B]``); combine sets with ``reduce_sets``.
 
-Pairwise sums run over ordered pairs ``(i, j)``, ``i != j``, both valid. A set with fewer than
-two valid items gives 0, and so does a set whose labels are all equal, for the losses whose
-target is labels. Nothing is cached between calls.
+Pairwise sums run over ordered pairs ``(i, j)``, ``i != j``, both valid. For the pairwise and
+listwise losses a set with fewer than two valid items gives 0, and so does a set whose labels
+are all equal for those whose target is labels. The three pointwise losses
+(``label_sigmoid_ce``, ``score_l2``, ``score_sigmoid_ce``) sum over every valid item of every
+set, one-item sets and sets whose labels are all equal included: those items carry calibration
+signal (most sets of click data have no click). Nothing is cached between calls.
 
 Pair weights (LambdaRank style) are available for the pairwise losses
 (``label_pairwise_logistic``, ``rank_l2``, ``rank_pairwise_ce``, ``rank_conditional``)
@@ -255,7 +258,7 @@ def label_sigmoid_ce(
     *,
     graded: str = "binarize",
     max_grade: float | None = None,
-    uniform_sets: str = "zero",
+    uniform_sets: str = "keep",
 ) -> Tensor:
     """Pointwise sigmoid cross entropy with labels (eq. 2, 3).
 
@@ -263,8 +266,14 @@ def label_sigmoid_ce(
     ``graded="binarize"``: ``1[y > 0]`` (default); ``"scale"``: ``clip(y / max_grade, 0, 1)``
     (``max_grade`` default: the largest valid label of the batch, at least 1); ``"raw"``:
     ``y`` as given (must be in [0, 1]).
-    ``uniform_sets="zero"`` (default) gives 0 for sets whose ``y'`` are all equal, like every
-    label loss; ``"keep"`` keeps them.
+    Every valid item of every set counts (``uniform_sets="keep"``, the default): a one-item set
+    and a set whose labels are all equal (a page view without a click) carry calibration
+    signal. ``uniform_sets="zero"`` gives 0 for sets whose ``y'`` are all equal (one-item sets
+    included), like the pairwise and listwise label losses.
+
+    >>> s = torch.tensor([[0.0, 2.0]]); y = torch.tensor([[0.0, 0.0]])
+    >>> round(float(label_sigmoid_ce(s, y, y == 0)[0]), 4)  # log 2 + softplus(2)
+    2.8201
     """
     name = "label_sigmoid_ce"
     _check_inputs(name, scores, target, mask)
@@ -288,10 +297,9 @@ def label_sigmoid_ce(
     # (one fused kernel forward and backward: this term runs in every training step)
     s = torch.where(mask, scores, _neg_fill(scores.dtype))
     value = F.binary_cross_entropy_with_logits(s, y, reduction="none").sum(-1)
-    keep = n >= 2
     if uniform_sets == "zero":
-        keep = keep & differs
-    return _gate(value, keep)
+        return _gate(value, differs)
+    return value
 
 
 def label_pairwise_logistic(
@@ -373,23 +381,34 @@ def label_softmax(
 
 
 def score_l2(scores: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """Squared error to the teacher logits (eq. 4): ``L = sum_i (t_i - s_i)^2``."""
+    """Squared error to the teacher logits (eq. 4): ``L = sum_i (t_i - s_i)^2`` over every
+    valid item (a one-item set included).
+
+    >>> s, t = torch.tensor([[1.0]]), torch.tensor([[3.0]])
+    >>> float(score_l2(s, t, torch.tensor([[True]]))[0])  # a one-item set counts
+    4.0
+    """
     _check_inputs("score_l2", scores, target, mask)
     d = _clean(target.to(scores.dtype) - scores, mask)
-    return _gate(d.square().sum(-1), _count(mask) >= 2)
+    return d.square().sum(-1)
 
 
 def score_sigmoid_ce(scores: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Sigmoid cross entropy to the teacher's probabilities (eq. 5-7).
 
     ``L = sum_i -q_i log p_i - (1 - q_i) log(1 - p_i)``, ``q = sigmoid(t)``, ``p = sigmoid(s)``,
-    computed from logits as ``softplus(s_i) - q_i s_i``.
+    computed from logits as ``softplus(s_i) - q_i s_i``, over every valid item (a one-item set
+    included).
+
+    >>> z = torch.tensor([[0.0]])
+    >>> round(float(score_sigmoid_ce(z, z, z == 0)[0]), 4)  # log 2
+    0.6931
     """
     _check_inputs("score_sigmoid_ce", scores, target, mask)
     s = _clean(scores, mask)
     q = torch.sigmoid(_clean(target.to(scores.dtype), mask))
     per_item = F.binary_cross_entropy_with_logits(s, q, reduction="none")
-    return _gate(_clean(per_item, mask).sum(-1), _count(mask) >= 2)
+    return _clean(per_item, mask).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

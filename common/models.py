@@ -12,6 +12,11 @@ of padded items never changes the scores of real items.
 - :class:`StudentModel` scores each item on its own from the columns ``feature_indices`` of the
   input with a linear model or a tiny MLP: cheap enough to run on a device.
 
+Both take an optional :class:`~common.feature_transform.FeatureTransform` (``transform=``): the
+per-column normalisation the server fitted on the full data, applied to the raw features first
+(the student's covers only the columns it reads). Its values are buffers under ``transform.``
+in the state dict and its shape is ``spec["transform"]`` (``None``: no transform).
+
 Every model has a JSON-able ``.spec``; :func:`build_model` rebuilds an untrained model of the
 same shape from it (load the weights with ``load_state_dict``).
 """
@@ -27,6 +32,7 @@ from torch import nn
 
 from common.errors import ConfigError, DataFormatError
 from common.example_sets import ExampleSets
+from common.feature_transform import FeatureTransform
 
 __all__ = [
     "TeacherModel",
@@ -44,6 +50,26 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"model option {name!r} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _check_transform(transform: Any, width: int, model: str) -> FeatureTransform | None:
+    if transform is None:
+        return None
+    if not isinstance(transform, FeatureTransform):
+        raise ConfigError(
+            f"{model} option 'transform' must be a FeatureTransform or None, "
+            f"got {type(transform).__name__}"
+        )
+    if transform.num_features != width:
+        raise ConfigError(
+            f"{model} reads {width} feature columns, its transform was fitted on "
+            f"{transform.num_features}"
+        )
+    return transform
+
+
+def _transform_spec(transform: FeatureTransform | None) -> dict[str, Any] | None:
+    return None if transform is None else transform.spec
 
 
 def _check_width(features: torch.Tensor, num_features: int, model: str) -> None:
@@ -66,6 +92,7 @@ class TeacherModel(nn.Module):
         num_heads: attention heads (must divide ``d_model``).
         num_layers: Transformer encoder layers (pre-norm, feed-forward width ``4 * d_model``).
         dropout: dropout inside the encoder layers and the head.
+        transform: the feature transform over all ``num_features`` columns (None: none).
 
     Rows with no real item are safe: they return all-zero scores, never NaN.
     """
@@ -79,9 +106,11 @@ class TeacherModel(nn.Module):
         num_heads: int = 4,
         num_layers: int = 2,
         dropout: float = 0.1,
+        transform: FeatureTransform | None = None,
     ) -> None:
         super().__init__()
         num_features = _positive_int("num_features", num_features)
+        self.transform = _check_transform(transform, num_features, "TeacherModel")
         d_model = _positive_int("d_model", d_model)
         num_heads = _positive_int("num_heads", num_heads)
         if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)):
@@ -137,6 +166,7 @@ class TeacherModel(nn.Module):
             "num_layers": self.num_layers,
             "dropout": self.dropout,
             "feature_indices": None,
+            "transform": _transform_spec(self.transform),
         }
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,6 +177,8 @@ class TeacherModel(nn.Module):
         if mask is None:
             mask = torch.ones(b, n, dtype=torch.bool, device=features.device)
         mask = mask.to(torch.bool)
+        if self.transform is not None:
+            features = self.transform(features)
         # padded items are zeroed before the encoder, so their content can never leak in
         x = features.masked_fill(~mask.unsqueeze(-1), 0.0)
         h = self.encoder(x)
@@ -171,6 +203,8 @@ class StudentModel(nn.Module):
         hidden: hidden layer widths of the MLP (ReLU); ``()`` gives a linear model.
         feature_indices: the input columns the student may use (what a device can compute);
             ``None`` uses all columns. Stored as a buffer, so it travels with the weights.
+        transform: the feature transform of the columns it reads (``len(feature_indices)``
+            wide, e.g. ``FeatureTransform.subset(feature_indices)``; None: none).
     """
 
     kind = "student"
@@ -180,6 +214,7 @@ class StudentModel(nn.Module):
         num_features: int,
         hidden: Sequence[int] | int = (16,),
         feature_indices: Sequence[int] | np.ndarray | torch.Tensor | None = None,
+        transform: FeatureTransform | None = None,
     ) -> None:
         super().__init__()
         num_features = _positive_int("num_features", num_features)
@@ -212,6 +247,7 @@ class StudentModel(nn.Module):
             if np.unique(cols).size != cols.size:
                 raise ConfigError("model option 'feature_indices' repeats a column")
         self.register_buffer("feature_indices", torch.from_numpy(cols.copy()))
+        self.transform = _check_transform(transform, int(cols.size), "StudentModel")
         layers: list[nn.Module] = []
         width = int(cols.size)
         for h in widths:
@@ -228,6 +264,7 @@ class StudentModel(nn.Module):
             "num_features": self.num_features,
             "hidden": list(self.hidden),
             "feature_indices": cols,
+            "transform": _transform_spec(self.transform),
         }
 
     @property
@@ -239,6 +276,8 @@ class StudentModel(nn.Module):
         """Logits ``[B, N]`` for ``features [B, N, F]``; with ``mask``, padded items score 0."""
         _check_width(features, self.num_features, "StudentModel")
         x = features.index_select(-1, self.feature_indices)
+        if self.transform is not None:
+            x = self.transform(x)
         out = self.net(x).squeeze(-1)
         if mask is not None:
             out = out.masked_fill(~mask.to(torch.bool), 0.0)
@@ -254,8 +293,9 @@ _SPEC_KEYS = {
         "num_layers",
         "dropout",
         "feature_indices",
+        "transform",
     },
-    "student": {"kind", "num_features", "hidden", "feature_indices"},
+    "student": {"kind", "num_features", "hidden", "feature_indices", "transform"},
 }
 
 
@@ -274,6 +314,9 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     if "num_features" not in spec:
         raise ConfigError(f"{kind} model spec is missing 'num_features'")
     options = {k: v for k, v in spec.items() if k != "kind"}
+    transform_spec = options.pop("transform", None)
+    if transform_spec is not None:
+        options["transform"] = FeatureTransform.from_spec(transform_spec)
     if kind == "teacher":
         if options.pop("feature_indices", None) is not None:
             raise ConfigError("teacher model spec: 'feature_indices' must be null (uses all)")

@@ -25,6 +25,7 @@ __all__ = [
     "load_arrays",
     "model_to_arrays",
     "record_nbytes",
+    "restore_transform",
     "score_table_from_record",
     "score_table_to_record",
 ]
@@ -81,6 +82,25 @@ def load_arrays(model: torch.nn.Module, arrays: ArrayRecord | Mapping[str, Any])
             raise CheckpointError(f"weights key {key!r} has unsupported dtype {value.dtype}")
         new_state[key] = torch.from_numpy(np.array(value)).to(dtype=current.dtype)
     model.load_state_dict(new_state, strict=True)
+
+
+TRANSFORM_PREFIX = "transform."
+
+
+def restore_transform(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with every ``transform.*`` entry taken from ``reference`` (the server's
+    fitted feature transform is authoritative: aggregation, noise or a client cannot change
+    it). Keys keep ``reference``'s order; other entries are kept as they are."""
+    keys = [k for k in reference if k.startswith(TRANSFORM_PREFIX)]
+    if not keys:
+        return arrays
+    out = ArrayRecord()
+    for key in arrays:
+        out[key] = reference[key] if key in keys else arrays[key]
+    for key in keys:
+        if key not in out:
+            out[key] = reference[key]
+    return out
 
 
 # ---- teacher score tables ------------------------------------------------------------------

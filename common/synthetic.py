@@ -33,9 +33,11 @@ from common.errors import ConfigError
 from common.example_sets import ExampleSets
 
 __all__ = [
+    "RawScaling",
     "SyntheticConfig",
     "SyntheticData",
     "generate_synthetic",
+    "raw_like_splits",
     "split_synthetic",
     "synthetic_splits",
 ]
@@ -113,6 +115,14 @@ class SyntheticConfig:
     """Store items in random order (True) rather than in the logged order, so item order
     leaks nothing about the logging policy; the logged position is in ``positions``."""
 
+    # ---- raw feature scales ----
+    raw_scale: float = 0.0
+    """0: features as generated (about unit scale). Above 1: raw, unnormalised columns like
+    web-search LETOR data: each column times its own factor in ``[1, raw_scale]`` (log-uniform)
+    and, for half of the columns, through ``exp`` first (log-normal, heavy-tailed, positive
+    like counts). Labels, relevance and the ranking information are unchanged (each column
+    is mapped monotonically); see :class:`RawScaling`."""
+
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
             if not ok:
@@ -125,6 +135,7 @@ class SyntheticConfig:
         for name in ("vali_fraction", "test_fraction", "rival_presence", "rival_cooccurrence"):
             need(0.0 <= getattr(self, name) <= 1.0, name, "in [0, 1]")
         need(self.vali_fraction + self.test_fraction < 1.0, "vali_fraction", "< 1 - test_fraction")
+        need(self.raw_scale == 0.0 or self.raw_scale >= 1.0, "raw_scale", "0 (off) or >= 1")
         for name in ("num_context_features", "num_item_features", "num_privileged_features"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.num_item_features >= 1, "num_item_features", ">= 1")
@@ -272,7 +283,10 @@ def generate_synthetic(config: SyntheticConfig | None = None, seed: int = 0) -> 
         order = np.lexsort((positions, set_of))
     else:
         order = np.lexsort((shuffle_keys, set_of))
-    features = np.concatenate([context, item_x, priv_x], axis=1)[order].astype(np.float32)
+    features = np.concatenate([context, item_x, priv_x], axis=1)[order]
+    if cfg.raw_scale > 0:
+        features = RawScaling.draw(features, seed, max_factor=cfg.raw_scale).apply(features)
+    features = features.astype(np.float32)
     names = (
         [f"ctx{i}" for i in range(n_ctx)]
         + [f"item{i}" for i in range(n_item)]
@@ -338,6 +352,76 @@ def synthetic_splits(
 ) -> dict[str, ExampleSets]:
     """Train / vali / test sets of one generated world (same privileged columns in each)."""
     return split_synthetic(generate_synthetic(config, seed=seed))
+
+
+# ---- raw-like feature scales ------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class RawScaling:
+    """A seeded, per-column monotone map from normalised features to raw-looking ones.
+
+    Column ``j`` becomes ``factor_j * x_j`` (linear columns) or
+    ``factor_j * expm1(rate_j * max(x_j - low_j, 0))`` (exponential columns: heavy-tailed,
+    non-negative, zero-inflated where ``x`` sits at its minimum, like counts), with
+    ``factor_j`` log-uniform in ``[1, max_factor]``. Ranking information is unchanged (every
+    map is non-decreasing); only the scales a model sees change. Tests and benchmarks use it
+    to turn the synthetic data or MQ2008 (features in 0..1) into raw-like data.
+    """
+
+    factors: np.ndarray  # [F] multiplier of each column
+    exp_columns: np.ndarray  # [F] bool: the column goes through exp first
+    rates: np.ndarray  # [F] exponent per unit of x (exp columns)
+    lows: np.ndarray  # [F] x value that maps to 0 (exp columns)
+
+    @classmethod
+    def draw(
+        cls,
+        reference: np.ndarray,
+        seed: int,
+        max_factor: float = 1e5,
+        exp_fraction: float = 0.5,
+    ) -> RawScaling:
+        """Parameters for the columns of ``reference`` ``[items, F]`` (e.g. the training
+        split; apply the same scaling to every split). Exponential columns get a rate so that
+        the column's spread (its standard deviation) spans ``e^1.5`` to ``e^3``."""
+        if max_factor < 1:
+            raise ConfigError(f"raw scaling: max_factor must be >= 1, got {max_factor}")
+        x = np.asarray(reference, dtype=np.float64)
+        width = x.shape[1]
+        rng = np.random.default_rng([int(seed), 0x5CA1E])  # a stream of its own
+        factors = 10.0 ** rng.uniform(0.0, np.log10(max_factor), size=width)
+        exp_columns = rng.random(width) < exp_fraction
+        spread = rng.uniform(1.5, 3.0, size=width)
+        sd = x.std(axis=0) if x.shape[0] else np.ones(width)
+        rates = spread / np.where(sd > 1e-12, sd, 1.0)
+        lows = x.min(axis=0) if x.shape[0] else np.zeros(width)
+        return cls(factors, exp_columns, rates, lows)
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        """The raw-like features (float64, same shape)."""
+        x = np.asarray(features, dtype=np.float64)
+        # exponents are capped at 60 (e^60 ~ 1e26, still a finite float32 after the factor)
+        exponent = np.minimum(self.rates * np.maximum(x - self.lows, 0.0), 60.0)
+        grown = np.expm1(exponent)
+        return self.factors * np.where(self.exp_columns, grown, x)
+
+
+def raw_like_splits(
+    splits: dict[str, ExampleSets], seed: int = 0, max_factor: float = 1e5
+) -> dict[str, ExampleSets]:
+    """Every split with raw-like features (:class:`RawScaling` drawn on the ``train`` split)."""
+    scaling = RawScaling.draw(splits["train"].features, seed, max_factor=max_factor)
+    out = {}
+    for name, sets in splits.items():
+        out[name] = ExampleSets(
+            features=scaling.apply(sets.features).astype(np.float32),
+            labels=sets.labels,
+            offsets=sets.offsets,
+            set_ids=sets.set_ids,
+            item_ids=sets.item_ids,
+            relevance=sets.relevance,
+            feature_names=sets.feature_names,
+        )
+    return out
 
 
 # ---- helpers ---------------------------------------------------------------------------------

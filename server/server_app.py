@@ -33,8 +33,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.atomic_io import atomic_path, atomic_write_json
 from common.config import CLIENT_KEYS, FedrankConfig
 from common.errors import FedrankError
-from common.models import StudentModel, count_parameters
-from common.records import model_to_arrays, record_nbytes
+from common.models import count_parameters
+from common.records import model_to_arrays, record_nbytes, restore_transform
 from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from server.client_policy import make_policy
 from server.evaluation import make_evaluate_fn
@@ -42,6 +42,7 @@ from server.privacy import DPSettings, wrap_strategy
 from server.run_output import RunOutput
 from server.score_distribution import ScoreDistributor, exchange
 from server.strategy import build_strategy, load_strategy_state, strategy_state
+from server.student_setup import build_student
 from server.teacher_scoring import evaluate_scores
 from server.teachers import run_teacher, teacher_parameters
 from server.update_validation import NotEnoughReplies
@@ -79,6 +80,27 @@ def _needs_teacher(config: ConfigRecord) -> bool:
         cfg = FedrankConfig.from_run_config(settings)
         _NEEDS_TEACHER[key] = bool(cfg.composite_loss().needs_teacher)
     return _NEEDS_TEACHER[key]
+
+
+def _warn_short_training(rnd: int, replies: Sequence[Mapping[str, Any]]) -> None:
+    """Log a warning when clients report that their local training was too short to move the
+    model (``too-short`` from :func:`client.trainer.train_student`)."""
+    short = [r for r in replies if r.get("too-short")]
+    if not short:
+        return
+    steps = sorted({int(r.get("steps", 0)) for r in short})
+    updates = [float(r.get("relative-update", 0.0)) for r in short]
+    log.warning(
+        "round %d: local training was too short to move the model on %d of %d clients "
+        "(steps taken %s, relative weight change %.2g..%.2g): raise 'min-local-steps' or "
+        "'learning-rate', or the devices' 'max-steps' / 'max-seconds'",
+        rnd,
+        len(short),
+        len(replies),
+        steps,
+        min(updates),
+        max(updates),
+    )
 
 
 def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -150,13 +172,15 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     device_table = table.subset(device_ids)
 
     # ---- student -------------------------------------------------------------------------
-    # the dataset's device columns, or those `device-features` picks (ConfigError naming it)
-    columns = cfg.device_columns(
-        dataset.num_features, default=np.asarray(dataset.student_columns).tolist()
-    )
-    torch.manual_seed(cfg.seed)
-    student = StudentModel(dataset.num_features, hidden=cfg.hidden_sizes(), feature_indices=columns)
+    # device columns (or what `device-features` picks; ConfigError naming it) and the feature
+    # transform fitted on the server's train + vali features, inside the student; its
+    # `transform.*` arrays are the server's and are put back after every aggregation
+    student = build_student(cfg, dataset)
+    columns = student.spec["feature_indices"]
+    if student.transform is not None:
+        _log("feature transform: %s", student.transform.describe())
     arrays = model_to_arrays(student)
+    server_transform = model_to_arrays(student)  # the authoritative transform.* values
     evaluate_fn = make_evaluate_fn(student, eval_sets, eval_teacher)
 
     # ---- federation pieces -----------------------------------------------------------------
@@ -191,6 +215,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     if checkpoint is not None:
         check_compatible(checkpoint, cfg.to_dict(), Path(cfg.out_dir))
         arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.weights.items()})
+        arrays = restore_transform(arrays, server_transform)
         load_strategy_state(inner, checkpoint.strategy)
         policy.load_state(checkpoint.meta.get("policy", {}))
         history = list(checkpoint.meta.get("metrics", []))
@@ -271,7 +296,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             ) from None
         if new_arrays is None:
             raise FedrankError(f"round {rnd}: no client returned weights")
-        arrays = new_arrays
+        arrays = restore_transform(new_arrays, server_transform)
+        _warn_short_training(rnd, inner.last_train)
         train_seconds = time.perf_counter() - t_train
         eval_metrics = None
         if cfg.fraction_evaluate > 0:

@@ -6,8 +6,11 @@ trained on the full training data with a listwise softmax loss plus a pointwise 
 early-stopped on validation NDCG@10, and then scores every set of every split once: that
 :class:`~common.score_table.ScoreTable` is what students distil from.
 
-Features are standardised (train mean / std) during training and the standardisation is folded
-into the model's first linear layer afterwards, so the saved model takes raw features.
+The teacher takes raw features: with ``standardize`` (the default) a
+:class:`~common.feature_transform.FeatureTransform` fitted on the training and validation
+features (signed log1p of heavy-tailed columns, then standardisation; never the test split) is
+the model's first step, saved with it (``transform.*`` state-dict keys). The server fits the
+same transform, with the same function on the same data, for the students.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from common.atomic_io import atomic_path, atomic_write_json
 from common.errors import CheckpointError, ConfigError, ScoreTableError
 from common.example_sets import ExampleSets
+from common.feature_transform import TRANSFORM_VERSION, fit_transform
 from common.score_table import ScoreTable
 from server.teacher_scoring import score_to_table
 
@@ -182,33 +186,6 @@ class TeacherResult:
 
 
 # ---- training ------------------------------------------------------------------------------
-def _standardizer(train: ExampleSets) -> tuple[np.ndarray, np.ndarray]:
-    mean = train.features.mean(axis=0, dtype=np.float64)
-    std = train.features.std(axis=0, dtype=np.float64)
-    std = np.where(std > 1e-8, std, 1.0)
-    return mean.astype(np.float32), std.astype(np.float32)
-
-
-def _standardized(sets: ExampleSets, mean: np.ndarray, std: np.ndarray) -> ExampleSets:
-    return ExampleSets(
-        features=(sets.features - mean) / std,
-        labels=sets.labels,
-        offsets=sets.offsets,
-        set_ids=sets.set_ids,
-    )
-
-
-def _fold_standardization(model: torch.nn.Module, mean: np.ndarray, std: np.ndarray) -> None:
-    """Make ``model(raw)`` equal ``model((raw - mean) / std)`` by rewriting its first layer."""
-    first = model.encoder[0]
-    if not isinstance(first, torch.nn.Linear):  # pragma: no cover - guards a model change
-        raise TypeError("teacher model's first encoder layer must be nn.Linear")
-    with torch.no_grad():
-        w = first.weight / torch.from_numpy(std)[None, :]
-        first.bias -= w @ torch.from_numpy(mean)
-        first.weight.copy_(w)
-
-
 def evaluate(
     model: torch.nn.Module, sets: ExampleSets, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
@@ -277,13 +254,8 @@ def train_teacher(
         )
     started = time.perf_counter()
     loss_fn = config.composite_loss()
-    if config.standardize:
-        mean, std = _standardizer(train)
-    else:
-        mean = np.zeros(train.num_features, np.float32)
-        std = np.ones(train.num_features, np.float32)
-    train_n = _standardized(train, mean, std)
-    vali_n = _standardized(vali if vali is not None else train, mean, std)
+    transform = fit_transform(train, vali) if config.standardize else None
+    vali_n = vali if vali is not None else train
 
     history: list[dict[str, float]] = []
     best_state: dict[str, torch.Tensor] | None = None
@@ -296,18 +268,23 @@ def train_teacher(
             num_heads=config.num_heads,
             num_layers=config.num_layers,
             dropout=config.dropout,
+            transform=transform,
         )
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay
         )
         num_batches = math.ceil(train.num_sets / config.batch_size)
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=config.lr,
-            total_steps=config.epochs * num_batches,
-            pct_start=0.1,
-            anneal_strategy="cos",
-        )
+        total_steps = config.epochs * num_batches
+        if 0.1 * total_steps > 1:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=config.lr,
+                total_steps=total_steps,
+                pct_start=0.1,
+                anneal_strategy="cos",
+            )
+        else:  # ten steps or fewer: too short for a warm-up phase (OneCycleLR divides by 0)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         step = 0
         for epoch in range(1, config.epochs + 1):
             epoch_start = time.perf_counter()
@@ -315,7 +292,7 @@ def train_teacher(
             loss_sum, parts_sum, seen = 0.0, {}, 0
             bar = _progress_bar(num_batches, progress, f"teacher epoch {epoch}/{config.epochs}")
             try:
-                for batch in train_n.batches(
+                for batch in train.batches(
                     config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch
                 ):
                     scores = model(batch.features, batch.mask)
@@ -369,7 +346,6 @@ def train_teacher(
                 break
     assert best_state is not None
     model.load_state_dict(best_state)
-    _fold_standardization(model, mean, std)
     model.eval()
     seconds = time.perf_counter() - started
     log.info(
@@ -543,11 +519,11 @@ _NOT_IN_KEY = frozenset({"num_threads"})  # settings that do not change the trai
 def teacher_cache_key(splits: Mapping[str, ExampleSets], config: TeacherConfig) -> str:
     """Cache key (16 hex chars) from the data fingerprint and the teacher configuration."""
     settings = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_KEY}
-    payload = json.dumps(
-        {"format": CHECKPOINT_FORMAT, "data": data_fingerprint(splits), "config": settings},
-        sort_keys=True,
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {"format": CHECKPOINT_FORMAT, "data": data_fingerprint(splits), "config": settings}
+    if config.standardize:  # a teacher fitted with an older transform is not reused
+        payload["transform"] = TRANSFORM_VERSION
+    text = json.dumps(payload, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 class TeacherBundle(tuple):

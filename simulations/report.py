@@ -22,7 +22,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,67 @@ def plot_tradeoff(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def plot_comparison(
+    series: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
+    path: str | Path,
+    *,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    title: str = "",
+    metrics: Sequence[str] = ("ndcg@10", "log_loss"),
+) -> Path:
+    """Per-round curves of a few federations, one panel per metric (PNG, atomic).
+
+    ``series``: ``{name: {metric: [(round, value), ...]}}``; round 0 (the untrained start) is
+    left out so it cannot squash the axis. ``references``: ``{name: {metric: value}}`` drawn as
+    horizontal lines (e.g. the teacher and a central student). Each federation gets its own
+    colour, marker and line style; the y range covers the curves and the references.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    styles = [("tab:blue", "o", "-"), ("tab:orange", "s", "--"), ("tab:green", "^", "-.")]
+    ref_styles = [("black", ":"), ("tab:red", (0, (5, 2)))]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        values: list[float] = []
+        for k, (name, by_metric) in enumerate(series.items()):
+            points = [(r, v) for r, v in by_metric.get(metric, []) if r > 0 and _is_number(v)]
+            if not points:
+                continue
+            xs, ys = zip(*points, strict=True)
+            color, marker, line = styles[k % len(styles)]
+            ax.plot(xs, ys, color=color, marker=marker, linestyle=line, label=name, markersize=5)
+            values += list(ys)
+        for k, (name, refs) in enumerate((references or {}).items()):
+            value = refs.get(metric)
+            if not _is_number(value) or math.isnan(value):
+                continue
+            color, line = ref_styles[k % len(ref_styles)]
+            ax.axhline(value, color=color, linestyle=line, linewidth=1.3, label=name)
+            values.append(float(value))
+        if values:
+            low, high = min(values), max(values)
+            pad = max(0.08 * (high - low), 1e-3)
+            ax.set_ylim(low - pad, high + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round")
+        better = "higher is better" if metric != "log_loss" else "lower is better"
+        ax.set_ylabel(f"{metric} on held-out sets ({better})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return target
 
 
 def write_report(runs: Sequence[Run], out_dir: str | Path, plots: bool = True) -> dict[str, Path]:

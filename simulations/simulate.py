@@ -4,18 +4,31 @@ By default it compares, in one run of the simulation runtime, two federations on
 simulated clients, next to the teacher:
 
 - ``labels-only``: students trained on their labels only (teacher loss weights set to 0);
-- ``distill``: students trained with rank distillation from the teacher's scores.
+- ``distill``: students trained with rank distillation from the teacher's scores;
+
+and next to the reference "central student, all labels": the same student (architecture,
+device features, feature transform) trained on one machine on every client's labels
+(:mod:`simulations.central`). The table's "gap closed" is
+``(distill - labels-only) / (central all labels - labels-only)`` on NDCG@10: the share of what
+pooling every label would have added that distillation recovers without sharing a label.
+
+``fedrank simulate`` runs the device setting the product is for (:data:`DEVICE_SCENARIO`):
+many small clients (20, on :data:`DEVICE_DATA`: about 37 training sets each), non-IID
+(Dirichlet 0.3 over the sets' positive rate), 10% of each client's sets labelled, the student
+on device features; ``--set label-fraction=1.0`` gives every set its labels.
 
 Each federation writes its own folder (``DIR/labels-only``, ``DIR/distill``) with
 ``config.json``, ``metrics.jsonl``, ``summary.json``, ``ndcg10.png`` and the student; ``DIR``
 itself gets the comparison: ``config.json``, ``metrics.jsonl`` (rows tagged with ``run``),
-``summary.json`` (teacher and both students) and ``ndcg10.png`` (both curves).
+``summary.json`` (teacher, reference and both students), ``comparison.json`` (the table) and
+``ndcg10.png`` (NDCG@10 and log loss per round, teacher and reference as lines).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,11 +38,32 @@ from typing import Any
 from common.config import FedrankConfig
 from common.errors import ConfigError
 
-__all__ = ["run_federation", "run_federations", "compare", "main", "LABELS_ONLY", "DISTILL"]
+__all__ = [
+    "run_federation",
+    "run_federations",
+    "compare",
+    "main",
+    "gap_closed",
+    "DEVICE_SCENARIO",
+    "LABELS_ONLY",
+    "DISTILL",
+]
 
 # overrides of the two compared federations
 LABELS_ONLY: dict[str, Any] = {"score-weight": 0.0, "rank-weight": 0.0}
 DISTILL: dict[str, Any] = {}
+# what `fedrank simulate` runs unless told otherwise: the device setting (with the default
+# --clients 20): non-IID clients, most sets without labels
+DEVICE_SCENARIO: dict[str, Any] = {
+    "partition-scheme": "dirichlet",
+    "partition-alpha": 0.3,
+    "label-fraction": 0.1,
+}
+DEFAULT_CLIENTS = 20
+# the synthetic world of the device setting: 1,000 sets (750 for training), so each of the 20
+# clients holds about 37 training sets of which about 4 carry labels
+DEVICE_DATA = "synthetic:num_sets=1000"
+REFERENCE = "central student, all labels"
 
 SIMULATION_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -128,22 +162,33 @@ def run_federation(
 TABLE_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "map", "log_loss", "kendall_tau")
 
 
+def gap_closed(student: float, labels_only: float, reference: float) -> float:
+    """``(student - labels_only) / (reference - labels_only)``; NaN when the reference is not
+    ahead of the labels-only student (nothing to close)."""
+    gap = reference - labels_only
+    return (student - labels_only) / gap if gap > 0 else math.nan
+
+
 def format_table(rows: Sequence[tuple[str, Mapping[str, float], int, str]]) -> str:
     """A plain-text table: model, metrics, parameters, note.
 
     ``true-ndcg@10`` (NDCG@10 against the true relevance behind the labels) is shown when the
-    data has it (synthetic data).
+    data has it (synthetic data), ``gap closed`` when a row has ``gap-closed``.
     """
     metrics_shown = list(TABLE_METRICS)
     if any("true-ndcg@10" in metrics for _, metrics, _, _ in rows):
         metrics_shown.append("true-ndcg@10")
-    head = ["model", *metrics_shown, "params", ""]
+    gaps = any("gap-closed" in metrics for _, metrics, _, _ in rows)
+    head = ["model", *metrics_shown, *(["gap closed"] if gaps else []), "params", ""]
     lines = [head]
     for name, metrics, params, note in rows:
         cells = [name]
         for k in metrics_shown:
             v = metrics.get(k)
             cells.append("-" if v is None else f"{v:.4f}")
+        if gaps:
+            v = metrics.get("gap-closed")
+            cells.append("-" if v is None or math.isnan(v) else f"{v:.0%}")
         cells += [f"{params:,}", note]
         lines.append(cells)
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
@@ -159,6 +204,32 @@ def format_table(rows: Sequence[tuple[str, Mapping[str, float], int, str]]) -> s
     return "\n".join(out)
 
 
+def central_reference(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The "central student, all labels" reference of a comparison with ``config``: the same
+    student trained centrally on every training set's labels (labels-only loss), evaluated on
+    the run's evaluation split with the teacher's scores (from the run's teacher cache)."""
+    from common.datasets import load_dataset
+    from server.teacher import train_or_load_teacher
+    from simulations.central import train_central_student
+
+    cfg = FedrankConfig.from_run_config(
+        {**dict(config), **LABELS_ONLY, "label-fraction": 1.0, "out-dir": "unused"}
+    )
+    dataset = load_dataset(cfg.data_path, seed=cfg.seed)
+    cache = cfg.teacher_cache_dir or os.fspath(Path(str(config["out-dir"])) / "teacher")
+    _, table = train_or_load_teacher(dataset, cfg.teacher_config(), cache)
+    scores = {"eval": table.align(dataset.splits[cfg.eval_split])}
+    result = train_central_student(
+        cfg.to_dict(), labels="all", teacher_scores=scores, dataset=dataset
+    )
+    return {
+        "metrics": result.metrics,
+        "parameters": result.parameters,
+        "epochs": result.epochs,
+        "label_sets": result.label_sets,
+    }
+
+
 def compare(
     config: Mapping[str, Any],
     out_dir: str | os.PathLike[str],
@@ -166,9 +237,11 @@ def compare(
     num_clients: int,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Labels-only vs rank-distillation federations (same clients, same seed, one teacher)."""
+    """Labels-only vs rank-distillation federations (same clients, same seed, one teacher),
+    next to the teacher and the central all-labels reference."""
     from common.atomic_io import atomic_write_json
-    from server.run_output import RunOutput, plot_ndcg, read_metrics
+    from server.run_output import RunOutput, read_metrics
+    from simulations.report import plot_comparison
 
     out = Path(out_dir)
     base = dict(config)
@@ -184,45 +257,85 @@ def compare(
             strict=True,
         )
     )
+    reference = central_reference({**base, "out-dir": os.fspath(out)})
     teacher = summaries["distill"]["teacher"]
+    labels_only = summaries["labels-only"]["student"]["metrics"]
+    distill = dict(summaries["distill"]["student"]["metrics"])
+    gap = gap_closed(distill["ndcg@10"], labels_only["ndcg@10"], reference["metrics"]["ndcg@10"])
+    distill["gap-closed"] = gap
+    log_loss_change = distill["log_loss"] / labels_only["log_loss"] - 1.0
+    rounds = summaries["distill"]["student"]["rounds"]
     rows = [
         ("teacher (server)", teacher["metrics"], teacher["parameters"], "full features"),
+        (
+            REFERENCE,
+            reference["metrics"],
+            reference["parameters"],
+            f"{reference['epochs']} epochs, every set labelled",
+        ),
+        (
+            "student: labels-only",
+            labels_only,
+            summaries["labels-only"]["student"]["parameters"],
+            f"{rounds} rounds",
+        ),
+        (
+            "student: distill",
+            distill,
+            summaries["distill"]["student"]["parameters"],
+            f"{rounds} rounds",
+        ),
     ]
-    for name, summary in summaries.items():
-        s = summary["student"]
-        rows.append((f"student: {name}", s["metrics"], s["parameters"], f"{s['rounds']} rounds"))
     table = format_table(rows)
 
     report = RunOutput(out)
     report.write_config({name: summary["config"] for name, summary in summaries.items()})
     all_rows = []
-    series = {}
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for name in runs:
         metrics = read_metrics(out / name / "metrics.jsonl")
-        series[f"student: {name}"] = [(r["round"], r["ndcg@10"]) for r in metrics]
+        series[f"federated: {name}"] = {
+            k: [(r["round"], r[k]) for r in metrics if k in r] for k in ("ndcg@10", "log_loss")
+        }
         all_rows += [{"run": name, **r} for r in metrics]
     report.reset_metrics(all_rows)
     first = summaries["distill"]
+    cfg = summaries["distill"]["config"]
+    scenario = (
+        f"{num_clients} clients, {cfg.get('partition-scheme')}"
+        + (f" {cfg.get('partition-alpha')}" if cfg.get("partition-scheme") == "dirichlet" else "")
+        + f", {float(cfg.get('label-fraction', 1.0)):.0%} of sets labelled"
+    )
     summary = {
         "teacher": teacher,
+        "reference": reference,
         "students": {name: s["student"] for name, s in summaries.items()},
         "federation": {name: s["federation"] for name, s in summaries.items()},
         "data": first["data"],
         "config": {name: s["config"] for name, s in summaries.items()},
         "clients": num_clients,
+        "scenario": scenario,
+        "gap_closed": gap,
+        "log_loss_change": log_loss_change,
         "table": table,
     }
     report.write_summary(summary)
-    plot_ndcg(
+    plot_comparison(
         series,
         out / "ndcg10.png",
-        title=f"{first['data']['name']}: {num_clients} clients",
-        references={"teacher": teacher["metrics"]["ndcg@10"]},
+        title=f"{first['data']['name']}: {scenario}",
+        references={
+            "teacher (server, all features)": teacher["metrics"],
+            REFERENCE: reference["metrics"],
+        },
     )
     atomic_write_json(
         out / "comparison.json",
         {
             "table": table,
+            "scenario": scenario,
+            "gap_closed": gap,
+            "log_loss_change": log_loss_change,
             "rows": [
                 {"model": n, "parameters": p, **{k: m.get(k) for k in TABLE_METRICS}}
                 for n, m, p, _ in rows
@@ -256,10 +369,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedrank simulate",
         description="Federated students (labels only vs rank distillation) next to the "
-        "teacher, in Flower's simulation runtime.",
+        "teacher and a central all-labels student, in Flower's simulation runtime. Default "
+        "scenario: 20 non-IID clients (Dirichlet 0.3), 10%% of the sets labelled "
+        "(--set label-fraction=1.0 labels every set).",
     )
-    parser.add_argument("--data", default="synthetic", help="'synthetic' or a LETOR fold folder")
-    parser.add_argument("--clients", type=int, default=5, help="simulated clients (default 5)")
+    parser.add_argument(
+        "--data",
+        default=DEVICE_DATA,
+        help=f"'synthetic[:key=value,...]' or a LETOR fold folder (default {DEVICE_DATA})",
+    )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=DEFAULT_CLIENTS,
+        help=f"simulated clients (default {DEFAULT_CLIENTS})",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="server rounds (default 5)")
     parser.add_argument("--out", default="runs/simulate", help="output folder")
     parser.add_argument(
@@ -277,13 +401,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     args = parser.parse_args(list(argv) if argv is not None else None)
-    config = {"data-path": args.data, **_parse_set(args.set)}
+    config = {**DEVICE_SCENARIO, "data-path": args.data, **_parse_set(args.set)}
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
     if args.only == "compare":
         summary = compare(config, args.out, num_clients=args.clients, verbose=args.verbose)
-        print()
+        print(f"\n{summary['data']['name']}: {summary['scenario']}")
         print(summary["table"])
+        print(
+            f"gap closed = (distill - labels-only) / ({REFERENCE} - labels-only) on NDCG@10: "
+            + ("-" if math.isnan(summary["gap_closed"]) else f"{summary['gap_closed']:.0%}")
+            + f"; log loss of distill vs labels-only: {summary['log_loss_change']:+.1%}"
+        )
     else:
         overrides = LABELS_ONLY if args.only == "labels-only" else DISTILL
         summary = run_federation(

@@ -33,7 +33,7 @@ PAIR_WEIGHT_OPTIONS = [
 CASES: list[tuple[str, dict]] = [
     ("label_sigmoid_ce", {}),
     ("label_sigmoid_ce", {"graded": "scale", "max_grade": 3.0}),
-    ("label_sigmoid_ce", {"uniform_sets": "keep"}),
+    ("label_sigmoid_ce", {"uniform_sets": "zero"}),
     ("score_l2", {}),
     ("score_sigmoid_ce", {}),
     ("label_pairwise_logistic", {}),
@@ -55,6 +55,7 @@ _PAIRWISE = ("label_pairwise_logistic", "rank_l2", "rank_pairwise_ce", "rank_con
 for _k, _opts in enumerate(PAIR_WEIGHT_OPTIONS):
     CASES.append((_PAIRWISE[_k], dict(_opts)))
 CASES.append(("rank_conditional", dict(PAIR_WEIGHT_OPTIONS[0])))
+POINTWISE = ("label_sigmoid_ce", "score_l2", "score_sigmoid_ce")
 CASE_IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'default'}" for n, o in CASES]
 
 
@@ -107,7 +108,7 @@ def bf_loss(name, s, target, teacher, opts) -> torch.Tensor:
     """One set: ``s`` list of scalar tensors (requires grad), ``target``/``teacher`` floats."""
     n = len(s)
     zero = torch.zeros((), dtype=F64)
-    if n < 2:
+    if n < 2 and name not in POINTWISE:
         return zero
     sv = [float(x.detach()) for x in s]
     tv = teacher if teacher is not None else target
@@ -121,7 +122,7 @@ def bf_loss(name, s, target, teacher, opts) -> torch.Tensor:
             y = [1.0 if v > 0 else 0.0 for v in target]
         else:
             y = [min(max(v / opts["max_grade"], 0.0), 1.0) for v in target]
-        if opts.get("uniform_sets", "zero") == "zero" and len(set(y)) < 2:
+        if opts.get("uniform_sets", "keep") == "zero" and len(set(y)) < 2:
             return zero
         for i in range(n):
             total = total - y[i] * ls(s[i]) - (1 - y[i]) * ls(-s[i])
@@ -375,26 +376,74 @@ def test_rank_l2_translation_invariance(form, dtype):
 # ---------------------------------------------------------------------------------------------
 
 
+def design_value(name: str, s: list[float], target: list[float], options: dict) -> float:
+    """DESIGN.md's rule for a one-item set or a set whose labels are all equal: the pointwise
+    losses sum their per-item formula over every valid item; every other loss gives 0 (the
+    ``uniform_sets="zero"`` option of ``label_sigmoid_ce`` drops all-equal sets)."""
+
+    def softplus(x: float) -> float:
+        return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+    if name == "label_sigmoid_ce":
+        y = [1.0 if v > 0 else 0.0 for v in target]
+        if options.get("graded") == "scale":
+            y = [min(max(v / options["max_grade"], 0.0), 1.0) for v in target]
+        if options.get("uniform_sets") == "zero" and len(set(y)) < 2:
+            return 0.0
+        return sum(softplus(si) - yi * si for si, yi in zip(s, y, strict=True))
+    if name == "score_l2":
+        return sum((t - si) ** 2 for si, t in zip(s, target, strict=True))
+    if name == "score_sigmoid_ce":
+        return sum(softplus(si) - si / (1 + math.exp(-t)) for si, t in zip(s, target, strict=True))
+    return 0.0
+
+
 @pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)
-def test_degenerate_sets_give_zero(name, options):
+def test_degenerate_sets_follow_design(name, options):
     nan = float("nan")
-    # set 0: no valid item; set 1: one valid item; (label losses) set 2: all labels equal
+    # set 0: no valid item; set 1: one valid item; set 2: all labels equal (teacher differs)
     s = t64([[nan, 5.0, 1.0], [2.0, nan, 9.0], [0.3, -1.0, 2.0]])
     t = t64([[1.0, nan, 3.0], [-4.0, 2.0, 1.0], [0.5, 1.5, -2.0]])
     y = t64([[1.0, 0.0, nan], [1.0, 2.0, 0.0], [2.0, 2.0, 2.0]])
     mask = torch.tensor([[False, False, False], [True, False, False], [True, True, True]])
     labels = L.LOSS_TARGETS[name] == "labels"
+    target = y if labels else t
     scores = s.clone().requires_grad_(True)
-    value = call(name, scores, y if labels else t, mask, teacher=t, **options)
+    value = call(name, scores, target, mask, teacher=t, **options)
     value.sum().backward()
     assert not torch.isnan(value).any() and not torch.isnan(scores.grad).any()
-    assert value[0].item() == 0.0 and value[1].item() == 0.0
-    assert torch.all(scores.grad[:2] == 0)
-    keeps_uniform = options.get("uniform_sets") == "keep"
-    if labels and not keeps_uniform:
-        assert value[2].item() == 0.0
+    assert value[0].item() == 0.0 and torch.all(scores.grad[0] == 0)
+    one = design_value(name, [2.0], [float(target[1, 0])], options)
+    assert value[1].item() == pytest.approx(one, rel=1e-12, abs=1e-12)
+    # a one-item set trains the pointwise losses only (unless an option drops it)
+    assert (scores.grad[1, 0] != 0).item() == (one != 0.0)
+    assert torch.all(scores.grad[1, 1:] == 0)  # masked items get no gradient
+    if labels:
+        equal = design_value(name, s[2].tolist(), y[2].tolist(), options)
+        assert value[2].item() == pytest.approx(equal, rel=1e-12, abs=1e-12)
     else:
-        assert value[2].item() > 0.0  # the gate must not zero a regular set
+        assert value[2].item() > 0.0  # the teacher's logits differ: a regular set
+
+
+def test_one_item_and_all_equal_sets_match_design_for_every_loss():
+    """Every registered loss, default options: the value on a one-item set and on a set whose
+    labels are all equal (every label 0: a page view without a click) is DESIGN.md's."""
+    s = t64([[0.7, 0.0, 0.0], [0.2, -1.3, 0.5]])
+    t = t64([[-0.4, 0.0, 0.0], [1.0, 0.1, -2.0]])
+    y = t64([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, False, False], [True, True, True]])
+    for name in L.LOSSES:
+        labels = L.LOSS_TARGETS[name] == "labels"
+        value = call(name, s, y if labels else t, mask, teacher=t)
+        single = design_value(name, [0.7], [0.0 if labels else -0.4], {})
+        assert value[0].item() == pytest.approx(single, abs=1e-12), name
+        if labels:
+            equal = design_value(name, s[1].tolist(), [0.0] * 3, {})
+            assert value[1].item() == pytest.approx(equal, abs=1e-12), name
+    # the pointwise label loss keeps all-equal sets by default; the option drops them
+    keep = L.label_sigmoid_ce(s, y, mask)
+    drop = L.label_sigmoid_ce(s, y, mask, uniform_sets="zero")
+    assert keep[1].item() > 0 and drop.tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize(("name", "options"), CASES, ids=CASE_IDS)

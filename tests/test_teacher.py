@@ -152,7 +152,7 @@ def test_load_teacher_rejects_damage(tmp_path: Path, trained):
 def test_load_teacher_rejects_nan_weights(tmp_path: Path, trained):
     folder = save_teacher(trained, tmp_path / "t")
     state = torch.load(folder / "teacher.pt", weights_only=True)
-    key = next(iter(state))
+    key = next(k for k, v in state.items() if v.is_floating_point())
     state[key] = state[key].clone().fill_(float("nan"))
     torch.save(state, folder / "teacher.pt")
     info = json.loads((folder / "teacher.json").read_text())
@@ -242,3 +242,12 @@ def test_cli_user_errors(tmp_path: Path):
 
     code = fedrank(["teacher", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), "-q"])
     assert code == 2
+
+
+def test_very_short_training_runs(small):
+    """Ten optimiser steps or fewer (2 epochs of 5 batches) train without a warm-up phase."""
+    train = small.splits["train"].take(np.arange(150))
+    config = TeacherConfig(**{**FAST, "epochs": 2, "patience": 2, "batch_size": 32})
+    result = train_teacher(train, None, config, False)
+    assert len(result.history) == 2 and np.isfinite(result.vali_ndcg10)
+    assert result.model.transform is not None  # the teacher takes raw features
