@@ -146,6 +146,7 @@ class FedrankConfig:
     # ---- slow, failing and hostile nodes (docs/federation.md, "Robustness") -------------------
     node_wait_timeout: float = 60.0
     max_update_norm: float = 10.0
+    update_norm_ratio: float = 3.0
     max_examples_per_node: int = 0
     num_malicious_nodes: int = 1
     num_nodes_to_select: int = 0
@@ -380,7 +381,11 @@ class FedrankConfig:
             fail("node_wait_timeout", "must be > 0 (seconds)")
         if self.max_update_norm < 0:
             fail("max_update_norm", "must be >= 0 (0: no bound)")
-        for name in ("max_examples_per_node", "num_malicious_nodes", "num_nodes_to_select"):
+        if self.update_norm_ratio != 0 and self.update_norm_ratio < 1:
+            fail("update_norm_ratio", "must be 0 (no bound) or >= 1 (times the round's median)")
+        if self.max_examples_per_node < -1:
+            fail("max_examples_per_node", "must be >= -1 (-1: no cap, 0: the server's set count)")
+        for name in ("num_malicious_nodes", "num_nodes_to_select"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
         if self.dp_noise_multiplier > 0 and self.strategy not in ("fedavg", "fedprox"):

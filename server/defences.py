@@ -7,10 +7,12 @@ aggregates them.
   node claiming 1e12 or 1e308 examples gets no more weight than it has sets. A node that lies
   at hello as well keeps its lie up to the per-run maximum; the robust strategies
   (``fedmedian``, ``krum``, ``multikrum``, ``bulyan``, ``fedtrimmedavg``) do not use counts.
-- **Update norms are bounded.** An update ``w_node - w_global`` longer than
-  ``max-update-norm`` (L2 over every float weight) is scaled down to that length (norm
-  bounding, Sun et al. 2019, "Can you really backdoor federated learning?"): a scaled-up
-  update moves the model no further than an honest one may.
+- **Update norms are bounded.** An update ``w_node - w_global`` (L2 over every float weight)
+  longer than ``max-update-norm``, or longer than ``update-norm-ratio`` times the median
+  update norm of the round, is scaled down to that length (norm bounding, Sun et al. 2019,
+  "Can you really backdoor federated learning?"): a scaled-up update moves the model no
+  further than an honest one may. The median is robust while fewer than half of a round's
+  replies are hostile; the absolute bound holds even when they are not.
 - **Overflow-safe aggregation.** The strategy gets the float weights as float64 and the
   capped weights (bounded, finite), so sums cannot overflow; :func:`finite` checks the result.
 
@@ -46,12 +48,24 @@ __all__ = [
 class Defences:
     """The defence settings of a run.
 
-    ``max_update_norm``: L2 bound of an update (0: none). ``max_examples``: the most example
-    weight one node may carry (0: no per-run maximum).
+    ``max_update_norm``: L2 bound of an update (0: none). ``update_norm_ratio``: bound of an
+    update relative to the round's median update norm (0: none). ``max_examples``: the most example
+    weight one node may carry (0: no per-run maximum; -1: no cap at all, not even the node's
+    hello, for comparisons).
     """
 
     max_update_norm: float = 0.0
     max_examples: int = 0
+    update_norm_ratio: float = 0.0
+
+    def bound(self, norms: list[float]) -> float:
+        """The norm bound of a round whose updates have ``norms`` (inf: none)."""
+        bounds = [math.inf]
+        if self.max_update_norm > 0:
+            bounds.append(self.max_update_norm)
+        if self.update_norm_ratio > 0 and norms:
+            bounds.append(self.update_norm_ratio * float(np.median(norms)))
+        return min(bounds)
 
 
 @dataclass
@@ -99,11 +113,14 @@ def prepare_updates(
     prepared: list[Prepared] = []
     rejected: list[Rejection] = []
     base = {k: global_arrays[k].numpy() for k in global_arrays}
-    for node, msg in replies:
+    replies = list(replies)
+    norms = [update_norm(msg.content[arrays_key], global_arrays) for _, msg in replies]
+    bound = defences.bound(norms)
+    for (node, msg), norm in zip(replies, norms, strict=True):
         metrics = dict(msg.content[metrics_key])
         claimed = float(metrics[weight_key])
         caps = [claimed]
-        known = node_cap(node)
+        known = node_cap(node) if defences.max_examples >= 0 else None
         if known is not None:
             if known < 1:
                 rejected.append(
@@ -118,11 +135,10 @@ def prepare_updates(
         if weight < claimed:
             notes.append(f"example weight capped from {claimed:g} to {weight}")
         received = msg.content[arrays_key]
-        norm = update_norm(received, global_arrays)
         scale = 1.0
-        if defences.max_update_norm > 0 and norm > defences.max_update_norm:
-            scale = defences.max_update_norm / norm
-            notes.append(f"update norm {norm:.4g} clipped to {defences.max_update_norm:g}")
+        if norm > bound:
+            scale = bound / norm
+            notes.append(f"update norm {norm:.4g} clipped to {bound:.4g}")
         arrays = ArrayRecord()
         for key, old in base.items():
             value = received[key].numpy()

@@ -162,7 +162,8 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     )
     # `inner` keeps the bookkeeping and the optimiser state; `strategy` is what runs the
     # rounds: `inner`, or `inner` inside the DP wrapper (set up once the nodes are known).
-    # No node carries more example weight than the sets the server holds for devices.
+    # No node carries more example weight than the sets the server holds for devices
+    # (-1: no cap at all, for comparisons).
     max_examples = cfg.max_examples_per_node or int(device_table.num_sets)
     inner = build_strategy(cfg, policy, nodes, max_examples=max_examples)
     train_config = ConfigRecord(
@@ -394,6 +395,11 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "uses_teacher": uses_teacher,
             "nodes": len(nodes.nodes) or len(list(grid.get_node_ids())),
             "excluded": {str(n): reason for n, reason in nodes.excluded().items()},
+            "client_keys": {
+                str(n): info.client_key
+                for n, info in sorted(nodes.nodes.items())
+                if info.client_key is not None
+            },
             "score_deliveries": [d.to_dict() for d in distributor.deliveries],
             "bytes_to_clients": int(sum(r.get("bytes_to_clients", 0) for r in history)),
             "bytes_from_clients": int(sum(r.get("bytes_from_clients", 0) for r in history)),

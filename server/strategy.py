@@ -174,8 +174,9 @@ class FedrankStrategyMixin:
         return self.nodes.node(node).policy_view() if self.nodes else {}
 
     def _node_cap(self, node: int, stage: str) -> int | None:
-        """The example weight the node's hello allows (None: the server did not ask)."""
-        if self.nodes is None or node not in self.nodes.nodes:
+        """The example weight the node's hello allows (None: the server did not ask, or the
+        caps are off: ``max-examples-per-node = -1``)."""
+        if self.nodes is None or node not in self.nodes.nodes or self.defences.max_examples < 0:
             return None
         info = self.nodes.node(node)
         if not info.confirmed and not info.num_sets:
@@ -451,7 +452,11 @@ def build_strategy(
         config.seed,
         nodes,
         min_replies=config.min_replies,
-        defences=Defences(max_update_norm=config.max_update_norm, max_examples=int(limit)),
+        defences=Defences(
+            max_update_norm=config.max_update_norm,
+            max_examples=int(limit),
+            update_norm_ratio=config.update_norm_ratio,
+        ),
         num_nodes_to_select=config.num_nodes_to_select,
     )
     return strategy

@@ -1,0 +1,156 @@
+"""Chaos in Flower's simulation runtime: ten clients, of which one crashes, one is slow, one
+sends NaN, one lies about its example count, one poisons its update, one is misconfigured,
+one loses its cached state (a restart) and one speaks an older reply protocol; partial
+participation (``fraction-train = 0.5``) with federated evaluation on every node
+(``fraction-evaluate = 1.0``: the setting that used to end the run with
+``InconsistentMessageReplies``).
+
+One start of the runtime runs the chaotic federation and a clean one on the same nodes
+(:func:`fault_clients.chaos_client_app` misbehaves only in the chaotic run); the chaotic run
+must finish every round, report each failure on the node that caused it, leave the
+misconfigured and the old node out, and end with a student within :data:`MARGIN` NDCG@10 of the
+clean run's.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from common.reply_schema import PROTOCOL
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+ROUNDS = 4
+ROUND_TIMEOUT = 45.0
+# measured on this project's machine: the chaotic run ended 0.0xx NDCG@10 from the clean one
+# (see the closing note of the issue); the margin leaves room for the seeded sampling only
+MARGIN = 0.03
+CONFIG = {
+    "num-server-rounds": ROUNDS,
+    "teacher-epochs": 1,
+    "teacher-d-model": 16,
+    "teacher-heads": 2,
+    "teacher-layers": 1,
+    "local-epochs": 1,
+    "strategy": "fedmedian",  # robust to the poisoner; the clean run uses it too
+    "fraction-train": 0.5,
+    "fraction-evaluate": 1.0,
+    "min-available-nodes": 10,
+    "min-replies": 2,
+    "round-timeout": ROUND_TIMEOUT,
+    "node-wait-timeout": 30.0,
+}
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from test_faults import _run_python
+
+    root = tmp_path_factory.mktemp("chaos")
+    base = {**CONFIG, "teacher-cache-dir": str(root / "teacher")}
+    configs = [
+        {**base, "score-mode": "targeted", "out-dir": str(root / "chaos")},
+        {**base, "score-mode": "broadcast", "out-dir": str(root / "clean")},
+    ]
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
+        from flwr.simulation import run_simulation
+        from fault_clients import chaos_client_app
+        from server.server_app import make_server_app
+        run_simulation(
+            server_app=make_server_app({configs!r}),
+            client_app=chaos_client_app(sleep_seconds={ROUND_TIMEOUT + 5.0!r}),
+            num_supernodes=10,
+            backend_config={{
+                "client_resources": {{"num_cpus": 1, "num_gpus": 0.0}},
+                "init_args": {{"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}},
+            }},
+        )
+        """
+    )
+    proc = _run_python(code, root, timeout=900)
+    log = proc.stdout + proc.stderr
+    for name in ("chaos", "clean"):
+        assert (root / name / "summary.json").is_file(), f"{name}: no summary\n{log[-6000:]}"
+    return {
+        "log": log,
+        **{
+            name: {
+                "rows": _rows(root / name),
+                "summary": json.loads((root / name / "summary.json").read_text()),
+            }
+            for name in ("chaos", "clean")
+        },
+    }
+
+
+def _partition(summary: dict) -> dict[int, int]:
+    """node id -> partition id (the client key each node reported at hello)."""
+    return {int(n): int(k) for n, k in summary["federation"]["client_keys"].items()}
+
+
+def test_every_round_finishes_and_each_failure_costs_its_node(runs: dict) -> None:
+    rows, summary = runs["chaos"]["rows"], runs["chaos"]["summary"]
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    part = _partition(summary)
+    rejected = [dict(r, partition=part.get(r["node"])) for row in rows[1:] for r in row["rejected"]]
+    kinds = {(r["partition"], r["kind"]) for r in rejected}
+    # the misconfigured node (partition 7) and the old one (9) are left out at their first
+    # hello, each with a reason that names what is wrong
+    excluded = {int(n): r for n, r in summary["federation"]["excluded"].items()}
+    assert len(excluded) == 2, excluded
+    typo, old = sorted(excluded, key=lambda n: "max-step" not in excluded[n])
+    assert "'max-step'" in excluded[typo] and "did you mean 'max-steps'" in excluded[typo]
+    assert f"reply protocol {PROTOCOL - 1}, the server {PROTOCOL}" in excluded[old]
+    assert not {part.get(n) for n in excluded} - {None}  # they never reported a client key
+    for row in rows[1:]:  # excluded nodes are never sampled
+        assert not {int(n) for n in row["bytes_per_client"]} & set(excluded)
+        assert row["clients"] >= CONFIG["min-replies"]
+    # every failure is one row entry on the node that caused it, with a reason
+    assert all(r["reason"] and r["message_type"] for r in rejected)
+    assert (2, "crash") in kinds or 2 not in _sampled(rows, part, {1, 3})
+    assert (3, "missing") in kinds or 3 not in _sampled(rows, part, {3})
+    assert (4, "invalid") in kinds or 4 not in _sampled(rows, part, {2})
+    assert (8, "stale-scores") in kinds or 8 not in _sampled(rows, part, {3})
+    assert (5, "crash") in kinds  # its evaluation crash in round 2 (every node evaluates)
+    # the liar's claim of 1e12 examples is capped at the sets it reported at hello
+    liar = [c for row in rows[1:] for c in row["clients_train"] if part[int(c["node"])] == 5]
+    assert liar and all(c["num-examples"] == 10**12 and c["weight"] < 1000 for c in liar)
+    # a NaN loss metric is undefined on that node, not an error; the average stays finite
+    assert all(row["train"]["loss-total"] == row["train"]["loss-total"] for row in rows[1:])
+    # federated evaluation ran every round on the nodes that could answer
+    assert all(row["client_eval"]["clients"] >= 6 for row in rows[1:])
+
+
+def _sampled(rows: list[dict], part: dict[int, int], rounds: set[int]) -> set[int]:
+    return {part[int(n)] for r in rows if r["round"] in rounds for n in r["bytes_per_client"]}
+
+
+def test_the_chaotic_run_ends_within_the_margin_of_the_clean_run(runs: dict) -> None:
+    chaos = runs["chaos"]["rows"][-1]["ndcg@10"]
+    clean = runs["clean"]["rows"][-1]["ndcg@10"]
+    start = runs["clean"]["rows"][0]["ndcg@10"]
+    print(f"NDCG@10: start {start:.4f}, clean {clean:.4f}, chaos {chaos:.4f}")
+    assert clean > start + 0.05  # the clean run learns
+    assert abs(chaos - clean) <= MARGIN
+    assert not runs["clean"]["summary"]["federation"]["excluded"]
+    assert all(not row["rejected"] for row in runs["clean"]["rows"][1:])
+
+
+def test_the_run_log_names_each_failing_node(runs: dict) -> None:
+    log = runs["log"]
+    assert "InconsistentMessageReplies" not in log and "run stopped" not in log
+    assert "is left out of the run" in log and "rejected (crash)" in log
