@@ -7,7 +7,9 @@ node, which a node cannot choose):
   sampling; after ``node-wait-timeout`` the round goes on with the nodes that are there if
   they can give ``min-replies`` replies, else the run stops with one line saying so;
 - :meth:`NodeRegistry.hello`: once per round, a ``query.hello`` to each connected node the
-  server has not heard from (new, failed or restarted nodes). The node reports its client key,
+  server has not heard from (new, failed or restarted nodes); a node that does not answer is
+  asked again after 1, 2, 4, ... rounds, so a silent node costs one timeout now and then, not
+  one every round. The node reports its client key,
   its sets, the teacher-score version it holds and its size cap
   (:class:`common.reply_schema.HelloStatus`); its ``node_config`` is checked on the node then.
   Only nodes whose hello is current are sampled;
@@ -58,6 +60,8 @@ class NodeInfo:
     version: str = ""  # teacher-score version the node holds (as far as the server knows)
     confirmed: bool = False  # its hello is current (False: ask again before it trains)
     excluded: str = ""  # why the node is left out of the run ("": it is not)
+    silent: int = 0  # hello queries in a row it did not answer
+    next_hello: int = 0  # the first round it is asked again after not answering
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
     def policy_view(self) -> dict[str, Any]:
@@ -201,12 +205,15 @@ class NodeRegistry:
         return nodes
 
     # ---- hello -----------------------------------------------------------------------------
-    def hello(self, grid: Grid, node_ids: Iterable[int]) -> list[Rejection]:
-        """Ask the nodes of ``node_ids`` the server has not heard from (and has not excluded)
-        what they hold; returns the nodes that failed (excluded ones marked so)."""
-        todo = [
-            int(n) for n in node_ids if not self.node(n).confirmed and not self.node(n).excluded
-        ]
+    def hello(self, grid: Grid, node_ids: Iterable[int], server_round: int = 0) -> list[Rejection]:
+        """Ask the nodes of ``node_ids`` the server has not heard from (and has not excluded,
+        and that are not backing off after not answering) what they hold; returns the nodes
+        that failed (excluded ones marked so)."""
+        todo = []
+        for n in node_ids:
+            info = self.node(n)
+            if not info.confirmed and not info.excluded and info.next_hello <= server_round:
+                todo.append(int(n))
         if not todo:
             return []
         messages = [
@@ -219,7 +226,14 @@ class NodeRegistry:
         problems = []
         for n in todo:
             problem = self._read_hello(n, replies.get(n))
-            if problem is not None:
+            info = self.node(n)
+            if problem is None:
+                info.silent = 0
+            elif not problem.excluded:
+                info.silent += 1
+                info.next_hello = server_round + 2 ** (info.silent - 1)
+                problems.append(problem)
+            else:
                 problems.append(problem)
         return problems
 

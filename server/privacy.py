@@ -22,6 +22,8 @@ Gaussian noise on the aggregate), as DP-FedAvg with a fixed denominator (McMahan
   but never shrinks ``n``: adding or removing one client changes the sum by at most ``C``, so
   the sensitivity is ``C / n`` whatever the clients do, and the noise is sized for it;
 - integer buffers (the student's feature columns) are kept out of clipping and noise;
+- ``update-norm-ratio`` is off under DP (a bound relative to the round's median lets one
+  client change how much of the others' updates is kept); ``max-update-norm`` stays;
 - after each round :attr:`FedrankDPFixedClipping.budget` holds the cumulative epsilon at
   ``dp-delta`` (:func:`epsilon`), for the round's log line and ``metrics.jsonl``.
 
@@ -38,6 +40,7 @@ know (``last_train``, ``policy``...) go to the wrapped strategy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -149,6 +152,11 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         )
         self.settings = settings
         self.rounds_released = 0
+        # a bound relative to the round's median would let one client change how much of
+        # the others' updates is kept: more than C / n. The fixed max-update-norm stays.
+        defences = getattr(strategy, "defences", None)
+        if defences is not None:
+            strategy.defences = dataclasses.replace(defences, update_norm_ratio=0.0)
         self.budget: dict[str, float] = {"epsilon": 0.0, "delta": settings.delta}
 
     def __getattr__(self, name: str) -> Any:

@@ -239,7 +239,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         t_round = time.perf_counter()
         # a bounded wait for nodes; then nodes the server has not heard from (new, restarted
         # or failed) report their client key and sets, once per round
-        problems: list[Rejection] = list(nodes.hello(grid, wait(f"round {rnd}")))
+        problems: list[Rejection] = list(nodes.hello(grid, wait(f"round {rnd}"), rnd))
         messages = list(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid)
         )

@@ -421,6 +421,40 @@ def test_a_lost_node_costs_a_bounded_wait_not_the_run(caplog) -> None:
         registry.wait_for_nodes(grid, 2, 0.1, 2, "round 6")
 
 
+class _Silent(_Connected):
+    """A grid whose nodes never answer: it counts the messages pushed to each node."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        super().__init__(nodes)
+        self.pushed: list[int] = []
+
+    def push_messages(self, messages) -> list[str]:  # noqa: ANN001
+        ids = []
+        for i, msg in enumerate(messages):
+            msg.metadata.__dict__["_message_id"] = f"m{len(self.pushed)}-{i}"
+            self.pushed.append(int(msg.metadata.dst_node_id))
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:  # noqa: ANN001
+        return []
+
+
+def test_a_silent_node_is_asked_hello_at_most_once_per_round_and_then_less_often() -> None:
+    """Before: a silent node was asked hello twice per round, each waiting the full timeout.
+    Now once per round at most, backing off 1, 2, 4, ... rounds while it stays silent."""
+    registry = NodeRegistry({}, timeout=0.01)
+    grid = _Silent([1])
+    asked = []
+    for rnd in range(1, 9):
+        before = len(grid.pushed)
+        problems = registry.hello(grid, [1], rnd)
+        if len(grid.pushed) > before:
+            asked.append(rnd)
+            assert problems[0].kind == "missing" and not problems[0].excluded
+    assert asked == [1, 2, 4, 8]
+
+
 def test_sampling_draws_only_usable_nodes_and_never_waits() -> None:
     registry = _registry({1: 5, 2: 5, 3: 5})
     registry.forget(2)  # not heard from since it failed: says hello first
@@ -536,6 +570,7 @@ def test_dp_noise_is_sized_for_the_fixed_sample_and_a_missing_reply_does_not_shr
     inner = _strategy(_registry({1: 10, 2: 10}))
     inner.global_arrays = global_arrays
     dp = wrap_strategy(inner, DPSettings(noise_multiplier=1e-9, clipping_norm=2.0), 2)
+    assert inner.defences.update_norm_ratio == 0  # data-dependent clipping breaks C / n
     dp.current_arrays = global_arrays
     inner.last_messages = [_sent(1), _sent(2)]
     arrays, _ = dp.aggregate_train(1, [_train_reply(1, far, **_train_metrics())])  # 2 missing
