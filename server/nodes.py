@@ -3,9 +3,10 @@
 :class:`NodeRegistry` keeps one :class:`NodeInfo` per node id (the server's own identity for a
 node, which a node cannot choose):
 
-- :meth:`NodeRegistry.wait_for_nodes`: a bounded wait for ``min-available-nodes`` at every
-  sampling; after ``node-wait-timeout`` the round goes on with the nodes that are there if
-  they can give ``min-replies`` replies, else the run stops with one line saying so;
+- :meth:`NodeRegistry.wait_for_nodes`: a bounded wait for ``min-available-nodes`` before
+  every round; after ``node-wait-timeout`` the round goes on with the nodes that are there if
+  they can give ``min-replies`` replies, else the run stops with one line saying so (a
+  shortage the run already went on with costs no new wait until more nodes are lost);
 - :meth:`NodeRegistry.hello`: once per round, a ``query.hello`` to each connected node the
   server has not heard from (new, failed or restarted nodes); a node that does not answer is
   asked again after 1, 2, 4, ... rounds, so a silent node costs one timeout now and then, not
@@ -126,7 +127,7 @@ class NodeRegistry:
         self.timeout = timeout
         self.student_parameters = int(student_parameters)
         self.nodes: dict[int, NodeInfo] = {}
-        self._short_since: float | None = None
+        self._short: int | None = None  # connected nodes of a shortage the run went on with
 
     def node(self, node_id: int) -> NodeInfo:
         return self.nodes.setdefault(int(node_id), NodeInfo(int(node_id)))
@@ -171,36 +172,39 @@ class NodeRegistry:
         self, grid: Grid, minimum: int, timeout: float, min_replies: int, what: str
     ) -> list[int]:
         """The connected nodes that are not excluded, after waiting up to ``timeout`` seconds
-        for ``minimum`` of them. With fewer after the wait: those, if at least
-        ``min_replies``; else :class:`NotEnoughNodes` (``what`` names the step)."""
+        for ``minimum`` connected nodes (excluded ones count: they are there). With fewer
+        after the wait: the usable ones, if at least ``min_replies``; else
+        :class:`NotEnoughNodes` (``what`` names the step). A shortage the server already went
+        on with costs no new wait until even fewer nodes are connected."""
         deadline = time.monotonic() + timeout
         while True:
-            nodes = [n for n in grid.get_node_ids() if not self.node(n).excluded]
-            if len(nodes) >= minimum:
-                if self._short_since is not None:
-                    log.info("%s: %d nodes connected again", what, len(nodes))
-                self._short_since = None
-                return nodes
+            connected = [int(n) for n in grid.get_node_ids()]
+            if len(connected) >= minimum:
+                if self._short is not None:
+                    log.info("%s: %d nodes connected again", what, len(connected))
+                self._short = None
+                break
+            if self._short is not None and len(connected) >= self._short:
+                break  # the same shortage as before: go on at once
             if time.monotonic() >= deadline:
+                self._short = len(connected)
+                log.warning(
+                    "%s: %d of 'min-available-nodes' %d node(s) connected after %gs; going on "
+                    "with them",
+                    what,
+                    len(connected),
+                    minimum,
+                    timeout,
+                )
                 break
             time.sleep(0.05)
-        excluded = self.excluded()
-        note = f" ({len(excluded)} excluded: {_reasons(excluded)})" if excluded else ""
+        nodes = [n for n in connected if not self.node(n).excluded]
         if len(nodes) < min_replies:
+            excluded = self.excluded()
+            note = f" ({len(excluded)} excluded: {_reasons(excluded)})" if excluded else ""
             raise NotEnoughNodes(
-                f"{what}: only {len(nodes)} usable node(s) connected after waiting "
-                f"{timeout:g}s ('node-wait-timeout'), 'min-replies' is {min_replies}{note}"
-            )
-        if self._short_since is None:
-            self._short_since = time.monotonic()
-            log.warning(
-                "%s: %d of 'min-available-nodes' %d node(s) connected after %gs; going on "
-                "with them%s",
-                what,
-                len(nodes),
-                minimum,
-                timeout,
-                note,
+                f"{what}: only {len(nodes)} usable node(s) connected (waited up to {timeout:g}s, "
+                f"'node-wait-timeout'), 'min-replies' is {min_replies}{note}"
             )
         return nodes
 

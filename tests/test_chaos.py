@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_faults import _run_python
 
 from common.reply_schema import PROTOCOL
 
@@ -55,8 +56,6 @@ def _rows(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from test_faults import _run_python
-
     root = tmp_path_factory.mktemp("chaos")
     base = {**CONFIG, "teacher-cache-dir": str(root / "teacher")}
     configs = [

@@ -34,6 +34,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app as client_app
+from client.local_data import clear_cache
 from common.config import FedrankConfig
 from common.errors import ConfigError
 from common.example_sets import ExampleSets
@@ -356,8 +357,6 @@ def _call(kind: str, node_config: dict, content: dict) -> Message:
 
 
 def test_device_caps_hold_whatever_the_server_asks(tmp_path) -> None:
-    from client.local_data import clear_cache
-
     clear_cache()
     data = _letor(tmp_path / "device.txt")
     student = StudentModel(46, hidden=(16,))
@@ -403,8 +402,8 @@ class _Connected:
 
 def test_a_lost_node_costs_a_bounded_wait_not_the_run(caplog) -> None:
     """min-available-nodes=2 and one of two SuperNodes gone: before, the server printed
-    'Waiting for nodes to connect' forever. Now it waits node-wait-timeout, then goes on with
-    the node that is there (min-replies 1), or stops with one line (min-replies 2)."""
+    'Waiting for nodes to connect' forever. Now it waits node-wait-timeout once, then goes on
+    with the node that is there (min-replies 1), or stops with one line (min-replies 2)."""
     registry = NodeRegistry({})
     grid = _Connected([1])
     start = time.monotonic()
@@ -412,13 +411,20 @@ def test_a_lost_node_costs_a_bounded_wait_not_the_run(caplog) -> None:
         nodes = registry.wait_for_nodes(grid, 2, 0.3, 1, "round 3")
     assert nodes == [1] and 0.3 <= time.monotonic() - start < 5
     assert "round 3: 1 of 'min-available-nodes' 2 node(s) connected after 0.3s" in caplog.text
+    start = time.monotonic()  # the same shortage next round: no new wait
+    assert registry.wait_for_nodes(grid, 2, 30.0, 1, "round 4") == [1]
+    assert time.monotonic() - start < 1.0
     with pytest.raises(NotEnoughNodes, match=r"only 1 usable node\(s\).*'min-replies' is 2"):
-        registry.wait_for_nodes(grid, 2, 0.2, 2, "round 4")
+        registry.wait_for_nodes(grid, 2, 0.2, 2, "round 5")
     grid.nodes.append(2)
-    assert registry.wait_for_nodes(grid, 2, 0.2, 2, "round 5") == [1, 2]
-    registry.exclude(2, "node-config: bad")  # excluded nodes do not count as available
+    assert registry.wait_for_nodes(grid, 2, 0.2, 2, "round 6") == [1, 2]
+    # an excluded node is connected (no wait) but not usable
+    registry.exclude(2, "node-config: bad")
+    start = time.monotonic()
     with pytest.raises(NotEnoughNodes, match="1 excluded: node 2: node-config: bad"):
-        registry.wait_for_nodes(grid, 2, 0.1, 2, "round 6")
+        registry.wait_for_nodes(grid, 2, 30.0, 2, "round 7")
+    assert time.monotonic() - start < 1.0
+    assert registry.wait_for_nodes(grid, 2, 30.0, 1, "round 8") == [1]
 
 
 class _Silent(_Connected):
