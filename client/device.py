@@ -63,6 +63,18 @@ _ITEM_OVERHEAD = 256
 _PAIR_TENSORS = 8
 
 
+# the largest value each key accepts (a larger one is a typo or a unit mistake)
+_MAXIMUM: dict[str, float] = {
+    "threads": 1024,
+    "max-steps": 10**9,
+    "max-epochs": 10**6,
+    "batch-size": 10**6,
+    "max-parameters": 10**12,
+    "max-seconds": 10**7,
+    "memory-mb": 10**8,
+}
+
+
 def _int(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"node_config {key!r} must be an integer, got {value!r}")
@@ -70,8 +82,11 @@ def _int(key: str, value: Any, minimum: int) -> int:
         value = int(value)
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"node_config {key!r} must be an integer >= {minimum}, got {value!r}")
+    top = int(_MAXIMUM[key])
+    if not isinstance(value, int) or not minimum <= value <= top:
+        raise ConfigError(
+            f"node_config {key!r} must be an integer >= {minimum} and <= {top}, got {value!r}"
+        )
     return value
 
 
@@ -82,8 +97,11 @@ def _float(key: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"node_config {key!r} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"node_config {key!r} must be a finite number >= 0, got {value!r}")
+    top = _MAXIMUM[key]
+    if not math.isfinite(number) or not 0 <= number <= top:
+        raise ConfigError(
+            f"node_config {key!r} must be a number >= 0 and <= {top:g}, got {value!r}"
+        )
     return number
 
 

@@ -382,6 +382,8 @@ def test_device_caps_hold_whatever_the_server_asks(tmp_path) -> None:
         refused = _call("train", small, content)
         assert refused.error.code == NODE_ERROR_CODES["device-cap"]
         assert f"{count_parameters(student):,} parameters" in refused.error.reason
+        huge = _call("query.hello", {**node, "threads": 10**9}, {"config": config})
+        assert "'threads' must be an integer >= 0 and <= 1024" in huge.error.reason
         typo = _call("query.hello", {**node, "max-step": 3}, {"config": config})
         assert typo.error.code == NODE_ERROR_CODES["node-config"]
         assert "'max-step'" in typo.error.reason and "did you mean 'max-steps'" in typo.error.reason
