@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -82,6 +83,13 @@ def _needs_teacher(config: ConfigRecord) -> bool:
         cfg = FedrankConfig.from_run_config(settings)
         _NEEDS_TEACHER[key] = bool(cfg.composite_loss().needs_teacher)
     return _NEEDS_TEACHER[key]
+
+
+def _json_number(value: Any) -> Any:
+    """``value``, with a non-finite float (a metric undefined on that node) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _save_student(model: torch.nn.Module, out_dir: Path, info: dict[str, Any]) -> Path:
@@ -265,8 +273,9 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             earlier = "; ".join(f"node {r.node_id}: {r.kind}: {r.reason}" for r in problems)
             raise NotEnoughReplies(f"{err}; before training: {earlier}") from None
         if new_arrays is None:
-            raise FedrankError(f"round {rnd}: the strategy returned no weights")
-        arrays = new_arrays
+            log.warning("round %d: no aggregate this round; the global model is kept", rnd)
+        else:
+            arrays = new_arrays
         train_seconds = time.perf_counter() - t_train
         eval_metrics = None
         if cfg.fraction_evaluate > 0:
@@ -298,7 +307,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "seconds_server_eval": server.get("eval-seconds", 0.0),
             "train": {k: float(v) for k, v in (train_metrics or {}).items()},
             "clients_train": [
-                {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+                {k: _json_number(v) for k, v in r.items() if isinstance(v, (int, float, str))}
                 for r in inner.last_train
             ],
         }

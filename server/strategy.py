@@ -243,8 +243,9 @@ class FedrankStrategyMixin:
         if arrays is None:
             return None, metrics
         problem = finite(arrays)
-        if problem:
-            raise FedrankError(f"round {server_round}: {problem}; the global model is kept")
+        if problem:  # cannot happen with screened, capped inputs; never let it through
+            log.warning("round %d: %s; the global model is kept", server_round, problem)
+            return None, metrics
         return self._keep_integer_buffers(arrays, global_arrays), metrics
 
     def _book_train(self, server_round: int, prepared: list[Prepared]) -> None:

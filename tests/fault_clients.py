@@ -101,7 +101,7 @@ CHAOS: dict[int, tuple[str, frozenset[int]]] = {
     5: ("lie", frozenset()),  # claims 1e12 examples (and crashes evaluating in round 2)
     6: ("poison", frozenset()),  # a sign-flipped update, ten times as long
     7: ("misconfigured", frozenset()),  # a typo in its node_config: 'max-step'
-    8: ("stale", frozenset({3})),  # loses its cached teacher scores before round 3 (restart)
+    8: ("stale", frozenset({2})),  # loses its cached teacher scores before round 2 (restart)
     9: ("old-protocol", frozenset()),  # answers hello with an older reply protocol
 }
 POISON_SCALE = 10.0
