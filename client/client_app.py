@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +52,7 @@ from common.reply_schema import (
 )
 
 app = ClientApp()
+log = logging.getLogger("fedrank.client")
 
 STATE_SCORES = "teacher-scores"  # ArrayRecord in context.state
 STATE_META = "teacher-meta"  # ConfigRecord in context.state: version, received count
@@ -84,6 +86,7 @@ def _structured_errors(
         except FedrankError as err:
             kind = _kind_of(err)
             reason = f"{kind}: node {context.node_id}: {err}"
+            log.error("%s failed: %s", msg.metadata.message_type, reason)  # the device's log
             return Message(Error(code=NODE_ERROR_CODES[kind], reason=reason), reply_to=msg)
 
     return wrapped

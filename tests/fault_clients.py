@@ -13,9 +13,10 @@ Only ``train`` messages are touched; every other message reaches the real Client
 
 :func:`chaos_client_app` wraps it with a plan of hostile and broken nodes for a whole run
 (:data:`CHAOS`): crashing, slow, NaN, lying, poisoning, misconfigured and stale nodes, each
-by partition id. It misbehaves only when the server's messages say ``score-mode = targeted``,
-so one start of the simulation runtime can run a chaotic federation and a clean one
-(``broadcast``: the same training, the whole score table to every node) on the same nodes.
+by partition id, each fault at the node's n-th training message. It misbehaves only when the
+server's messages say ``score-mode = targeted``, so one start of the simulation runtime can
+run a chaotic federation and a clean one (``broadcast``: the same training, the whole score
+table to every node) on the same nodes.
 
 The module lives in ``tests/`` so the simulation's workers import it by name.
 """
@@ -92,18 +93,21 @@ def faulty_client_app(
     return app
 
 
-# partition id -> (what the node does, the rounds it does it in; empty: every round)
+# partition id -> (what the node does, at which of its own training messages in the run: the
+# node's 1st, 2nd, ... train message; empty: every one). Counting the node's own messages,
+# not rounds, makes every fault happen whichever rounds the seeded sampling picks the node for.
 CHAOS: dict[int, tuple[str, frozenset[int]]] = {
-    1: ("nan-metric", frozenset({2})),  # a NaN loss metric: undefined, not an error
+    1: ("nan-metric", frozenset({1})),  # a NaN loss metric: undefined, not an error
     2: ("crash", frozenset({1, 3})),  # the ClientApp raises while training
-    3: ("sleep", frozenset({3})),  # answers after the round's timeout
-    4: ("nan", frozenset({2})),  # NaN in its weights
+    3: ("sleep", frozenset({1})),  # answers after the round's timeout
+    4: ("nan", frozenset({1})),  # NaN in its weights
     5: ("lie", frozenset()),  # claims 1e12 examples (and crashes evaluating in round 2)
     6: ("poison", frozenset()),  # a sign-flipped update, ten times as long
     7: ("misconfigured", frozenset()),  # a typo in its node_config: 'max-step'
-    8: ("stale", frozenset({2})),  # loses its cached teacher scores before round 2 (restart)
+    8: ("stale", frozenset({2})),  # loses its cached teacher scores (a restart) before its 2nd
     9: ("old-protocol", frozenset()),  # answers hello with an older reply protocol
 }
+STATE_TRAINS = "chaos-trains"  # ConfigRecord in context.state: train messages seen (chaos run)
 POISON_SCALE = 10.0
 
 
@@ -125,13 +129,18 @@ def chaos_mod(sleep_seconds: float) -> Callable:
         pid = int(context.node_config.get("partition-id", -1))
         if config is None or str(config.get("score-mode")) != "targeted" or pid not in CHAOS:
             return call_next(msg, context)
-        kind, rounds = CHAOS[pid]
+        kind, nth = CHAOS[pid]
         rnd = int(config.get("server-round", 0))
-        now = not rounds or rnd in rounds
         mtype = msg.metadata.message_type
-        if kind == "misconfigured":
-            context.node_config["max-step"] = 3
-            return call_next(msg, context)
+        if kind == "misconfigured":  # a copy: the node's own node_config stays as it is
+            typo = Context(
+                run_id=context.run_id,
+                node_id=context.node_id,
+                node_config={**context.node_config, "max-step": 3},
+                state=context.state,
+                run_config=context.run_config,
+            )
+            return call_next(msg, typo)
         if kind == "old-protocol" and mtype == "query.hello":
             reply = call_next(msg, context)
             if reply.has_content():
@@ -140,7 +149,12 @@ def chaos_mod(sleep_seconds: float) -> Callable:
             return reply
         if kind == "lie" and mtype == "evaluate" and rnd == 2:
             raise RuntimeError(f"injected evaluation crash of partition {pid}")
-        if mtype != "train" or not now:
+        if mtype != "train":
+            return call_next(msg, context)
+        seen = context.state.config_records.get(STATE_TRAINS)
+        count = (int(seen["count"]) if seen is not None else 0) + 1
+        context.state[STATE_TRAINS] = ConfigRecord({"count": count})
+        if nth and count not in nth:
             return call_next(msg, context)
         if kind == "crash":
             raise RuntimeError(f"injected crash of partition {pid} in round {rnd}")
