@@ -1,9 +1,9 @@
 """Chaos in Flower's simulation runtime: ten clients, of which one crashes, one is slow, one
 sends NaN, one lies about its example count, one poisons its update, one is misconfigured,
 one loses its cached state (a restart) and one speaks an older reply protocol; partial
-participation (``fraction-train = 0.5``) with federated evaluation on every node
-(``fraction-evaluate = 1.0``: the setting that used to end the run with
-``InconsistentMessageReplies``).
+participation (``fraction-train = 0.75``: 6 of the 8 usable nodes) with federated evaluation
+on every node (``fraction-evaluate = 1.0``: nodes that did not train evaluate without the
+teacher's scores, which used to end the run with ``InconsistentMessageReplies``).
 
 One start of the runtime runs the chaotic federation and a clean one on the same nodes
 (:func:`fault_clients.chaos_client_app` misbehaves only in the chaotic run); the chaotic run
@@ -42,7 +42,7 @@ CONFIG = {
     "teacher-layers": 1,
     "local-epochs": 1,
     "strategy": "fedmedian",  # robust to the poisoner; the clean run uses it too
-    "fraction-train": 0.5,
+    "fraction-train": 0.75,  # 6 of the 8 usable nodes train each round
     "fraction-evaluate": 1.0,
     "min-available-nodes": 10,
     "min-replies": 2,
@@ -130,7 +130,7 @@ def test_every_round_finishes_and_each_failure_costs_its_node(runs: dict) -> Non
     assert (4, "train", "invalid") in kinds  # NaN weights
     assert (8, "train", "stale-scores") in kinds  # asked hello again, sent the scores again
     assert (5, "evaluate", "crash") in kinds  # its evaluation crash in round 2
-    assert {p for p, _, _ in kinds} <= {2, 3, 4, 5, 8}  # nobody else is blamed
+    assert {p for p, t, _ in kinds if t != "query.hello"} <= {2, 3, 4, 5, 8}  # nobody else
     stale = [n for n, k in part.items() if k == 8]
     deliveries = [d for d in summary["federation"]["score_deliveries"] if d["node_id"] in stale]
     assert len(deliveries) == 2  # the scores went to the restarted node again
