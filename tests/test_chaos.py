@@ -30,8 +30,8 @@ TESTS = Path(__file__).resolve().parent
 
 ROUNDS = 4
 ROUND_TIMEOUT = 45.0
-# measured on this project's machine: the chaotic run ended 0.0xx NDCG@10 from the clean one
-# (see the closing note of the issue); the margin leaves room for the seeded sampling only
+# measured: the chaotic run ended 0.013 to 0.017 NDCG@10 below the clean one (0.6139 vs 0.6273,
+# 0.6078 vs 0.6248; start 0.1409); which late replies miss a round depends on timing
 MARGIN = 0.03
 CONFIG = {
     "data-path": "synthetic:num_sets=1000",
@@ -139,8 +139,10 @@ def test_every_round_finishes_and_each_failure_costs_its_node(runs: dict) -> Non
     assert liar and all(c["num-examples"] == 10**12 and c["weight"] < 1000 for c in liar)
     # a NaN loss metric is undefined on that node, not an error; the average stays finite
     assert all(row["train"]["loss-total"] == row["train"]["loss-total"] for row in rows[1:])
-    # federated evaluation ran every round on the nodes that could answer
-    assert all(row["client_eval"]["clients"] >= 6 for row in rows[1:])
+    # federated evaluation ran every round on the nodes the server had heard from, also on
+    # nodes that did not train that round (no teacher scores: other metric keys)
+    assert all(row["client_eval"]["clients"] >= CONFIG["min-replies"] for row in rows[1:])
+    assert any(row["client_eval"]["clients"] > row["clients_sampled"] for row in rows[1:])
 
 
 def test_the_chaotic_run_ends_within_the_margin_of_the_clean_run(runs: dict) -> None:
