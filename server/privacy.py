@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -172,8 +173,9 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         """The wrapped strategy's messages, at most ``n`` of them (the fixed sample size)."""
         self.current_arrays = arrays
         messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        if len(messages) > self.num_sampled_clients:
-            messages = messages[: self.num_sampled_clients]
+        if len(messages) > self.num_sampled_clients:  # more nodes than at the start: n of them
+            rng = random.Random(f"fedrank-dp-{server_round}")
+            messages = rng.sample(messages, self.num_sampled_clients)
             self.strategy.last_messages = messages
         return messages
 

@@ -586,3 +586,8 @@ def test_dp_noise_is_sized_for_the_fixed_sample_and_a_missing_reply_does_not_shr
     assert moved == pytest.approx(2.0 / 2, rel=1e-4)  # clipped to C = 2, divided by n = 2
     assert dp.budget["noise_std"] == pytest.approx(1e-9 * 2.0 / 2)
     assert dp.budget["epsilon"] == pytest.approx(epsilon(1e-9, 1, 1e-5))
+    # more nodes connected than at the start: a round still samples n = 2 of them
+    more = _registry({n: 10 for n in range(1, 7)})
+    inner.nodes = more
+    sent = dp.configure_train(2, global_arrays, ConfigRecord({}), _Connected(list(range(1, 7))))
+    assert len(sent) == 2 and inner.last_messages == sent
