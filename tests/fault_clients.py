@@ -104,7 +104,7 @@ CHAOS: dict[int, tuple[str, frozenset[int]]] = {
     5: ("lie", frozenset()),  # claims 1e12 examples (and crashes evaluating in round 2)
     6: ("poison", frozenset()),  # a sign-flipped update, ten times as long
     7: ("misconfigured", frozenset()),  # a typo in its node_config: 'max-step'
-    8: ("stale", frozenset({2})),  # loses its cached teacher scores (a restart) before its 2nd
+    8: ("stale", frozenset({1})),  # loses the teacher scores it was just sent (a restart)
     9: ("old-protocol", frozenset()),  # answers hello with an older reply protocol
 }
 STATE_TRAINS = "chaos-trains"  # ConfigRecord in context.state: train messages seen (chaos run)

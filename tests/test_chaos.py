@@ -1,7 +1,7 @@
 """Chaos in Flower's simulation runtime: ten clients, of which one crashes, one is slow, one
 sends NaN, one lies about its example count, one poisons its update, one is misconfigured,
 one loses its cached state (a restart) and one speaks an older reply protocol; partial
-participation (``fraction-train = 0.75``: 6 of the 8 usable nodes) with federated evaluation
+participation (``fraction-train = 0.875``: 7 of the 8 usable nodes) with federated evaluation
 on every node (``fraction-evaluate = 1.0``: nodes that did not train evaluate without the
 teacher's scores, which used to end the run with ``InconsistentMessageReplies``).
 
@@ -30,8 +30,9 @@ TESTS = Path(__file__).resolve().parent
 
 ROUNDS = 4
 ROUND_TIMEOUT = 45.0
-# measured: the chaotic run ended 0.013 to 0.017 NDCG@10 below the clean one (0.6139 vs 0.6273,
-# 0.6078 vs 0.6248; start 0.1409); which late replies miss a round depends on timing
+# measured: the chaotic run ended 0.013 to 0.021 NDCG@10 below the clean one over three runs
+# (e.g. 0.6139 vs 0.6273; start 0.1409); which nodes a round samples and which late replies
+# miss it change from run to run
 MARGIN = 0.03
 CONFIG = {
     "data-path": "synthetic:num_sets=1000",
@@ -42,7 +43,10 @@ CONFIG = {
     "teacher-layers": 1,
     "local-epochs": 1,
     "strategy": "fedmedian",  # robust to the poisoner; the clean run uses it too
-    "fraction-train": 0.75,  # 6 of the 8 usable nodes train each round
+    # 7 of the 8 usable nodes train each round: sampling is seeded over node ids, which differ
+    # between starts of the runtime; every faulty node trains at least once in the first three
+    # rounds but with probability (1/8)^3
+    "fraction-train": 0.875,
     "fraction-evaluate": 1.0,
     "min-available-nodes": 10,
     "min-replies": 2,
