@@ -365,6 +365,13 @@ class FedrankFedAdam(FedrankStrategyMixin, FedAdam):
 
     rule_name = "fedadam"
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # FedOpt's bookkeeping: the model the round starts from (its Adam step needs it)
+        self.current_arrays = {k: array.numpy() for k, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
 
 class FedrankFedTrimmedAvg(FedrankStrategyMixin, FedTrimmedAvg):
     """Coordinate-wise trimmed mean of the client weights."""

@@ -54,7 +54,7 @@ from server.defences import check_sample_size
 from server.nodes import NodeRegistry, NotEnoughNodes
 from server.privacy import DPSettings, epsilon, wrap_strategy
 from server.score_distribution import ScoreDistributor
-from server.strategy import build_strategy
+from server.strategy import STRATEGIES, build_strategy
 from server.update_validation import NotEnoughReplies
 from simulations.client_weights import AdaptiveWeights
 
@@ -528,6 +528,24 @@ def test_an_update_far_longer_than_the_rounds_median_is_clipped(student) -> None
     assert clipped == [5] and norms[5] > 3 * median
     (note,) = strategy.last_notes
     assert note["node"] == 5 and f"clipped to {3 * median:.4g}" in note["note"]
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_samples_and_aggregates_screened_replies(student, name: str) -> None:
+    """configure_train then aggregate_train, as a round does, for every strategy offered."""
+    registry = _registry({n: 10 for n in range(1, 8)})
+    strategy = _strategy(registry, strategy=name, **{"num-malicious-nodes": 1})
+    global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
+    sent = strategy.configure_train(1, global_arrays, ConfigRecord({}), _Connected(list(range(9))))
+    assert sorted(m.metadata.dst_node_id for m in sent) == list(range(1, 8))  # 0, 8: no hello
+    replies = [_train_reply(n, _moved(student, 0.01, n), **_train_metrics()) for n in range(1, 8)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert set(arrays) == set(student) and metrics["clients"] == 7
+    for key, value in student.items():
+        new = arrays[key].numpy()
+        assert new.dtype == value.dtype and np.all(np.isfinite(new))
+        if value.dtype.kind == "f":
+            assert 0 < float(np.max(np.abs(new - value))) < 0.1
 
 
 def test_robust_rules_refuse_sizes_that_give_no_guarantee() -> None:
