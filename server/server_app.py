@@ -322,6 +322,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         row["nodes_excluded"] = len(nodes.excluded())
         if eval_metrics is not None:
             row["client_eval"] = {k: float(v) for k, v in eval_metrics.items()}
+            row["clients_evaluated"] = list(inner.last_evaluated)
         if cfg.fraction_evaluate > 0 and inner.last_evaluate_rejected:
             row["rejected_evaluate"] = inner.last_evaluate_rejected
         history.append(row)

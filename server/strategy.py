@@ -153,6 +153,7 @@ class FedrankStrategyMixin:
         self.last_evaluate_messages: list[Message] = []
         self.last_rejected: list[dict[str, Any]] = []
         self.last_evaluate_rejected: list[dict[str, Any]] = []
+        self.last_evaluated: list[int] = []
         self.last_notes: list[dict[str, Any]] = []
         self.global_arrays: ArrayRecord | None = None
         self.last_train: list[dict[str, Any]] = []
@@ -334,6 +335,7 @@ class FedrankStrategyMixin:
         )
         self._after_failures(screened.rejected)
         self.last_evaluate_rejected = [r.to_dict() for r in screened.rejected]
+        self.last_evaluated = sorted(screened.node(m) for m in screened.valid)
         if not screened.valid:
             return None
         rows, weights = [], []

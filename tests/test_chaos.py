@@ -146,7 +146,16 @@ def test_every_round_finishes_and_each_failure_costs_its_node(runs: dict) -> Non
     # federated evaluation ran every round on the nodes the server had heard from, also on
     # nodes that did not train that round (no teacher scores: other metric keys)
     assert all(row["client_eval"]["clients"] >= CONFIG["min-replies"] for row in rows[1:])
-    assert any(row["client_eval"]["clients"] > row["clients_sampled"] for row in rows[1:])
+    first_scores = {}
+    for d in summary["federation"]["score_deliveries"]:
+        first_scores.setdefault(int(d["node_id"]), int(d["round"]))
+    without = [
+        (row["round"], n)
+        for row in rows[1:]
+        for n in row["clients_evaluated"]
+        if first_scores.get(int(n), ROUNDS + 1) > row["round"]
+    ]
+    assert without, "no node evaluated before it held the teacher scores"
 
 
 def test_the_chaotic_run_ends_within_the_margin_of_the_clean_run(runs: dict) -> None:
