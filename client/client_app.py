@@ -12,31 +12,48 @@ Messages it handles (Flower Message API):
 
 Its data comes from ``node_config``: ``partition-id``/``num-partitions`` in a simulation, or
 ``data-path`` (a LETOR file or folder) on a device (see :mod:`client.local_data`). A device's
-``node_config`` may also cap threads, steps, seconds, batch size and memory per round
-(:mod:`client.device`); training reports what it used (``device-*`` metrics).
+``node_config`` may also cap threads, steps, epochs, seconds, batch size, memory and the
+student's size (:mod:`client.device`); training reports what it used (``device-*`` metrics).
+
+Every reply has the fixed shape of :mod:`common.reply_schema`. A fedrank error on the node
+(its ``node_config``, its data, the teacher scores, the settings it was sent) is answered as
+Flower's ``Message.error`` with the code of its kind (``NODE_ERROR_CODES``) and a one-line
+message; the server decides by the code what that costs the node. Anything else the handler
+raises reaches the server as Flower's own error (a crash).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.device import DeviceSettings
 from client.local_data import LocalData, load_local_data
 from client.trainer import evaluate_student, planned_steps, settings_from_config, train_student
 from common.config import CLIENT_KEYS, FedrankConfig
-from common.errors import DataFormatError, ScoreTableError
-from common.models import build_model
+from common.errors import ConfigError, FedrankError, ScoreTableError
+from common.models import build_model, count_parameters
 from common.records import load_arrays, model_to_arrays, score_table_from_record
+from common.reply_schema import (
+    EVALUATE_METRICS,
+    NODE_ERROR_CODES,
+    TRAIN_METRICS,
+    HelloStatus,
+    ScoresAck,
+)
 
 app = ClientApp()
+log = logging.getLogger("fedrank.client")
 
 STATE_SCORES = "teacher-scores"  # ArrayRecord in context.state
 STATE_META = "teacher-meta"  # ConfigRecord in context.state: version, received count
@@ -45,15 +62,52 @@ _TABLES: dict[tuple[int, str], Any] = {}  # (node id, version) -> ScoreTable, pe
 _TABLES_LOCK = threading.Lock()
 
 
+# ---- errors the server reads by kind ---------------------------------------------------------
+class NodeFailure(FedrankError):
+    """A fedrank error on this node, with the kind the server acts on (``NODE_ERROR_CODES``)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _kind_of(err: FedrankError) -> str:
+    return err.kind if isinstance(err, NodeFailure) else "error"
+
+
+def _structured_errors(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
+    """Answer a fedrank error as ``Message.error`` with its kind's code and a one-line reason."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except FedrankError as err:
+            kind = _kind_of(err)
+            reason = f"{kind}: node {context.node_id}: {err}"
+            log.error("%s failed: %s", msg.metadata.message_type, reason)  # the device's log
+            return Message(Error(code=NODE_ERROR_CODES[kind], reason=reason), reply_to=msg)
+
+    return wrapped
+
+
 # ---- helpers ---------------------------------------------------------------------------------
 def _settings(config: ConfigRecord) -> FedrankConfig:
-    return FedrankConfig.from_run_config({k: v for k, v in config.items() if k in CLIENT_KEYS})
+    try:
+        return FedrankConfig.from_run_config({k: v for k, v in config.items() if k in CLIENT_KEYS})
+    except ConfigError as err:
+        raise NodeFailure("settings", f"the server's settings are invalid: {err}") from None
 
 
 def _device(context: Context) -> DeviceSettings:
-    """The device's own limits from its ``node_config`` (ConfigError on an unknown key), with
-    its thread count applied."""
-    device = DeviceSettings.from_node_config(context.node_config)
+    """The device's own limits from its ``node_config``, with its thread count applied;
+    a bad ``node_config`` (an unknown key, a bad value) is a ``node-config`` failure."""
+    try:
+        device = DeviceSettings.from_node_config(context.node_config)
+    except ConfigError as err:
+        raise NodeFailure("node-config", str(err)) from None
     device.apply()
     return device
 
@@ -62,7 +116,10 @@ def _local(context: Context, config: ConfigRecord) -> LocalData:
     if "partition-id" in context.node_config:
         torch.set_num_threads(1)  # simulated clients share the machine's cores
     settings = {k: v for k, v in config.items() if k in CLIENT_KEYS}
-    return load_local_data(context.node_config, settings)
+    try:
+        return load_local_data(context.node_config, settings)
+    except FedrankError as err:
+        raise NodeFailure("data", str(err)) from None
 
 
 def _held_version(context: Context) -> str:
@@ -71,12 +128,14 @@ def _held_version(context: Context) -> str:
 
 
 def _table(context: Context, version: str) -> Any:
-    """The cached teacher table of ``version``; ScoreTableError if the node lacks it."""
+    """The cached teacher table of ``version``; a ``stale-scores`` failure if the node lacks
+    it (e.g. a restarted SuperNode)."""
     held = _held_version(context)
     if held != version:
-        raise ScoreTableError(
+        raise NodeFailure(
+            "stale-scores",
             f"node {context.node_id} holds teacher scores version {held or '(none)'!r}, the "
-            f"server trains with version {version!r}: the scores were not delivered"
+            f"server trains with version {version!r}: the scores were not delivered",
         )
     key = (context.node_id, version)
     with _TABLES_LOCK:
@@ -88,29 +147,54 @@ def _table(context: Context, version: str) -> Any:
     return table
 
 
-def _metrics(values: dict[str, Any]) -> MetricRecord:
+def _aligned(context: Context, version: str, sets: Any) -> np.ndarray:
+    """The cached teacher scores of ``version`` for ``sets``; a ``scores`` failure naming the
+    set when they do not match."""
+    table = _table(context, version)
+    try:
+        return table.align(sets)
+    except ScoreTableError as err:
+        raise NodeFailure("scores", str(err)) from None
+
+
+def _numbers(values: dict[str, Any]) -> dict[str, int | float]:
+    """Plain Python numbers (numpy scalars and bools converted) of the numeric ``values``."""
     out: dict[str, int | float] = {}
     for k, v in values.items():
         if isinstance(v, (bool, np.bool_, int, np.integer)):
             out[k] = int(v)
-        elif isinstance(v, (float, np.floating)) and np.isfinite(v):
+        elif isinstance(v, (float, np.floating)):
             out[k] = float(v)
-    return MetricRecord(out)
+    return out
 
 
 def _student(
-    config: ConfigRecord, arrays: ArrayRecord, context: Context, local: LocalData
+    config: ConfigRecord,
+    arrays: ArrayRecord,
+    context: Context,
+    local: LocalData,
+    device: DeviceSettings,
 ) -> torch.nn.Module:
-    """The global student; DataFormatError naming the node's data when its sets have another
-    number of features than the federation's student expects."""
-    spec = json.loads(str(config["model-spec"]))
+    """The global student, within the device's size cap (``device-cap`` failure otherwise);
+    a ``data`` failure naming the node's data when its sets have another number of features
+    than the federation's student expects."""
+    try:
+        spec = json.loads(str(config["model-spec"]))
+        with torch.device("meta"):  # count the parameters without allocating them
+            size = count_parameters(build_model(spec))
+    except (ValueError, TypeError, ConfigError) as err:
+        raise NodeFailure("settings", f"the server's model spec is invalid: {err}") from None
+    refused = device.check_model(size)
+    if refused:
+        raise NodeFailure("device-cap", refused)
     expected = int(spec.get("num_features", local.train.num_features))
     if local.train.num_features != expected:
         path = context.node_config.get("data-path", config.get("data-path", ""))
-        raise DataFormatError(
+        raise NodeFailure(
+            "data",
             f"'data-path' {str(path)!r} ({local.source}) has {local.train.num_features} "
             f"features per item, the federation's student expects {expected}: give data with "
-            "the features the federation was set up with"
+            "the features the federation was set up with",
         )
     model = build_model(spec)
     load_arrays(model, arrays)
@@ -135,31 +219,44 @@ def _seed(config: ConfigRecord, local: LocalData) -> int:
 
 # ---- message handlers -------------------------------------------------------------------------
 @app.query("hello")
+@_structured_errors
 def hello(msg: Message, context: Context) -> Message:
-    """Report the sets this node holds and the teacher-score version it has cached."""
+    """Report the sets this node holds, the teacher-score version it has cached and its size
+    cap; a bad ``node_config`` or unreadable data is reported here, on the first message."""
     config = msg.content["config"]
+    device = _device(context)
     local = _local(context, config)
-    _device(context)  # a misconfigured device fails on its first message
-    status: dict[str, Any] = {
-        "held-version": _held_version(context) or "none",
-        "num-sets": int(local.set_ids.size),
-        "num-train-sets": int(local.train.num_sets),
-        "client-key": int(local.client_key),
-        "source": local.source,
-    }
-    if str(config.get("score-mode", "targeted")) == "targeted":
-        status["set-ids"] = [str(s) for s in local.set_ids.tolist()]
-    return Message(RecordDict({"status": ConfigRecord(status)}), reply_to=msg)
+    targeted = str(config.get("score-mode", "targeted")) == "targeted"
+    status = HelloStatus(
+        held_version=_held_version(context) or "none",
+        num_sets=int(local.set_ids.size),
+        num_train_sets=int(local.train.num_sets),
+        client_key=int(local.client_key),
+        source=local.source,
+        max_parameters=int(device.max_parameters),
+        set_ids=tuple(str(s) for s in local.set_ids.tolist()) if targeted else None,
+    )
+    return Message(RecordDict({"status": status.record()}), reply_to=msg)
 
 
 @app.query("scores")
+@_structured_errors
 def receive_scores(msg: Message, context: Context) -> Message:
     """Cache the teacher scores in ``context.state``; in ``targeted`` mode check that they are
     exactly this node's sets."""
     config = msg.content["config"]
     record = msg.content["scores"]
-    table = score_table_from_record(record)
     local = _local(context, config)
+    try:
+        return _cache_scores(msg, context, config, record, local)
+    except ScoreTableError as err:
+        raise NodeFailure("scores", str(err)) from None
+
+
+def _cache_scores(
+    msg: Message, context: Context, config: ConfigRecord, record: ArrayRecord, local: LocalData
+) -> Message:
+    table = score_table_from_record(record)
     mode = str(config.get("score-mode", "targeted"))
     held = set(local.set_ids.tolist())
     got = set(table.set_ids.tolist())
@@ -186,29 +283,30 @@ def receive_scores(msg: Message, context: Context) -> Message:
     context.state[STATE_META] = ConfigRecord({"version": table.version, "received": received})
     with _TABLES_LOCK:
         _TABLES[(context.node_id, table.version)] = table
-    ack = {
-        "version": table.version,
-        "num-sets": int(table.num_sets),
-        "local-sets": len(held),
-        "exact-match": bool(exact),
-        "received-count": received,
-    }
-    return Message(RecordDict({"ack": ConfigRecord(ack)}), reply_to=msg)
+    ack = ScoresAck(
+        version=table.version,
+        num_sets=int(table.num_sets),
+        local_sets=len(held),
+        exact_match=bool(exact),
+        received_count=received,
+    )
+    return Message(RecordDict({"ack": ack.record()}), reply_to=msg)
 
 
 @app.train()
+@_structured_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the global student on the local sets; reply with the new weights and metrics."""
     config = msg.content["config"]
     settings = _settings(config)
-    local = _local(context, config)
     device = _device(context)
-    model = _student(config, msg.content["arrays"], context, local)
+    local = _local(context, config)
+    model = _student(config, msg.content["arrays"], context, local, device)
     loss = settings.composite_loss()
     teacher = None
     version = str(config.get("teacher-version", "none"))
     if loss.needs_teacher:
-        teacher = _table(context, version).align(local.train)
+        teacher = _aligned(context, version, local.train)
     rnd = int(config.get("server-round", 1))
     run = settings_from_config(
         settings, proximal_mu=float(config.get("proximal-mu", 0.0)), seed=_seed(config, local)
@@ -229,23 +327,25 @@ def train(msg: Message, context: Context) -> Message:
     meta = context.state.config_records.get(STATE_META)
     values["scores-received"] = int(meta["received"]) if meta is not None else 0
     values["client-key"] = int(local.client_key)
-    content = RecordDict({"arrays": model_to_arrays(model), "metrics": _metrics(values)})
+    metrics = TRAIN_METRICS.record(_numbers(values))
+    content = RecordDict({"arrays": model_to_arrays(model), "metrics": metrics})
     return Message(content, reply_to=msg)
 
 
 @app.evaluate()
+@_structured_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global student on the local held-out sets (training sets if none)."""
     config = msg.content["config"]
     settings = _settings(config)
+    device = _device(context)
     local = _local(context, config)
-    _device(context)
-    model = _student(config, msg.content["arrays"], context, local)
+    model = _student(config, msg.content["arrays"], context, local, device)
     sets = local.holdout if local.holdout is not None else local.train
     teacher = None
     version = str(config.get("teacher-version", "none"))
     if version != "none" and _held_version(context) == version:
-        teacher = _table(context, version).align(sets)
+        teacher = _aligned(context, version, sets)
     values = evaluate_student(model, sets, teacher=teacher, loss=settings.composite_loss())
     values["on-train-sets"] = int(local.holdout is None)
-    return Message(RecordDict({"metrics": _metrics(values)}), reply_to=msg)
+    return Message(RecordDict({"metrics": EVALUATE_METRICS.record(_numbers(values))}), reply_to=msg)

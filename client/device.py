@@ -13,15 +13,21 @@ key                meaning
 ``max-seconds``    stop local training after this many seconds per round (0: no limit)
 ``batch-size``     at most this many sets per batch (0: the server's ``batch-size``)
 ``memory-mb``      cap the batch so one padded batch stays within about this many MiB
+``max-epochs``     at most this many passes over the local sets per round (0: the server's)
+``max-parameters`` refuse a student with more parameters than this (0: any size)
 =================  ==========================================================================
 
-Device caps only ever lower what the server asks for. :meth:`DeviceSettings.report` gives the
-values actually used, for the client's training metrics (``device-threads``,
-``device-batch-size``, ``device-max-steps``, ``device-max-seconds``).
+Device caps only ever lower what the server asks for; the server cannot raise them. A student
+larger than ``max-parameters`` is refused on the device (error kind ``device-cap``), and the
+node reports the cap in its hello so the server leaves it out of a run whose student is too
+large. :meth:`DeviceSettings.report` gives the values actually used, for the client's training
+metrics (``device-threads``, ``device-batch-size``, ``device-max-steps``,
+``device-max-seconds``, ``device-memory-mb``, ``device-max-epochs``).
 
 Unknown keys (a typo such as ``max-step``) are a :class:`~common.errors.ConfigError` naming the
-key and the valid ones, so a misconfigured device fails on its first message instead of
-silently ignoring its budget.
+key and the valid ones. The node checks its ``node_config`` when the server first says hello;
+a bad one is reported to the server (which node, which key, what was expected) and that node
+is left out of the run, while the others go on.
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ __all__ = ["DEVICE_KEYS", "NODE_KEYS", "DeviceSettings"]
 
 # node_config keys that say where the data is (client.local_data reads them)
 DATA_KEYS = frozenset({"data-path", "partition-id", "num-partitions"})
-DEVICE_KEYS = ("threads", "max-steps", "max-seconds", "batch-size", "memory-mb")
+DEVICE_KEYS = (
+    "threads",
+    "max-steps",
+    "max-seconds",
+    "batch-size",
+    "memory-mb",
+    "max-epochs",
+    "max-parameters",
+)
 NODE_KEYS = frozenset(DATA_KEYS | set(DEVICE_KEYS))
 
 # rough bytes per item of one padded batch beyond its features: labels, mask, teacher scores,
@@ -49,6 +63,18 @@ _ITEM_OVERHEAD = 256
 _PAIR_TENSORS = 8
 
 
+# the largest value each key accepts (a larger one is a typo or a unit mistake)
+_MAXIMUM: dict[str, float] = {
+    "threads": 1024,
+    "max-steps": 10**9,
+    "max-epochs": 10**6,
+    "batch-size": 10**6,
+    "max-parameters": 10**12,
+    "max-seconds": 10**7,
+    "memory-mb": 10**8,
+}
+
+
 def _int(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"node_config {key!r} must be an integer, got {value!r}")
@@ -56,8 +82,11 @@ def _int(key: str, value: Any, minimum: int) -> int:
         value = int(value)
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         value = int(value)
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"node_config {key!r} must be an integer >= {minimum}, got {value!r}")
+    top = int(_MAXIMUM[key])
+    if not isinstance(value, int) or not minimum <= value <= top:
+        raise ConfigError(
+            f"node_config {key!r} must be an integer >= {minimum} and <= {top}, got {value!r}"
+        )
     return value
 
 
@@ -68,8 +97,11 @@ def _float(key: str, value: Any) -> float:
         number = float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"node_config {key!r} must be a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ConfigError(f"node_config {key!r} must be a finite number >= 0, got {value!r}")
+    top = _MAXIMUM[key]
+    if not math.isfinite(number) or not 0 <= number <= top:
+        raise ConfigError(
+            f"node_config {key!r} must be a number >= 0 and <= {top:g}, got {value!r}"
+        )
     return number
 
 
@@ -82,6 +114,8 @@ class DeviceSettings:
     max_seconds: float = 0.0
     batch_size: int = 0
     memory_mb: float = 0.0
+    max_epochs: int = 0
+    max_parameters: int = 0
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> DeviceSettings:
@@ -101,6 +135,8 @@ class DeviceSettings:
             max_seconds=_float("max-seconds", get("max-seconds", 0.0)),
             batch_size=_int("batch-size", get("batch-size", 0), 0),
             memory_mb=_float("memory-mb", get("memory-mb", 0.0)),
+            max_epochs=_int("max-epochs", get("max-epochs", 0), 0),
+            max_parameters=_int("max-parameters", get("max-parameters", 0), 0),
         )
 
     # ---- applying the settings -----------------------------------------------------------------
@@ -136,6 +172,9 @@ class DeviceSettings:
         budget, batch size for ``sets`` (an ExampleSets) and, if the trainer supports it
         (a ``max_seconds`` field), the time budget."""
         changes: dict[str, Any] = {"max_steps": self.steps(getattr(settings, "max_steps", 0))}
+        if self.max_epochs:
+            epochs = int(getattr(settings, "epochs", 0))
+            changes["epochs"] = min(epochs, self.max_epochs) if epochs > 0 else self.max_epochs
         max_items = int(sets.sizes.max()) if sets is not None and sets.num_sets else 0
         features = int(sets.num_features) if sets is not None else 0
         changes["batch_size"] = self.batch_size_for(settings.batch_size, max_items, features)
@@ -159,6 +198,15 @@ class DeviceSettings:
             out["device-batch-size"] = int(self.batch_size)
             out["device-max-steps"] = int(self.max_steps)
             out["device-max-seconds"] = float(self.max_seconds)
-        if self.memory_mb:
-            out["device-memory-mb"] = float(self.memory_mb)
+        out["device-memory-mb"] = float(self.memory_mb)
+        out["device-max-epochs"] = int(getattr(used, "epochs", 0)) if used else self.max_epochs
         return out
+
+    def check_model(self, num_parameters: int) -> str | None:
+        """Why this device refuses a student of ``num_parameters`` parameters, or None."""
+        if self.max_parameters and num_parameters > self.max_parameters:
+            return (
+                f"the student has {num_parameters:,} parameters, this device allows at most "
+                f"{self.max_parameters:,} ('max-parameters' in its node_config)"
+            )
+        return None

@@ -26,7 +26,6 @@ from common.example_sets import ExampleSets
 
 __all__ = [
     "MIN_RELATIVE_UPDATE",
-    "TRAIN_METRICS",
     "TrainSettings",
     "evaluate_student",
     "planned_steps",
@@ -39,19 +38,6 @@ __all__ = [
 # fraction of their norm (||w_after - w_before|| / ||w_before||). One Adam step at the default
 # learning rate moves a 16-unit student by about 1e-2 of its norm, so 1e-3 means: no real step.
 MIN_RELATIVE_UPDATE = 1e-3
-
-# the metrics train_student reports besides one ``loss-<family>`` per loss term and
-# ``loss-total`` (a reply schema can be derived from this list)
-TRAIN_METRICS = (
-    "steps",
-    "steps-planned",
-    "relative-update",
-    "too-short",
-    "stopped-by-time",
-    "num-examples",
-    "num-items",
-    "train-seconds",
-)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,16 @@ __all__ = [
 
 # allowed values of the string options that are a choice
 CHOICES: dict[str, tuple[str, ...]] = {
-    "strategy": ("fedavg", "fedprox", "fedadam", "fedtrimmedavg"),
+    "strategy": (
+        "fedavg",
+        "fedprox",
+        "fedadam",
+        "fedtrimmedavg",
+        "fedmedian",
+        "krum",
+        "multikrum",
+        "bulyan",
+    ),
     "score_mode": ("broadcast", "targeted"),
     "score_dtype": ("float32", "float16"),
     "optimizer": ("adam", "sgd"),
@@ -101,7 +110,7 @@ class FedrankConfig:
     fraction_evaluate: float = 1.0
     min_available_nodes: int = 2
     min_replies: int = 1
-    round_timeout: float = 3600.0
+    round_timeout: float = 600.0
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.05
@@ -162,12 +171,20 @@ class FedrankConfig:
     eval_split: str = "test"
     out_dir: str = "runs/fedrank"
     resume: bool = False
+    # ---- slow, failing and hostile nodes (docs/federation.md, "Robustness") -------------------
+    node_wait_timeout: float = 60.0
+    max_update_norm: float = 10.0
+    update_norm_ratio: float = 3.0
+    max_examples_per_node: int = 0
+    num_malicious_nodes: int = 1
+    num_nodes_to_select: int = 0
 
     def __post_init__(self) -> None:
         self._check_types()
         self._check_values()
         self._check_bounds()
         self._check_cross_keys()
+        self._check_robustness()
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -407,6 +424,32 @@ class FedrankConfig:
         if self.lightgbm_learning_rate <= 0:
             raise ConfigError(
                 f"'lightgbm-learning-rate' must be > 0, got {self.lightgbm_learning_rate!r}"
+            )
+
+    def _check_robustness(self) -> None:
+        """The keys of slow, failing and hostile nodes, and what DP's accounting covers."""
+
+        def fail(name: str, what: str) -> None:
+            raise ConfigError(f"{to_key(name)!r} {what}, got {getattr(self, name)!r}")
+
+        if self.node_wait_timeout <= 0:
+            fail("node_wait_timeout", "must be > 0 (seconds)")
+        if self.max_update_norm < 0:
+            fail("max_update_norm", "must be >= 0 (0: no bound)")
+        if self.update_norm_ratio != 0 and self.update_norm_ratio < 1:
+            fail("update_norm_ratio", "must be 0 (no bound) or >= 1 (times the round's median)")
+        if self.max_examples_per_node < -1:
+            fail("max_examples_per_node", "must be >= -1 (-1: no cap, 0: the server's set count)")
+        for name in ("num_malicious_nodes", "num_nodes_to_select"):
+            if getattr(self, name) < 0:
+                fail(name, "must be >= 0")
+        if self.dp_noise_multiplier > 0 and self.strategy not in ("fedavg", "fedprox"):
+            raise ConfigError(
+                f"'strategy' {self.strategy!r} cannot run with differential privacy "
+                f"('dp-noise-multiplier' {self.dp_noise_multiplier:g}): DP's accounting covers "
+                "a plain average of clipped updates only ('fedavg' or 'fedprox'); a server "
+                "optimiser steps after the noise and selecting or trimming rules change the "
+                "sensitivity, so the reported epsilon would not hold"
             )
 
     def _check_types(self) -> None:

@@ -10,39 +10,64 @@ Configuration keys (all optional; DP is off while ``dp-noise-multiplier`` is 0):
 
 :func:`wrap_strategy` puts a strategy inside Flower's
 ``DifferentialPrivacyServerSideFixedClipping`` (server-side clipping of every client update,
-Gaussian noise on the aggregate), with three fedrank specifics:
+Gaussian noise on the aggregate), as DP-FedAvg with a fixed denominator (McMahan et al., 2018,
+"Learning differentially private recurrent language models"):
 
-- each usable update is clipped here (Flower's own clipping divides by the update's norm and
-  fails on a client that did not move; it also touches integer arrays), then averaged with
-  equal weights (each client is one "record" of the
-  mechanism; weighting by example counts would let a large client exceed the sensitivity the
-  noise is calibrated for);
+- ``n``, the number of clients sampled per round, is fixed when the run starts (the connected
+  nodes times ``fraction-train``); a round never samples more than ``n``;
+- each usable update is clipped to ``C = dp-clipping-norm`` here (Flower's own clipping
+  divides by the update's norm and fails on a client that did not move; it also touches
+  integer arrays), and the new model is ``w_global + (sum of clipped updates) / n`` plus
+  Gaussian noise of std ``sigma * C / n``. A missing or rejected reply adds nothing to the sum
+  but never shrinks ``n``: adding or removing one client changes the sum by at most ``C``, so
+  the sensitivity is ``C / n`` whatever the clients do, and the noise is sized for it;
 - integer buffers (the student's feature columns) are kept out of clipping and noise;
+- ``update-norm-ratio`` is off under DP (a bound relative to the round's median lets one
+  client change how much of the others' updates is kept); ``max-update-norm`` stays;
 - after each round :attr:`FedrankDPFixedClipping.budget` holds the cumulative epsilon at
   ``dp-delta`` (:func:`epsilon`), for the round's log line and ``metrics.jsonl``.
 
-The budget is computed with Renyi DP of the Gaussian mechanism composed over rounds, without
-credit for client sampling (a valid upper bound whatever fraction of clients train). Attribute
-reads the wrapper does not know (``last_train``, ``policy``...) go to the wrapped strategy.
+The budget is computed with Renyi DP of the Gaussian mechanism composed over rounds, for
+add/remove-one-client adjacency, without credit for client sampling (a valid upper bound
+whatever fraction of clients train). Only a plain average of the clipped updates keeps that
+sensitivity: :func:`check_dp_strategy` refuses DP with server optimisers (``fedadam`` applies
+its step after the noise) and with rules that select or trim updates (``fedtrimmedavg``,
+``fedmedian``, ``krum``, ``multikrum``, ``bulyan``). What DP does not protect: the metrics a
+client reports (losses, NDCG, example counts, timing), the set ids it reports at hello in
+``targeted`` mode, and whether and when it takes part. Attribute reads the wrapper does not
+know (``last_train``, ``policy``...) go to the wrapped strategy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
 from common.errors import ConfigError
 
-__all__ = ["DPSettings", "FedrankDPFixedClipping", "epsilon", "wrap_strategy", "DP_KEYS"]
+__all__ = [
+    "DPSettings",
+    "DP_STRATEGIES",
+    "FedrankDPFixedClipping",
+    "check_dp_strategy",
+    "epsilon",
+    "wrap_strategy",
+    "DP_KEYS",
+]
 
 DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm", "dp-delta")
+# strategies whose aggregate is a plain average of the (clipped) updates
+DP_STRATEGIES = ("fedavg", "fedprox")
 # Renyi orders searched when converting to (epsilon, delta)
 ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128.0, 256.0])
 
@@ -66,6 +91,17 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
         eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
         best = min(best, eps)
     return max(best, 0.0)
+
+
+def check_dp_strategy(strategy: str) -> None:
+    """ConfigError unless DP's accounting covers ``strategy`` (see the module docstring)."""
+    if strategy not in DP_STRATEGIES:
+        raise ConfigError(
+            f"differential privacy ('dp-noise-multiplier' > 0) needs 'strategy' "
+            f"{' or '.join(DP_STRATEGIES)}: with {strategy!r} the noise is not sized for what "
+            "the server releases (a server optimiser steps after the noise; selecting or "
+            "trimming rules change the sensitivity), so the reported epsilon would not hold"
+        )
 
 
 @dataclass(frozen=True)
@@ -117,6 +153,11 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         )
         self.settings = settings
         self.rounds_released = 0
+        # a bound relative to the round's median would let one client change how much of
+        # the others' updates is kept: more than C / n. The fixed max-update-norm stays.
+        defences = getattr(strategy, "defences", None)
+        if defences is not None:
+            strategy.defences = dataclasses.replace(defences, update_norm_ratio=0.0)
         self.budget: dict[str, float] = {"epsilon": 0.0, "delta": settings.delta}
 
     def __getattr__(self, name: str) -> Any:
@@ -126,12 +167,25 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             raise AttributeError(name)
         return getattr(inner, name)
 
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The wrapped strategy's messages, at most ``n`` of them (the fixed sample size)."""
+        self.current_arrays = arrays
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if len(messages) > self.num_sampled_clients:  # more nodes than at the start: n of them
+            rng = random.Random(f"fedrank-dp-{server_round}")
+            messages = rng.sample(messages, self.num_sampled_clients)
+            self.strategy.last_messages = messages
+        return messages
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Clip each usable update to ``dp-clipping-norm``, aggregate with equal weights
-        through the wrapped strategy (which also screens the replies), add Gaussian noise of
-        std ``sigma * clip / n`` to the float weights, and update the budget."""
+        """Clip each usable update to ``dp-clipping-norm``, average them with equal weights
+        through the wrapped strategy (which also screens the replies), scale the average to
+        ``sum / n`` with the fixed ``n``, add Gaussian noise of std ``sigma * clip / n`` to the
+        float weights, and update the budget."""
         full = self.current_arrays
         floats = [k for k in full if full[k].numpy().dtype.kind == "f"]
         base = {k: full[k].numpy().astype(np.float64) for k in floats}
@@ -140,9 +194,13 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         arrays, metrics = self.strategy.aggregate_train(server_round, prepared)
         if arrays is None:
             return None, metrics
-        used = len(getattr(self.strategy, "last_train", ())) or self.num_sampled_clients
-        std = compute_stdv(self.noise_multiplier, self.clipping_norm, used)
-        noisy = [np.array(arrays[k].numpy(), dtype=np.float64) for k in floats]
+        used = len(self.strategy.last_train)
+        n = self.num_sampled_clients
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, n)
+        noisy = [
+            base[k] + (np.asarray(arrays[k].numpy(), dtype=np.float64) - base[k]) * (used / n)
+            for k in floats
+        ]
         add_gaussian_noise_inplace(noisy, std)
         out = ArrayRecord()
         for k in full:
@@ -182,9 +240,11 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
 
 
 def wrap_strategy(strategy: Any, settings: DPSettings, num_sampled_clients: int) -> Any:
-    """``strategy`` inside :class:`FedrankDPFixedClipping` when DP is on, else unchanged."""
+    """``strategy`` inside :class:`FedrankDPFixedClipping` when DP is on, else unchanged;
+    ConfigError when DP's accounting does not cover the strategy."""
     if not settings.enabled:
         return strategy
+    check_dp_strategy(str(getattr(strategy, "rule_name", "")))
     if num_sampled_clients < 1:
         raise ConfigError(f"DP needs at least one sampled client, got {num_sampled_clients}")
     return FedrankDPFixedClipping(strategy, settings, num_sampled_clients)

@@ -5,11 +5,14 @@ One run (:func:`run_server`):
 1. validate the configuration (``[tool.flwr.app.config]`` + overrides): a bad key or value
    fails here, before any round;
 2. load the data, train the teacher or load it from the cache, score every set;
-3. each round: sample nodes; send teacher scores to nodes that lack the current version
-   (:mod:`server.score_distribution`); send each node the global student and its own
-   ``ConfigRecord``; aggregate (FedAvg, FedProx, FedAdam or FedTrimmedAvg); federated
-   evaluation on the nodes' held-out sets; server-side evaluation on held-out sets through
-   ``evaluate_fn``; log the round, write ``metrics.jsonl`` and an atomic checkpoint;
+3. each round: wait (bounded) for nodes; say hello to the nodes the server has not heard from
+   (:mod:`server.nodes`); sample nodes; send teacher scores to nodes that lack the current
+   version (:mod:`server.score_distribution`); send each node the global student and its own
+   ``ConfigRecord``; screen, defend and aggregate the replies (:mod:`server.strategy`);
+   federated evaluation on the nodes' held-out sets; server-side evaluation on held-out sets
+   through ``evaluate_fn``; log the round, write ``metrics.jsonl`` and an atomic checkpoint.
+   A failing, late or malformed reply costs its node (a ``rejected`` entry in the round's row)
+   while at least ``min-replies`` remain; below that the run stops with one line saying why;
 4. save the student for devices and write ``summary.json`` and the plot.
 
 ``resume = true`` continues from the checkpoint in ``out-dir``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -37,15 +41,17 @@ from common.models import count_parameters
 from common.records import model_to_arrays, record_nbytes, restore_transform
 from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from server.client_policy import make_policy
+from server.defences import check_sample_size
 from server.evaluation import make_evaluate_fn
+from server.nodes import NodeRegistry, NotEnoughNodes, exchange
 from server.privacy import DPSettings, wrap_strategy
 from server.run_output import RunOutput
-from server.score_distribution import ScoreDistributor, exchange
+from server.score_distribution import ScoreDistributor
 from server.strategy import build_strategy, load_strategy_state, strategy_state
 from server.student_setup import build_student
 from server.teacher_scoring import evaluate_scores
 from server.teachers import run_teacher, teacher_parameters
-from server.update_validation import NotEnoughReplies
+from server.update_validation import NotEnoughReplies, Rejection, not_enough
 
 __all__ = ["app", "make_server_app", "run_server", "STUDENT_DIR"]
 
@@ -103,16 +109,11 @@ def _warn_short_training(rnd: int, replies: Sequence[Mapping[str, Any]]) -> None
     )
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while len(nodes := list(grid.get_node_ids())) < minimum:
-        if time.monotonic() > deadline:
-            raise FedrankError(
-                f"only {len(nodes)} node(s) connected after {timeout:.0f}s, "
-                f"'min-available-nodes' is {minimum}"
-            )
-        time.sleep(0.05)
-    return nodes
+def _json_number(value: Any) -> Any:
+    """``value``, with a non-finite float (a metric undefined on that node) as None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _save_student(model: torch.nn.Module, out_dir: Path, info: dict[str, Any]) -> Path:
@@ -185,18 +186,21 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     # ---- federation pieces -----------------------------------------------------------------
     client_settings = {**cfg.client_dict(), "data-path": data_spec}
-    distributor = ScoreDistributor(
-        device_table,
-        cfg.score_mode,
-        cfg.score_dtype,
+    nodes = NodeRegistry(
         client_settings,
+        cfg.score_mode,
         timeout=cfg.round_timeout,
+        student_parameters=count_parameters(student),
+    )
+    distributor = ScoreDistributor(
+        device_table, cfg.score_mode, cfg.score_dtype, nodes, timeout=cfg.round_timeout
     )
     # `inner` keeps the bookkeeping and the optimiser state; `strategy` is what runs the
-    # rounds: `inner`, or `inner` inside the DP wrapper (set up once the nodes are known)
-    inner = build_strategy(
-        cfg, policy, lambda n: distributor.node(n).policy_view(), forget_node=distributor.forget
-    )
+    # rounds: `inner`, or `inner` inside the DP wrapper (set up once the nodes are known).
+    # No node carries more example weight than the sets the server holds for devices
+    # (-1: no cap at all, for comparisons).
+    max_examples = cfg.max_examples_per_node or int(device_table.num_sets)
+    inner = build_strategy(cfg, policy, nodes, max_examples=max_examples)
     train_config = ConfigRecord(
         {
             **client_settings,
@@ -241,9 +245,19 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
         out.append_round(row0)
         _log("round 0 (start): ndcg@10 %.4f  log_loss %.4f", first["ndcg@10"], first["log_loss"])
 
-    connected = _wait_for_nodes(grid, cfg.min_available_nodes, cfg.round_timeout)
+    def wait(what: str) -> list[int]:
+        return nodes.wait_for_nodes(
+            grid, cfg.min_available_nodes, cfg.node_wait_timeout, cfg.min_replies, what
+        )
+
+    connected = wait("start")
     # nodes a round samples (Flower's rule: a fraction of the connected nodes, at least one)
     n_sampled = max(int(len(connected) * cfg.fraction_train), 1)
+    check_sample_size(
+        cfg.strategy,
+        {"num-malicious-nodes": cfg.num_malicious_nodes, "trim-beta": cfg.trim_beta},
+        n_sampled,
+    )
     strategy = wrap_strategy(inner, dp, n_sampled)
     if dp.enabled:
         strategy.rounds_released = int(history[-1].get("dp_rounds", 0)) if history else 0
@@ -259,44 +273,37 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     # ---- rounds --------------------------------------------------------------------------
     for rnd in range(start_round, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
-        # nodes the server has not heard from (new, restarted or failed) report their client
-        # key and sets first: client policies choose a node's settings by its client key
-        hello_failures: dict[int, str] = {}
-        distributor.hello(grid, list(grid.get_node_ids()), hello_failures)
-        for n, reason in hello_failures.items():
-            log.warning("round %d: node %d did not answer the hello query: %s", rnd, n, reason)
+        # a bounded wait for nodes; then nodes the server has not heard from (new, restarted
+        # or failed) report their client key and sets, once per round
+        problems: list[Rejection] = list(nodes.hello(grid, wait(f"round {rnd}"), rnd))
         messages = list(
             strategy.configure_train(rnd, arrays, ConfigRecord(dict(train_config)), grid)
         )
-        nodes = [m.metadata.dst_node_id for m in messages]
+        nodes_sampled = [m.metadata.dst_node_id for m in messages]
         # teacher scores for the nodes whose settings (run config + policy) use them
         need = [m.metadata.dst_node_id for m in messages if _needs_teacher(m.content["config"])]
-        score_bytes, unserved = distributor.ensure(grid, rnd, need) if need else ({}, {})
+        score_bytes, unserved = distributor.ensure(grid, rnd, need) if need else ({}, [])
         if unserved:  # nodes that could not get the scores do not train this round
-            messages = [m for m in messages if m.metadata.dst_node_id not in unserved]
+            left_out = {r.node_id for r in unserved}
+            messages = [m for m in messages if m.metadata.dst_node_id not in left_out]
             inner.last_messages = messages
-            if len(messages) < cfg.min_replies:
-                reasons = "; ".join(f"node {n}: {r}" for n, r in unserved.items())
-                raise FedrankError(
-                    f"round {rnd}: only {len(messages)} node(s) could get the teacher scores, "
-                    f"'min-replies' is {cfg.min_replies} ({reasons})"
-                )
+            problems += unserved
+        if len(messages) < cfg.min_replies:
+            raise NotEnoughNodes(not_enough(rnd, len(messages), cfg.min_replies, "train", problems))
 
         t_train = time.perf_counter()
         replies = exchange(grid, messages, cfg.round_timeout)
         try:
             new_arrays, train_metrics = strategy.aggregate_train(rnd, replies)
         except NotEnoughReplies as err:
-            if not unserved:
+            if not problems:
                 raise
-            reasons = "; ".join(f"node {n}: {r}" for n, r in unserved.items())
-            raise NotEnoughReplies(
-                f"{err}; node(s) {', '.join(str(n) for n in unserved)} got no teacher scores "
-                f"and did not train ({reasons})"
-            ) from None
+            earlier = "; ".join(f"node {r.node_id}: {r.kind}: {r.reason}" for r in problems)
+            raise NotEnoughReplies(f"{err}; before training: {earlier}") from None
         if new_arrays is None:
-            raise FedrankError(f"round {rnd}: no client returned weights")
-        arrays = restore_transform(new_arrays, server_transform)
+            log.warning("round %d: no aggregate this round; the global model is kept", rnd)
+        else:
+            arrays = restore_transform(new_arrays, server_transform)
         _warn_short_training(rnd, inner.last_train)
         train_seconds = time.perf_counter() - t_train
         eval_metrics = None
@@ -304,11 +311,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             eval_messages = list(
                 strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(train_config)), grid)
             )
-            eval_replies = exchange(grid, eval_messages, cfg.round_timeout)
+            eval_replies = exchange(grid, eval_messages, cfg.round_timeout) if eval_messages else []
             eval_metrics = strategy.aggregate_evaluate(rnd, eval_replies)
         server = {k: float(v) for k, v in evaluate_fn(rnd, arrays).items()}
         seconds = time.perf_counter() - t_round
-        per_client = {str(n): int(inner.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes}
+        per_client = {
+            str(n): int(inner.last_sent.get(n, 0) + score_bytes.get(n, 0)) for n in nodes_sampled
+        }
         slowest = max((float(r.get("train-seconds", 0.0)) for r in inner.last_train), default=0.0)
         row = {
             "round": rnd,
@@ -320,14 +329,14 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "bytes_from_clients": int(inner.last_received),
             "score_deliveries": int(sum(1 for b in score_bytes.values() if b)),
             "clients": len(inner.last_train),  # usable replies, aggregated
-            "clients_sampled": len(nodes),
+            "clients_sampled": len(nodes_sampled),
             "seconds": seconds,
             "seconds_train_phase": train_seconds,
             "seconds_slowest_client_train": slowest,
             "seconds_server_eval": server.get("eval-seconds", 0.0),
             "train": {k: float(v) for k, v in (train_metrics or {}).items()},
             "clients_train": [
-                {k: v for k, v in r.items() if isinstance(v, (int, float, str))}
+                {k: _json_number(v) for k, v in r.items() if isinstance(v, (int, float, str))}
                 for r in inner.last_train
             ],
         }
@@ -337,11 +346,12 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             row["dp_delta"] = float(budget["delta"])
             row["dp_noise_std"] = float(budget.get("noise_std", 0.0))
             row["dp_rounds"] = int(strategy.rounds_released)
-        row["rejected"] = [
-            {"node": n, "reason": reason, "kind": "scores"} for n, reason in unserved.items()
-        ] + list(inner.last_rejected)
+        row["rejected"] = [r.to_dict() for r in problems] + list(inner.last_rejected)
+        row["defences"] = list(inner.last_notes)
+        row["nodes_excluded"] = len(nodes.excluded())
         if eval_metrics is not None:
             row["client_eval"] = {k: float(v) for k, v in eval_metrics.items()}
+            row["clients_evaluated"] = list(inner.last_evaluated)
         if cfg.fraction_evaluate > 0 and inner.last_evaluate_rejected:
             row["rejected_evaluate"] = inner.last_evaluate_rejected
         history.append(row)
@@ -369,7 +379,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             server.get("kendall_tau", float("nan")),
             row["train"].get("loss-total", float("nan")),
             row["clients"],
-            len(nodes),
+            len(nodes_sampled),
             f"{row['bytes_to_clients']:,}",
             f"{row['bytes_scores_to_clients']:,}",
             seconds,
@@ -423,7 +433,13 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             "score_mode": cfg.score_mode,
             "score_dtype": cfg.score_dtype,
             "uses_teacher": uses_teacher,
-            "nodes": len(distributor.nodes) or len(list(grid.get_node_ids())),
+            "nodes": len(nodes.nodes) or len(list(grid.get_node_ids())),
+            "excluded": {str(n): reason for n, reason in nodes.excluded().items()},
+            "client_keys": {
+                str(n): info.client_key
+                for n, info in sorted(nodes.nodes.items())
+                if info.client_key is not None
+            },
             "score_deliveries": [d.to_dict() for d in distributor.deliveries],
             "bytes_to_clients": int(sum(r.get("bytes_to_clients", 0) for r in history)),
             "bytes_from_clients": int(sum(r.get("bytes_from_clients", 0) for r in history)),
@@ -465,7 +481,11 @@ def make_server_app(runs: Sequence[Mapping[str, Any]] | None = None) -> ServerAp
     def main(grid: Grid, context: Context) -> None:
         base = dict(context.run_config)
         for overrides in runs or [{}]:
-            run_server(grid, {**base, **dict(overrides)})
+            try:
+                run_server(grid, {**base, **dict(overrides)})
+            except FedrankError as err:  # one clear line first; Flower marks the run failed
+                log.error("run stopped: %s", err)
+                raise
 
     return server_app
 

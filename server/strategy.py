@@ -1,20 +1,27 @@
-"""Flower strategies with per-client ConfigRecords, deterministic aggregation and checkpointable
-state.
+"""Flower strategies with per-client ConfigRecords, screened and defended aggregation, bounded
+sampling and checkpointable state.
 
-:func:`build_strategy` returns FedAvg (default), FedProx, FedAdam or FedTrimmedAvg from
-``flwr.serverapp.strategy``, each extended by :class:`FedrankStrategyMixin`:
+:func:`build_strategy` returns FedAvg (default), FedProx, FedAdam, FedTrimmedAvg or one of
+Flower's robust rules (FedMedian, Krum, MultiKrum, Bulyan) from ``flwr.serverapp.strategy``,
+each extended by :class:`FedrankStrategyMixin`:
 
+- sampling draws from the nodes the :class:`~server.nodes.NodeRegistry` allows (hello current,
+  not excluded), seeded per round; it never waits (the round loop waits, bounded, before the
+  hello);
 - every sampled node gets its own ``ConfigRecord``: the run's client settings plus what the
   :class:`~server.client_policy.ClientConfigPolicy` returns for that node (loss weights, ...);
+- replies are screened (:mod:`server.update_validation`) and defended (:mod:`server.defences`:
+  example weights capped, update norms bounded, float64) before the Flower strategy sees them,
+  so a reply that does not fit costs its node, never the run (Flower's strategies would raise
+  ``InconsistentMessageReplies`` when replies' keys differ); a node's persistent failure
+  (its ``node_config``, its data, its size cap) excludes it from the run, a crash or a missing
+  reply makes the server ask it again what it holds;
 - replies are aggregated in a fixed order (by the content of their weights), so a run with the
   same seed gives the same global weights whatever order the replies arrive in;
 - integer buffers of the model (the student's feature columns) are kept, never averaged;
-- client metrics are averaged weighted by ``num-examples``; per-node metrics, bytes and
-  failures of the last round are kept for the server's logs;
-- a node whose training fails because it lacks the current teacher scores (a restarted
-  SuperNode keeps its node id but loses its cached state), or that crashed or did not reply,
-  is rejected for the round and reported to ``forget_node``: the server asks it again, next
-  time it is sampled, which scores it holds;
+- client metrics are averaged weighted by the capped example counts, each key over the nodes
+  where it is defined (NaN: undefined on that node); per-node metrics, bytes, rejections and
+  defence notes of the last round are kept for the server's logs;
 - :func:`strategy_state` / :func:`load_strategy_state` give the server optimiser's state
   (FedAdam's moments) as arrays for checkpoints.
 """
@@ -23,28 +30,43 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
 
 from common.config import FedrankConfig
 from common.errors import CheckpointError, FedrankError
 from common.records import record_nbytes
+from common.reply_schema import PERSISTENT_ERRORS
 from server.client_policy import ClientConfigPolicy, check_overrides
-from server.score_distribution import is_fedrank_error, is_stale_scores_error
-from server.update_validation import Rejection, screen_replies
+from server.defences import Defences, Prepared, finite, prepare_updates, robust_minimum
+from server.nodes import NodeRegistry
+from server.update_validation import NotEnoughReplies, Rejection, not_enough, screen_replies
 
 __all__ = [
     "FedrankStrategyMixin",
+    "aggregate_metrics",
     "build_strategy",
     "strategy_state",
     "load_strategy_state",
+    "weighted_metrics",
     "NOT_AVERAGED",
+    "STRATEGIES",
 ]
 
 log = logging.getLogger("fedrank.server")
@@ -60,25 +82,39 @@ NOT_AVERAGED = frozenset(
         "device-max-steps",
         "device-max-seconds",
         "device-memory-mb",
+        "device-max-epochs",
     }
 )
+# error kinds after which the server asks the node again what it holds
+_ASK_AGAIN = frozenset({"crash", "unavailable", "missing", "stale-scores", "error"})
+
+
+def weighted_metrics(
+    rows: Iterable[Mapping[str, Any]], weights: Iterable[float], weight_key: str
+) -> dict[str, float]:
+    """Weighted mean of every metric but :data:`NOT_AVERAGED`, each key over the rows where it
+    is a finite number (NaN: undefined on that node); adds ``clients`` and the total weight."""
+    sums: dict[str, float] = {}
+    totals: dict[str, float] = {}
+    rows, weights = list(rows), [float(w) for w in weights]
+    for row, w in zip(rows, weights, strict=True):
+        for key, value in row.items():
+            if key == weight_key or key in NOT_AVERAGED or isinstance(value, (list, str)):
+                continue
+            number = float(value)
+            if math.isfinite(number):
+                sums[key] = sums.get(key, 0.0) + number * w
+                totals[key] = totals.get(key, 0.0) + w
+    out = {k: sums[k] / totals[k] for k in sums if totals[k] > 0}
+    out["clients"] = float(len(rows))
+    out[weight_key] = float(sum(weights))
+    return out
 
 
 def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean (by ``weight_key``) of every metric but :data:`NOT_AVERAGED`; adds
-    ``clients`` and the total of ``weight_key``."""
-    weights = [float(next(iter(r.metric_records.values()))[weight_key]) for r in records]
-    total = sum(weights)
-    out: dict[str, float] = {}
-    for record, w in zip(records, weights, strict=True):
-        for metrics in record.metric_records.values():
-            for key, value in metrics.items():
-                if key == weight_key or key in NOT_AVERAGED or isinstance(value, list):
-                    continue
-                out[key] = out.get(key, 0.0) + float(value) * (w / total if total else 0.0)
-    out["clients"] = float(len(records))
-    out[weight_key] = float(total)
-    return MetricRecord(out)
+    """:func:`weighted_metrics` of Flower records (the ``*_metrics_aggr_fn`` signature)."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    return MetricRecord(weighted_metrics(rows, [float(r[weight_key]) for r in rows], weight_key))
 
 
 def _fingerprint(msg: Message) -> str:
@@ -91,54 +127,80 @@ def _fingerprint(msg: Message) -> str:
 
 
 class FedrankStrategyMixin:
-    """Per-node ConfigRecords from a policy, ordered aggregation, bookkeeping (see module)."""
+    """Bounded sampling, per-node ConfigRecords, screened and defended aggregation,
+    bookkeeping (see the module docstring)."""
 
     policy: ClientConfigPolicy
-    node_info: Any  # callable node_id -> dict (what the server knows about the node)
-    forget_node: Callable[[int], None] | None  # the server forgets what a node holds
+    nodes: NodeRegistry | None
 
     def setup_fedrank(
         self,
         policy: ClientConfigPolicy,
         seed: int,
-        node_info: Any,
+        nodes: NodeRegistry | None = None,
+        *,
         min_replies: int = 1,
-        forget_node: Callable[[int], None] | None = None,
+        defences: Defences | None = None,
+        num_nodes_to_select: int = 0,
     ) -> None:
         self.policy = policy
         self.seed = seed
-        self.node_info = node_info
+        self.nodes = nodes
         self.min_replies = min_replies
-        self.forget_node = forget_node
+        self.defences = defences or Defences()
+        self.select = num_nodes_to_select  # MultiKrum; 0: all but num-malicious-nodes
         self.last_messages: list[Message] = []
         self.last_evaluate_messages: list[Message] = []
         self.last_rejected: list[dict[str, Any]] = []
         self.last_evaluate_rejected: list[dict[str, Any]] = []
+        self.last_evaluated: list[int] = []
+        self.last_notes: list[dict[str, Any]] = []
         self.global_arrays: ArrayRecord | None = None
         self.last_train: list[dict[str, Any]] = []
         self.last_sent: dict[int, int] = {}
         self.last_received: int = 0
+
+    # ---- sampling --------------------------------------------------------------------------
+    def sample(self, server_round: int, grid: Grid, fraction: float, stage: str) -> list[int]:
+        """A seeded sample of ``fraction`` (at least one) of the nodes that may take part."""
+        connected = [int(n) for n in grid.get_node_ids()]
+        eligible = sorted(self.nodes.eligible(connected) if self.nodes else connected)
+        if not eligible:
+            return []
+        size = max(int(len(eligible) * fraction), 1)
+        rng = random.Random(f"fedrank-{stage}-{self.seed}-{server_round}")
+        return sorted(rng.sample(eligible, size))
+
+    def _node_info(self, node: int) -> dict[str, Any]:
+        return self.nodes.node(node).policy_view() if self.nodes else {}
+
+    def _node_cap(self, node: int, stage: str) -> int | None:
+        """The example weight the node's hello allows (None: the server did not ask, or the
+        caps are off: ``max-examples-per-node = -1``)."""
+        if self.nodes is None or node not in self.nodes.nodes or self.defences.max_examples < 0:
+            return None
+        info = self.nodes.node(node)
+        if not info.confirmed and not info.num_sets:
+            return None
+        return info.num_train_sets if stage == "train" else info.num_sets
 
     # ---- training --------------------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.global_arrays = arrays
-        random.seed(f"fedrank-sample-{self.seed}-{server_round}")  # node sampling, per round
-        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        config["server-round"] = server_round
         out: list[Message] = []
         self.last_sent = {}
         weight_bytes = record_nbytes(arrays)
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            base = msg.content[self.configrecord_key]  # type: ignore[attr-defined]
-            overrides = self.policy.configure(server_round, node, self.node_info(node))
+        for node in self.sample(server_round, grid, self.fraction_train, "train"):  # type: ignore[attr-defined]
+            overrides = self.policy.configure(server_round, node, self._node_info(node))
             overrides = check_overrides(dict(overrides or {}), node)
-            node_config = ConfigRecord({**dict(base), **overrides})
+            node_config = ConfigRecord({**dict(config), **overrides})
             content = RecordDict(
                 {self.arrayrecord_key: arrays, self.configrecord_key: node_config}  # type: ignore[attr-defined]
             )
-            out.append(Message(content, dst_node_id=node, message_type=msg.metadata.message_type))
+            out.append(Message(content, dst_node_id=node, message_type="train"))
             self.last_sent[node] = weight_bytes + record_nbytes(node_config)
         self.last_messages = out  # once sent, they carry the ids replies refer to
         return out
@@ -146,63 +208,90 @@ class FedrankStrategyMixin:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        for msg in replies:
-            if not msg.has_error():
-                continue
-            reason = msg.error.reason
-            if is_stale_scores_error(reason):
-                # a restarted SuperNode (same node id, cached scores lost): rejected below,
-                # asked again which version it holds the next time it is sampled
-                log.warning(
-                    "round %d: node %d does not hold the current teacher scores (restarted?); "
-                    "its reply is rejected and it gets the scores again when next sampled",
-                    server_round,
-                    msg.metadata.src_node_id,
-                )
-            elif is_fedrank_error(reason):
-                # bad data, scores or settings on a node: never silent, never skipped
-                raise FedrankError(
-                    f"round {server_round}: node {msg.metadata.src_node_id} failed to train: "
-                    f"{reason}"
-                )
+        global_arrays = self.global_arrays if self.global_arrays is not None else ArrayRecord()
         screened = screen_replies(
             server_round,
-            replies,
-            global_arrays=self.global_arrays if self.global_arrays is not None else ArrayRecord(),
+            list(replies),
+            global_arrays=global_arrays,
             sent=self.last_messages,
-            min_replies=self.min_replies,
+            min_replies=0,
             stage="train",
             logger=log,
         )
-        self._forget_failed(screened.rejected)
-        self.last_rejected = [r.to_dict() for r in screened.rejected]
-        replies = list(screened.valid)
-        replies.sort(key=_fingerprint)
-        self.last_train = []
-        self.last_received = 0
-        for msg in replies:
-            metrics = {}
-            for record in msg.content.metric_records.values():
-                metrics.update(dict(record))
-            nbytes = sum(record_nbytes(r) for r in msg.content.array_records.values())
-            self.last_received += nbytes
-            node = msg.metadata.src_node_id
-            self.last_train.append({"node": node, "bytes": nbytes, **metrics})
-            self.policy.observe(server_round, node, metrics)
-        arrays, metrics = super().aggregate_train(server_round, replies)  # type: ignore[misc]
-        if arrays is not None and self.global_arrays is not None:
-            arrays = self._keep_integer_buffers(arrays, self.global_arrays)
-        return arrays, metrics
+        prepared, refused = prepare_updates(
+            [(screened.node(m), m) for m in screened.valid],
+            global_arrays,
+            self.defences,
+            lambda n: self._node_cap(n, "train"),
+        )
+        rejected = screened.rejected + refused
+        self._after_failures(rejected)
+        self.last_rejected = [r.to_dict() for r in rejected]
+        needed = max(self.min_replies, robust_minimum(self._rule(), self._rule_options()))
+        if len(prepared) < needed:
+            raise NotEnoughReplies(
+                not_enough(server_round, len(prepared), needed, "train", rejected)
+            )
+        prepared.sort(key=lambda p: _fingerprint(p.message))
+        self._book_train(server_round, prepared)
+        self._before_aggregation(len(prepared))
+        arrays, _ = super().aggregate_train(server_round, [p.message for p in prepared])  # type: ignore[misc]
+        metrics = MetricRecord(
+            weighted_metrics(
+                [p.metrics for p in prepared], [p.weight for p in prepared], "num-examples"
+            )
+        )
+        if arrays is None:
+            return None, metrics
+        problem = finite(arrays)
+        if problem:  # cannot happen with screened, capped inputs; never let it through
+            log.warning("round %d: %s; the global model is kept", server_round, problem)
+            return None, metrics
+        return self._keep_integer_buffers(arrays, global_arrays), metrics
 
-    def _forget_failed(self, rejected: Iterable[Rejection]) -> None:
-        """Tell ``forget_node`` about every node that failed (error or no reply): whatever it
-        held may be gone (a restarted SuperNode), so the server asks it again before it next
-        trains. Nodes whose reply was merely invalid still hold their scores."""
-        if self.forget_node is None:
+    def _book_train(self, server_round: int, prepared: list[Prepared]) -> None:
+        self.last_train = []
+        self.last_notes = []
+        self.last_received = 0
+        for p in prepared:
+            self.last_received += p.nbytes
+            self.last_train.append(
+                {
+                    "node": p.node,
+                    "bytes": p.nbytes,
+                    **p.metrics,
+                    "weight": p.weight,
+                    "update-norm": p.norm,
+                    "clipped": int(p.clipped),
+                }
+            )
+            for note in p.notes:
+                self.last_notes.append({"node": p.node, "note": note})
+                log.info("round %d: node %d: %s", server_round, p.node, note)
+            self.policy.observe(server_round, p.node, p.metrics)
+
+    def _rule(self) -> str:
+        return str(getattr(self, "rule_name", "fedavg"))
+
+    def _rule_options(self) -> dict[str, Any]:
+        return {"num-malicious-nodes": int(getattr(self, "num_malicious_nodes", 0))}
+
+    def _before_aggregation(self, usable: int) -> None:
+        """Per-round settings of a robust rule (MultiKrum averages all but ``f`` by default)."""
+        if self._rule() == "multikrum":
+            f = int(getattr(self, "num_malicious_nodes", 0))
+            self.num_nodes_to_select = self.select or max(1, usable - f)
+
+    def _after_failures(self, rejected: Iterable[Rejection]) -> None:
+        """Exclude nodes whose failure is persistent; ask nodes that crashed, did not reply or
+        lost their cached state again what they hold before they next train."""
+        if self.nodes is None:
             return
-        for node in dict.fromkeys(r.node_id for r in rejected if r.kind in ("error", "missing")):
-            self.forget_node(int(node))
+        for r in rejected:
+            if r.kind in PERSISTENT_ERRORS:
+                self.nodes.exclude(r.node_id, f"{r.message_type}: {r.kind}: {r.reason}")
+            elif r.kind in _ASK_AGAIN:
+                self.nodes.forget(r.node_id)
 
     @staticmethod
     def _keep_integer_buffers(arrays: ArrayRecord, previous: ArrayRecord) -> ArrayRecord:
@@ -221,59 +310,124 @@ class FedrankStrategyMixin:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        random.seed(f"fedrank-evaluate-{self.seed}-{server_round}")
-        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        fraction = float(self.fraction_evaluate)  # type: ignore[attr-defined]
+        messages: list[Message] = []
+        if fraction > 0:
+            config["server-round"] = server_round
+            for node in self.sample(server_round, grid, fraction, "evaluate"):
+                content = RecordDict(
+                    {self.arrayrecord_key: arrays, self.configrecord_key: config}  # type: ignore[attr-defined]
+                )
+                messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
         self.last_evaluate_messages = messages
         return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
-        for msg in replies:
-            if msg.has_error() and is_fedrank_error(msg.error.reason):
-                raise FedrankError(
-                    f"round {server_round}: node {msg.metadata.src_node_id} failed to "
-                    f"evaluate: {msg.error.reason}"
-                )
         screened = screen_replies(
             server_round,
-            replies,
+            list(replies),
             sent=self.last_evaluate_messages,
             min_replies=0,  # federated evaluation is informative; it never stops the run
             stage="evaluate",
             logger=log,
         )
+        self._after_failures(screened.rejected)
         self.last_evaluate_rejected = [r.to_dict() for r in screened.rejected]
+        self.last_evaluated = sorted(screened.node(m) for m in screened.valid)
         if not screened.valid:
             return None
-        return super().aggregate_evaluate(server_round, list(screened.valid))  # type: ignore[misc]
+        rows, weights = [], []
+        for msg in screened.valid:
+            metrics = dict(msg.content["metrics"])
+            cap = self._node_cap(screened.node(msg), "evaluate")
+            claimed = float(metrics["num-examples"])
+            weights.append(min(claimed, float(cap)) if cap else claimed)
+            rows.append(metrics)
+        if not any(w > 0 for w in weights):
+            return None
+        return MetricRecord(weighted_metrics(rows, weights, "num-examples"))
 
 
 class FedrankFedAvg(FedrankStrategyMixin, FedAvg):
     """FedAvg with per-node ConfigRecords."""
 
+    rule_name = "fedavg"
+
 
 class FedrankFedProx(FedrankStrategyMixin, FedProx):
     """FedProx (clients add ``proximal-mu / 2 * ||w - w_global||^2``)."""
+
+    rule_name = "fedprox"
 
 
 class FedrankFedAdam(FedrankStrategyMixin, FedAdam):
     """FedAdam: server-side Adam on the averaged update."""
 
+    rule_name = "fedadam"
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # FedOpt's bookkeeping: the model the round starts from (its Adam step needs it)
+        self.current_arrays = {k: array.numpy() for k, array in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
 
 class FedrankFedTrimmedAvg(FedrankStrategyMixin, FedTrimmedAvg):
     """Coordinate-wise trimmed mean of the client weights."""
+
+    rule_name = "fedtrimmedavg"
+
+
+class FedrankFedMedian(FedrankStrategyMixin, FedMedian):
+    """Coordinate-wise median of the client weights (Yin et al., 2018)."""
+
+    rule_name = "fedmedian"
+
+
+class FedrankKrum(FedrankStrategyMixin, Krum):
+    """Krum: the one update closest to its ``n - f - 2`` nearest others (Blanchard et al.)."""
+
+    rule_name = "krum"
+
+
+class FedrankMultiKrum(FedrankStrategyMixin, MultiKrum):
+    """MultiKrum: the average of the ``num-nodes-to-select`` updates Krum scores best."""
+
+    rule_name = "multikrum"
+
+
+class FedrankBulyan(FedrankStrategyMixin, Bulyan):
+    """Bulyan: MultiKrum selection, then a coordinate-wise trimmed mean (El Mhamdi et al.)."""
+
+    rule_name = "bulyan"
+
+
+STRATEGIES: dict[str, type[FedrankStrategyMixin]] = {
+    "fedavg": FedrankFedAvg,
+    "fedprox": FedrankFedProx,
+    "fedadam": FedrankFedAdam,
+    "fedtrimmedavg": FedrankFedTrimmedAvg,
+    "fedmedian": FedrankFedMedian,
+    "krum": FedrankKrum,
+    "multikrum": FedrankMultiKrum,
+    "bulyan": FedrankBulyan,
+}
 
 
 def build_strategy(
     config: FedrankConfig,
     policy: ClientConfigPolicy,
-    node_info: Any,
-    forget_node: Callable[[int], None] | None = None,
+    nodes: NodeRegistry | None = None,
+    *,
+    max_examples: int | None = None,
 ) -> FedrankStrategyMixin:
-    """The strategy named by ``strategy``, set up with ``policy``; ``forget_node(node_id)`` is
-    called for every node whose training failed or did not reply (see the module docstring)."""
+    """The strategy named by ``strategy``, set up with ``policy`` and the run's ``nodes`` (the
+    registry that says which nodes may be sampled and what each reported at hello; None: every
+    connected node, no hello caps). ``max_examples`` is the per-run cap of a node's example
+    weight (default: ``max-examples-per-node``)."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -284,26 +438,36 @@ def build_strategy(
         "evaluate_metrics_aggr_fn": aggregate_metrics,
     }
     name = config.strategy
-    strategy: FedrankStrategyMixin
-    if name == "fedavg":
-        strategy = FedrankFedAvg(**common)
-    elif name == "fedprox":
-        strategy = FedrankFedProx(**common, proximal_mu=config.proximal_mu)
+    if name not in STRATEGIES:  # FedrankConfig validates the name; this guards misuse
+        raise FedrankError(f"'strategy' {name!r} is unknown; valid: {', '.join(STRATEGIES)}")
+    options: dict[str, Any] = {}
+    if name == "fedprox":
+        options = {"proximal_mu": config.proximal_mu}
     elif name == "fedadam":
-        strategy = FedrankFedAdam(
-            **common,
-            eta=config.server_learning_rate,
-            eta_l=config.learning_rate,
-            beta_1=config.server_beta1,
-            beta_2=config.server_beta2,
-            tau=config.server_tau,
-        )
+        options = {
+            "eta": config.server_learning_rate,
+            "eta_l": config.learning_rate,
+            "beta_1": config.server_beta1,
+            "beta_2": config.server_beta2,
+            "tau": config.server_tau,
+        }
     elif name == "fedtrimmedavg":
-        strategy = FedrankFedTrimmedAvg(**common, beta=config.trim_beta)
-    else:  # FedrankConfig validates the name; this guards programmatic misuse
-        raise FedrankError(f"'strategy' {name!r} is unknown")
+        options = {"beta": config.trim_beta}
+    elif name in ("krum", "multikrum", "bulyan"):
+        options = {"num_malicious_nodes": config.num_malicious_nodes}
+    strategy = STRATEGIES[name](**common, **options)
+    limit = config.max_examples_per_node if max_examples is None else max_examples
     strategy.setup_fedrank(
-        policy, config.seed, node_info, min_replies=config.min_replies, forget_node=forget_node
+        policy,
+        config.seed,
+        nodes,
+        min_replies=config.min_replies,
+        defences=Defences(
+            max_update_norm=config.max_update_norm,
+            max_examples=int(limit),
+            update_norm_ratio=config.update_norm_ratio,
+        ),
+        num_nodes_to_select=config.num_nodes_to_select,
     )
     return strategy
 

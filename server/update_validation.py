@@ -1,30 +1,33 @@
 """Screening of client replies before aggregation: bad or missing replies never reach the model.
 
 A federation must survive clients that crash, time out or send garbage. :func:`screen_replies`
-splits one round's replies into those fit for aggregation and rejections, each with the node id
-and a reason, and logs every rejection. A training reply is rejected when
+splits one step's replies into those fit for aggregation and rejections (:class:`Rejection`:
+node id, message type, kind and reason), and logs every rejection. A training reply is
+rejected when
 
-- it carries an error (the ClientApp raised, the node crashed or the run was stopped there);
-- it lacks the ``arrays`` ArrayRecord or its ``metrics`` MetricRecord, or holds several;
+- it carries an error: the kind comes from the error's code (``common.reply_schema``:
+  ``stale-scores``, ``data``, ``node-config``, ... for fedrank's own errors, ``unavailable``
+  when Flower could not reach the node, ``crash`` for anything else), never from its text;
+- it lacks the ``arrays`` ArrayRecord or the ``metrics`` MetricRecord, or holds others;
+- its metrics do not fit :data:`~common.reply_schema.TRAIN_METRICS` (a missing or extra key,
+  a non-number, infinity, a count that is not a positive whole number);
 - its weights miss a key of the global model, add a key, change a shape, hold NaN/inf, change
-  an integer buffer (the student's feature columns), or have a non-numeric dtype;
-- its example count (``num-examples``) is missing, not a positive finite number;
-- optionally, the update ``||w - w_global||`` exceeds ``max_update_norm``.
+  an integer buffer (the student's feature columns), or have a non-numeric dtype.
 
-Nodes that were sent a message but did not reply before the round's timeout are reported as
-missing. When fewer than ``min_replies`` replies are fit, :class:`NotEnoughReplies` (a
+Evaluation replies are checked against :data:`~common.reply_schema.EVALUATE_METRICS`. Nodes
+that were sent a message but did not reply before the round's timeout are reported as
+``missing``. When fewer than ``min_replies`` replies are fit, :class:`NotEnoughReplies` (a
 :class:`~common.errors.FedrankError`) names every failed node and why; otherwise the round goes
 on with the others, and the global model is untouched by what was rejected.
 
-Nothing here depends on a strategy: a strategy's ``aggregate_train`` calls
-``screen_replies(...).valid`` first and passes only those to the aggregation.
+Nothing here depends on a strategy: a strategy's ``aggregate_train`` screens first and passes
+only the valid replies on (after the defences of :mod:`server.defences`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,9 +35,11 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from common.errors import FedrankError
+from common.reply_schema import EVALUATE_METRICS, TRAIN_METRICS, MetricSchema, error_kind
 
 __all__ = [
     "NotEnoughReplies",
+    "not_enough",
     "Rejection",
     "ScreenResult",
     "check_train_reply",
@@ -51,14 +56,29 @@ class NotEnoughReplies(FedrankError):
 
 @dataclass(frozen=True)
 class Rejection:
-    """A reply (or a missing one) that was not used, and why."""
+    """A reply (or a missing one) that was not used, and why.
+
+    ``kind``: an error kind of :func:`common.reply_schema.error_kind`, ``invalid`` (the reply
+    does not fit its schema) or ``missing`` (no reply in time). ``excluded``: the node is left
+    out of the rest of the run.
+    """
 
     node_id: int
     reason: str
-    kind: str  # "error" (the client failed), "invalid" (bad content), "missing" (no reply)
+    kind: str
+    message_type: str = "train"
+    excluded: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": int(self.node_id), "kind": self.kind, "reason": self.reason}
+        out = {
+            "node": int(self.node_id),
+            "message_type": self.message_type,
+            "kind": self.kind,
+            "reason": self.reason,
+        }
+        if self.excluded:
+            out["excluded"] = True
+        return out
 
 
 @dataclass
@@ -67,14 +87,19 @@ class ScreenResult:
 
     valid: list[Message] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
+    node_of: dict[str, int] = field(default_factory=dict)  # reply message id -> node id
 
     @property
     def failed_nodes(self) -> list[int]:
         return [r.node_id for r in self.rejected]
 
+    def node(self, msg: Message) -> int:
+        """The node a valid reply answers for."""
+        return self.node_of.get(msg.metadata.message_id, int(msg.metadata.src_node_id))
+
     def to_dict(self) -> dict[str, Any]:
         return {
-            "valid_nodes": [int(m.metadata.src_node_id) for m in self.valid],
+            "valid_nodes": [self.node(m) for m in self.valid],
             "rejected": [r.to_dict() for r in self.rejected],
         }
 
@@ -91,18 +116,10 @@ def _single(content: RecordDict, kind: str, key: str) -> tuple[Any, str | None]:
     return None, f"reply has {len(names)} {kind} records {names}, expected only {key!r}"
 
 
-def _check_weight(metrics: Mapping[str, Any], weight_key: str) -> str | None:
-    if weight_key not in metrics:
-        return f"metrics lack {weight_key!r}"
-    value = metrics[weight_key]
-    if isinstance(value, (list, tuple, bool)):
-        return f"metric {weight_key!r} must be a number, got {value!r}"
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return f"metric {weight_key!r} must be a number, got {value!r}"
-    if not math.isfinite(number) or number <= 0:
-        return f"metric {weight_key!r} must be a positive finite number, got {value!r}"
+def _check_content_names(content: RecordDict, allowed: tuple[str, ...]) -> str | None:
+    extra = sorted(n for n in content if n not in allowed)
+    if extra:
+        return f"reply holds unexpected record {extra[0]!r} (expected {list(allowed)})"
     return None
 
 
@@ -112,17 +129,19 @@ def check_train_reply(
     *,
     arrays_key: str = "arrays",
     metrics_key: str = "metrics",
-    weight_key: str = "num-examples",
-    max_update_norm: float | None = None,
+    schema: MetricSchema = TRAIN_METRICS,
 ) -> str | None:
     """Why a training reply cannot be aggregated, or None if it can."""
+    problem = _check_content_names(content, (arrays_key, metrics_key))
+    if problem:
+        return problem
     arrays, problem = _single(content, "array", arrays_key)
     if problem:
         return problem
     metrics, problem = _single(content, "metric", metrics_key)
     if problem:
         return problem
-    problem = _check_weight(metrics, weight_key)
+    problem = schema.problem(metrics)
     if problem:
         return problem
     expected = list(global_arrays.keys())
@@ -132,7 +151,6 @@ def check_train_reply(
     extra = [k for k in arrays if k not in global_arrays]
     if extra:
         return f"weights hold unexpected key {extra[0]!r} ({len(extra)} unexpected)"
-    squared = 0.0
     for key in expected:
         old = global_arrays[key].numpy()
         try:
@@ -146,35 +164,22 @@ def check_train_reply(
         if new.dtype.kind == "f" and not np.all(np.isfinite(new)):
             bad = int(np.size(new) - np.count_nonzero(np.isfinite(new)))
             return f"weights key {key!r} holds {bad} non-finite value(s) (NaN or inf)"
-        if old.dtype.kind in "iub":
-            if not np.array_equal(new, old):
-                return f"integer buffer {key!r} differs from the global model's"
-            continue
-        if max_update_norm is not None:
-            diff = new.astype(np.float64) - old.astype(np.float64)
-            squared += float(np.sum(diff * diff))
-    if max_update_norm is not None:
-        norm = math.sqrt(squared)
-        if not norm <= max_update_norm:
-            return f"update norm {norm:.4g} exceeds max-update-norm {max_update_norm:.4g}"
+        if old.dtype.kind in "iub" and not np.array_equal(new, old):
+            return f"integer buffer {key!r} differs from the global model's"
     return None
 
 
 def check_evaluate_reply(
-    content: RecordDict, *, metrics_key: str = "metrics", weight_key: str = "num-examples"
+    content: RecordDict, *, metrics_key: str = "metrics", schema: MetricSchema = EVALUATE_METRICS
 ) -> str | None:
     """Why an evaluation reply cannot be aggregated, or None if it can."""
+    problem = _check_content_names(content, (metrics_key,))
+    if problem:
+        return problem
     metrics, problem = _single(content, "metric", metrics_key)
     if problem:
         return problem
-    problem = _check_weight(metrics, weight_key)
-    if problem:
-        return problem
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(math.isfinite(float(v)) for v in values):
-            return f"metric {key!r} is not finite: {value!r}"
-    return None
+    return schema.problem(metrics)
 
 
 def screen_replies(
@@ -188,8 +193,6 @@ def screen_replies(
     stage: str = "train",
     arrays_key: str = "arrays",
     metrics_key: str = "metrics",
-    weight_key: str = "num-examples",
-    max_update_norm: float | None = None,
     logger: logging.Logger | None = None,
 ) -> ScreenResult:
     """Split ``replies`` into usable ones and rejections (see the module docstring).
@@ -199,8 +202,8 @@ def screen_replies(
     a reply is attributed to the node its message went to, also when the SuperLink itself
     answered for an unreachable node (such error replies come from the SuperLink's node id),
     and nodes without a reply are reported as missing. ``expected_nodes`` (node ids) does the
-    latter when the messages are not at hand. Raises :class:`NotEnoughReplies` when fewer
-    than ``min_replies`` replies are usable.
+    latter when the messages are not at hand. A second reply for the same node is rejected.
+    Raises :class:`NotEnoughReplies` when fewer than ``min_replies`` replies are usable.
     """
     if stage not in ("train", "evaluate"):
         raise ValueError(f"stage must be 'train' or 'evaluate', got {stage!r}")
@@ -215,37 +218,35 @@ def screen_replies(
     seen: set[int] = set()
     for msg in replies:
         node = destination.get(msg.metadata.reply_to_message_id, int(msg.metadata.src_node_id))
+        if node in seen:
+            result.rejected.append(Rejection(node, "a second reply this round", "invalid", stage))
+            continue
         seen.add(node)
         if msg.has_error():
             error = msg.error
-            reason = f"client error (code {error.code}): {error.reason}"
-            result.rejected.append(Rejection(node, reason, "error"))
+            kind = error_kind(error.code)
+            reason = f"{error.reason} (code {error.code})"
+            result.rejected.append(Rejection(node, reason, kind, stage))
             continue
         try:
             if stage == "train":
                 assert global_arrays is not None
                 problem = check_train_reply(
-                    msg.content,
-                    global_arrays,
-                    arrays_key=arrays_key,
-                    metrics_key=metrics_key,
-                    weight_key=weight_key,
-                    max_update_norm=max_update_norm,
+                    msg.content, global_arrays, arrays_key=arrays_key, metrics_key=metrics_key
                 )
             else:
-                problem = check_evaluate_reply(
-                    msg.content, metrics_key=metrics_key, weight_key=weight_key
-                )
+                problem = check_evaluate_reply(msg.content, metrics_key=metrics_key)
         except Exception as err:  # a reply must never crash the server
             problem = f"reply cannot be checked: {type(err).__name__}: {err}"
         if problem:
-            result.rejected.append(Rejection(node, problem, "invalid"))
+            result.rejected.append(Rejection(node, problem, "invalid", stage))
         else:
             result.valid.append(msg)
+            result.node_of[msg.metadata.message_id] = node
     for node in expected:
         if node not in seen:
             result.rejected.append(
-                Rejection(node, "no reply before the round's timeout", "missing")
+                Rejection(node, "no reply before the round's timeout", "missing", stage)
             )
     for rejection in result.rejected:
         out.warning(
@@ -257,9 +258,18 @@ def screen_replies(
             rejection.reason,
         )
     if len(result.valid) < min_replies:
-        failures = "; ".join(f"node {r.node_id}: {r.reason}" for r in result.rejected)
         raise NotEnoughReplies(
-            f"round {server_round}: only {len(result.valid)} usable {stage} replies, "
-            f"'min-replies' is {min_replies}" + (f" (failures: {failures})" if failures else "")
+            not_enough(server_round, len(result.valid), min_replies, stage, result.rejected)
         )
     return result
+
+
+def not_enough(
+    server_round: int, usable: int, min_replies: int, stage: str, rejected: Iterable[Rejection]
+) -> str:
+    """The one-line reason a round stops: too few usable replies, and every failure."""
+    failures = "; ".join(f"node {r.node_id}: {r.kind}: {r.reason}" for r in rejected)
+    return (
+        f"round {server_round}: only {usable} usable {stage} replies, 'min-replies' is "
+        f"{min_replies}" + (f" (failures: {failures})" if failures else "")
+    )

@@ -1,9 +1,10 @@
 """Per-client and adaptive loss weights: :class:`~server.client_policy.ClientConfigPolicy`
 subclasses that the server asks, every round, for each sampled node's settings.
 
-Clients are identified by their ``client-key`` (the simulated partition id; a checksum of the
-data path on a device), which the server learns from the node's hello and the node repeats in
-every training reply.
+Per-client settings are chosen by the client's ``client-key`` (the simulated partition id; a
+checksum of the data path on a device), which the server learns from the node's hello. What a
+policy learns is keyed by the server's node id, never by what a reply claims, so one node
+cannot change another node's state.
 
 ``per-client`` (:class:`PerClientWeights`): fixed settings per client from configuration::
 
@@ -37,8 +38,9 @@ that client's weights from everyone else's. Gains are mapped to ``[0, 1]`` by
 ``0.5 + gain / (2 * scale)`` (clipped). Candidate ``a`` is drawn with probability proportional
 to ``exp(-eta * L_a)``, ``L_a`` the importance-weighted sum of past losses ``(1 - reward) / p_a``
 of the rounds it was drawn, and ``eta = sqrt(2 ln K / (T K))`` for ``K`` candidates and ``T``
-rounds (optional uniform mixing ``gamma``, default 0). Draws are seeded by the run's seed, the
-client and the round, so runs are reproducible. With few rounds (``T`` = 10) each client sees
+rounds (optional uniform mixing ``gamma``, default 0). A reply whose gain is not a finite
+number (a NaN validation NDCG) is not learned from. Draws are seeded by the run's seed, the
+client key and the round, so runs are reproducible. With few rounds (``T`` = 10) each client sees
 about ten rewards, so the policy can only separate candidates whose gains differ clearly;
 the benchmark compares it with the best fixed weights::
 
@@ -200,16 +202,17 @@ class AdaptiveWeights(ClientConfigPolicy):
         self.reward_key = str(options.get("reward", "val-ndcg@10"))
         self.start_key = str(options.get("start-metric", "val-ndcg@10-start"))
         self.seed = int(seed if seed is not None else (base.seed if base is not None else 0))
-        self.losses: dict[int, list[float]] = {}  # client key -> estimated cumulative losses
-        self.pending: dict[int, tuple[int, int, float]] = {}  # key -> (round, arm, prob)
+        self.losses: dict[int, list[float]] = {}  # node id -> estimated cumulative losses
+        self.pending: dict[int, tuple[int, int, float]] = {}  # node id -> (round, arm, prob)
         self.history: list[dict[str, Any]] = []
-        self.node_keys: dict[int, int] = {}
+        self.node_keys: dict[int, int] = {}  # node id -> client key (from its hello)
         self._warned = False
 
-    def probabilities(self, client_key: int) -> np.ndarray:
-        """Exp3's distribution over the candidates for ``client_key``."""
+    def probabilities(self, node_id: int) -> np.ndarray:
+        """Exp3's distribution over the candidates for node ``node_id``."""
         k = len(self.candidates)
-        losses = np.asarray(self.losses.get(client_key, [0.0] * k), dtype=np.float64)
+        losses = np.asarray(self.losses.get(node_id, [0.0] * k), dtype=np.float64)
+        losses = np.where(np.isfinite(losses), losses, 0.0)  # a corrupt state never spreads
         logits = -self.eta * losses
         w = np.exp(logits - logits.max())
         return (1.0 - self.gamma) * w / w.sum() + self.gamma / k
@@ -221,45 +224,57 @@ class AdaptiveWeights(ClientConfigPolicy):
                 f"adaptive weights: the server does not know node {node_id}'s client-key; "
                 "the node must answer the hello query first"
             )
-        key = int(key)
-        self.node_keys[node_id] = key
-        p = self.probabilities(key)
-        rng = np.random.default_rng([self.seed, key, server_round, 7])
+        self.node_keys[node_id] = int(key)
+        p = self.probabilities(node_id)
+        # seeded by the client key (stable across runs), so runs are reproducible
+        rng = np.random.default_rng([self.seed, int(key), server_round, 7])
         arm = int(rng.choice(len(p), p=p))
-        self.pending[key] = (server_round, arm, float(p[arm]))
+        self.pending[node_id] = (server_round, arm, float(p[arm]))
         return dict(self.candidates[arm])
 
     def reward(self, metrics: Mapping[str, Any]) -> float | None:
-        """The ``[0, 1]`` reward of a training reply, or None if it lacks the metrics."""
+        """The ``[0, 1]`` reward of a training reply, or None if it lacks the metrics or they
+        are not finite (a NaN validation NDCG is ignored, never learned from)."""
         after, before = metrics.get(self.reward_key), metrics.get(self.start_key)
         if not isinstance(after, (int, float)) or not isinstance(before, (int, float)):
             return None
         gain = float(after) - float(before)
+        if not math.isfinite(gain):
+            return None
         return float(np.clip(0.5 + gain / (2.0 * self.scale), 0.0, 1.0))
 
     def observe(self, server_round: int, node_id: int, metrics: dict[str, Any]) -> None:
-        key = metrics.get("client-key", self.node_keys.get(node_id))
-        if key is None or int(key) not in self.pending:
+        """Learn from node ``node_id``'s reply: the state is keyed by the server's node id,
+        never by what the reply claims (a node cannot touch another node's state)."""
+        if node_id not in self.pending:
             return
-        key = int(key)
-        rnd, arm, prob = self.pending.pop(key)
+        rnd, arm, prob = self.pending.pop(node_id)
         reward = self.reward(metrics)
         if reward is None:
             if not self._warned:
                 log.warning(
-                    "adaptive weights: training replies lack %r and %r; weights stay uniform",
+                    "adaptive weights: a training reply lacks finite %r and %r; it is not "
+                    "learned from",
                     self.reward_key,
                     self.start_key,
                 )
                 self._warned = True
             return
-        losses = self.losses.setdefault(key, [0.0] * len(self.candidates))
+        losses = self.losses.setdefault(node_id, [0.0] * len(self.candidates))
         losses[arm] += (1.0 - reward) / prob  # importance-weighted loss estimate
-        self.history.append({"round": rnd, "client": key, "arm": arm, "reward": reward})
+        self.history.append(
+            {
+                "round": rnd,
+                "node": node_id,
+                "client": self.node_keys.get(node_id),
+                "arm": arm,
+                "reward": reward,
+            }
+        )
 
     def preferred(self) -> dict[int, int]:
-        """Each client's currently most likely candidate."""
-        return {key: int(np.argmax(self.probabilities(key))) for key in sorted(self.losses)}
+        """Each node's currently most likely candidate."""
+        return {node: int(np.argmax(self.probabilities(node))) for node in sorted(self.losses)}
 
     def state(self) -> dict[str, Any]:
         return {

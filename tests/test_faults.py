@@ -27,6 +27,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
+from common.reply_schema import TRAIN_METRICS
 from server.update_validation import NotEnoughReplies, screen_replies
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,13 +61,13 @@ def _meta(node: int, reply_to: str = "") -> Metadata:
 
 def _reply(node: int, weights: dict[str, np.ndarray] | None = None, examples=10, **kw) -> Message:
     weights = {k: np.array(v) for k, v in (weights or GLOBAL).items()}
-    metrics = MetricRecord({"num-examples": examples, "loss": 1.0})
+    metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": examples})
     content = RecordDict({"arrays": _arrays(weights), "metrics": metrics})
     return Message(content, metadata=_meta(node, **kw))
 
 
-def _error(node: int, reason: str, **kw) -> Message:
-    return Message(Error(code=0, reason=reason), metadata=_meta(node, **kw))
+def _error(node: int, reason: str, code: int = 2, **kw) -> Message:
+    return Message(Error(code=code, reason=reason), metadata=_meta(node, **kw))
 
 
 def _sent(node: int) -> Message:
@@ -128,7 +129,8 @@ def test_pickled_array_on_the_wire_is_never_unpickled(capsys):
     weights["net.0.bias"] = Array(
         dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue()
     )
-    content = RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 3})})
+    metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": 3})
+    content = RecordDict({"arrays": weights, "metrics": metrics})
     evil = Message(content, metadata=_meta(66))
     result = screen_replies(1, [_reply(1), evil], global_arrays=_arrays(GLOBAL))
     assert result.failed_nodes == [66]
@@ -152,13 +154,13 @@ def test_crashed_and_silent_nodes_are_named_and_the_round_goes_on(caplog):
     replies = [
         _reply(1),
         _error(2, "ValueError: injected"),
-        _error(1, "Node Unavailable", reply_to="ins-3"),
+        _error(1, "Node Unavailable", code=5, reply_to="ins-3"),
     ]
     with caplog.at_level(logging.WARNING, logger="fedrank"):
         result = screen_replies(5, replies, global_arrays=_arrays(GLOBAL), sent=sent, min_replies=1)
     assert [m.metadata.src_node_id for m in result.valid] == [1]
     kinds = {r.node_id: r.kind for r in result.rejected}
-    assert kinds == {2: "error", 3: "error", 4: "missing"}
+    assert kinds == {2: "crash", 3: "unavailable", 4: "missing"}
     for node in (2, 3, 4):
         assert f"node {node}" in caplog.text
     # fewer usable replies than the configured minimum: a clear error naming every failure
@@ -166,23 +168,53 @@ def test_crashed_and_silent_nodes_are_named_and_the_round_goes_on(caplog):
         screen_replies(5, replies, global_arrays=_arrays(GLOBAL), sent=sent, min_replies=2)
 
 
-def test_update_norm_bound():
-    far = _reply(9, _changed(**{"net.0.weight": np.full((4, 3), 10.0, np.float32)}))
-    result = screen_replies(1, [_reply(1), far], global_arrays=_arrays(GLOBAL), max_update_norm=5)
-    assert result.failed_nodes == [9] and "exceeds max-update-norm" in result.rejected[0].reason
+def test_update_norm_is_bounded_and_example_weight_capped():
+    """The defences: an update longer than max-update-norm is scaled down to it (direction
+    kept); a claimed example count is capped by the node's hello and the per-run maximum."""
+    from server.defences import Defences, prepare_updates, update_norm
+
+    far = _reply(9, _changed(**{"net.0.weight": np.full((4, 3), 10.0, np.float32)}), 1e12)
+    near = _reply(1, _changed(**{"net.0.bias": np.full(4, 0.5, np.float32)}), 7)
+    caps = {9: 40, 1: 100}
+    prepared, refused = prepare_updates(
+        [(9, far), (1, near)], _arrays(GLOBAL), Defences(5.0, 50), caps.get
+    )
+    assert not refused
+    far_p, near_p = prepared
+    assert far_p.norm == pytest.approx(np.sqrt(12) * 10.0) and far_p.clipped
+    assert update_norm(far_p.message.content["arrays"], _arrays(GLOBAL)) == pytest.approx(5.0)
+    np.testing.assert_allclose(  # same direction, shorter
+        far_p.message.content["arrays"]["net.0.weight"].numpy(), np.full((4, 3), 5 / np.sqrt(12))
+    )
+    assert far_p.weight == 40 and far_p.claimed == 1e12  # capped by its hello
+    assert near_p.weight == 7 and not near_p.clipped and near_p.norm == pytest.approx(1.0)
+    assert far_p.message.content["arrays"]["net.0.weight"].numpy().dtype == np.float64
+    np.testing.assert_array_equal(  # integer buffers pass untouched
+        far_p.message.content["arrays"]["feature_indices"].numpy(), GLOBAL["feature_indices"]
+    )
+    (capped,), _ = prepare_updates([(9, far)], _arrays(GLOBAL), Defences(0.0, 30), lambda n: None)
+    assert capped.weight == 30 and not capped.clipped  # the per-run maximum; 0: no norm bound
+    _, (refused,) = prepare_updates([(9, far)], _arrays(GLOBAL), Defences(), lambda n: 0)
+    assert "no training sets" in refused.reason
 
 
 def test_evaluate_replies_are_screened_too():
-    ok = Message(
-        RecordDict({"metrics": MetricRecord({"num-examples": 4, "ndcg@10": 0.5})}),
-        metadata=_meta(1),
-    )
-    nan = Message(
-        RecordDict({"metrics": MetricRecord({"num-examples": 4, "ndcg@10": float("nan")})}),
-        metadata=_meta(2),
-    )
-    result = screen_replies(1, [ok, nan], stage="evaluate")
-    assert result.failed_nodes == [2] and "'ndcg@10' is not finite" in result.rejected[0].reason
+    from common.reply_schema import EVALUATE_METRICS
+
+    def reply(node: int, **values: float) -> Message:
+        metrics = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num-examples": 4}
+        metrics["on-train-sets"] = 0
+        content = RecordDict({"metrics": MetricRecord({**metrics, **values})})
+        return Message(content, metadata=_meta(node))
+
+    ok = reply(1)
+    undefined = reply(2, auc=float("nan"))  # no pair of differing labels on that node
+    inf = reply(3, **{"ndcg@10": float("inf")})
+    extra = reply(4, **{"device-memory-mb": 64.0})
+    result = screen_replies(1, [ok, undefined, inf, extra], stage="evaluate")
+    assert result.failed_nodes == [3, 4]
+    assert "'ndcg@10' is infinite" in result.rejected[0].reason
+    assert "unexpected key 'device-memory-mb'" in result.rejected[1].reason
 
 
 def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
@@ -218,7 +250,7 @@ def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
     bad = [_reply(3, nan), _reply(4, wrong), _reply(5, missing), _error(6, "injected crash")]
 
     cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
-    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    strategy = build_strategy(cfg, make_policy(cfg))
     strategy.global_arrays = global_arrays
     arrays, _ = strategy.aggregate_train(2, good + bad)
     expected = aggregate_arrayrecords([m.content for m in good], "num-examples")
@@ -491,7 +523,7 @@ def test_dp_wrapper_clips_adds_noise_keeps_columns_and_reports_budget():
         return _reply(node, weights, examples=examples)
 
     cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
-    inner = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    inner = build_strategy(cfg, make_policy(cfg))
     inner.global_arrays = global_arrays
     # almost no noise: the aggregate is the clipped update, whatever the example counts
     dp = wrap_strategy(inner, DPSettings(noise_multiplier=1e-9, clipping_norm=2.0), 2)
@@ -570,10 +602,10 @@ def _call_train(node_config: dict, num_features: int = 46, **settings) -> Messag
 
 def test_device_data_with_another_feature_count_names_the_file(tmp_path):
     data = _letor_file(tmp_path / "device.txt", num_features=40)
-    with pytest.raises(DataFormatError) as err:
-        _call_train({"data-path": str(data)}, num_features=46)
-    text = str(err.value)
-    assert str(data) in text and "40" in text and "46" in text
+    reply = _call_train({"data-path": str(data)}, num_features=46)
+    assert reply.has_error()
+    text = reply.error.reason
+    assert text.startswith("data: ") and str(data) in text and "40" in text and "46" in text
 
 
 def test_client_honours_and_reports_device_settings(tmp_path):
@@ -590,7 +622,8 @@ def test_client_honours_and_reports_device_settings(tmp_path):
         assert metrics["steps"] <= 2
         assert metrics["device-threads"] == 1
         assert metrics["device-batch-size"] == 3 and metrics["device-max-steps"] == 2
-        with pytest.raises(ConfigError, match="'max-step'"):
-            _call_train({"data-path": str(data), "max-step": 2})
+        typo = _call_train({"data-path": str(data), "max-step": 2})
+        assert typo.has_error() and "'max-step'" in typo.error.reason
+        assert "did you mean 'max-steps'" in typo.error.reason
     finally:
         torch.set_num_threads(threads)

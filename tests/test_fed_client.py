@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,9 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import app
 from client.local_data import load_local_data
 from common.config import FedrankConfig
-from common.errors import ConfigError, ScoreTableError
 from common.models import StudentModel
 from common.records import model_to_arrays, score_table_from_record, score_table_to_record
+from common.reply_schema import NODE_ERROR_CODES, error_kind
 from common.score_table import ScoreTable
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,15 @@ def _context(node_config: dict | None = None) -> Context:
 
 def _send(kind: str, content: dict, context: Context) -> Message:
     return app(Message(RecordDict(content), dst_node_id=7, message_type=kind), context)
+
+
+def _failure(reply: Message, kind: str, match: str) -> str:
+    """The reply is a structured node error of ``kind`` whose message matches ``match``."""
+    assert reply.has_error(), reply.content
+    assert reply.error.code == NODE_ERROR_CODES[kind] and error_kind(reply.error.code) == kind
+    assert re.search(match, reply.error.reason), reply.error.reason
+    assert "Traceback" not in reply.error.reason
+    return reply.error.reason
 
 
 def _local_table(settings: dict, rng_seed: int = 0) -> ScoreTable:
@@ -91,8 +101,7 @@ def test_missing_set_is_an_error_naming_it(settings: dict) -> None:
     dropped = str(table.set_ids[3])
     partial = table.subset([s for s in table.set_ids.tolist() if s != dropped])
     content = {"scores": score_table_to_record(partial), "config": ConfigRecord(settings)}
-    with pytest.raises(ScoreTableError, match=dropped):
-        _send("query.scores", content, _context())
+    _failure(_send("query.scores", content, _context()), "scores", dropped)
 
 
 def test_length_mismatch_is_an_error_naming_the_set(settings: dict) -> None:
@@ -103,8 +112,7 @@ def test_length_mismatch_is_an_error_naming_the_set(settings: dict) -> None:
     scores = np.zeros(int(offsets[-1]), dtype=np.float32)
     bad = ScoreTable(table.set_ids, offsets, scores, "bad-lengths")
     content = {"scores": score_table_to_record(bad), "config": ConfigRecord(settings)}
-    with pytest.raises(ScoreTableError, match=str(table.set_ids[5])):
-        _send("query.scores", content, _context())
+    _failure(_send("query.scores", content, _context()), "scores", str(table.set_ids[5]))
 
 
 def test_targeted_scores_with_foreign_sets_are_refused(settings: dict) -> None:
@@ -120,10 +128,10 @@ def test_targeted_scores_with_foreign_sets_are_refused(settings: dict) -> None:
         "with-foreign",
     )
     targeted = ConfigRecord({**settings, "score-mode": "targeted"})
-    with pytest.raises(ScoreTableError, match=str(extra.set_ids[0])):
-        _send(
-            "query.scores", {"scores": score_table_to_record(both), "config": targeted}, _context()
-        )
+    refused = _send(
+        "query.scores", {"scores": score_table_to_record(both), "config": targeted}, _context()
+    )
+    _failure(refused, "scores", str(extra.set_ids[0]))
     # in broadcast mode a superset is what every node gets
     broadcast = ConfigRecord({**settings, "score-mode": "broadcast"})
     reply = _send(
@@ -147,8 +155,8 @@ def _train_content(settings: dict, version: str) -> dict:
 
 
 def test_train_without_the_scores_is_an_error(settings: dict) -> None:
-    with pytest.raises(ScoreTableError, match="not delivered"):
-        _send("train", _train_content(settings, "v-missing"), _context())
+    reply = _send("train", _train_content(settings, "v-missing"), _context())
+    _failure(reply, "stale-scores", "not delivered")
 
 
 def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
@@ -200,12 +208,14 @@ def test_validation_metrics_when_the_server_asks(settings: dict) -> None:
 
 
 def test_node_without_data_names_data_path(settings: dict) -> None:
-    with pytest.raises(ConfigError, match="data-path"):
-        _send("query.hello", {"config": ConfigRecord(settings)}, _context({"other": 1}))
-    with pytest.raises(ConfigError, match="data-path"):
-        _send(
-            "query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": "/no/such"})
-        )
+    reply = _send("query.hello", {"config": ConfigRecord(settings)}, _context({"other": 1}))
+    _failure(reply, "node-config", "unknown node_config key 'other'")
+    reply = _send("query.hello", {"config": ConfigRecord(settings)}, _context({"threads": 1}))
+    _failure(reply, "data", "data-path")
+    reply = _send(
+        "query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": "/no/such"})
+    )
+    _failure(reply, "data", "data-path")
 
 
 def test_device_mode_reads_its_own_letor_folder(settings: dict) -> None:

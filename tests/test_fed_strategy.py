@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
 
 from common.config import FedrankConfig
 from common.errors import ConfigError
@@ -26,11 +35,15 @@ from server.strategy import (
         ("fedprox", FedProx, "proximal_mu", 0.01),
         ("fedadam", FedAdam, "eta", 0.05),
         ("fedtrimmedavg", FedTrimmedAvg, "beta", 0.2),
+        ("fedmedian", FedMedian, "fraction_train", 0.5),
+        ("krum", Krum, "num_malicious_nodes", 1),
+        ("multikrum", MultiKrum, "num_malicious_nodes", 1),
+        ("bulyan", Bulyan, "num_malicious_nodes", 1),
     ],
 )
 def test_strategies_are_selectable(name: str, cls: type, attr: str, value: float) -> None:
     cfg = FedrankConfig.from_run_config({"strategy": name, "fraction-train": 0.5})
-    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    strategy = build_strategy(cfg, make_policy(cfg))
     assert isinstance(strategy, cls) and isinstance(strategy, FedrankStrategyMixin)
     assert getattr(strategy, attr) == pytest.approx(value)
 
@@ -66,17 +79,17 @@ def test_integer_buffers_are_kept_not_averaged() -> None:
 
 def test_fedadam_state_round_trips() -> None:
     cfg = FedrankConfig.from_run_config({"strategy": "fedadam"})
-    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    strategy = build_strategy(cfg, make_policy(cfg))
     strategy.m_t = {"w": np.full(2, 0.5)}
     strategy.v_t = {"w": np.full(2, 0.25)}
     state = strategy_state(strategy)
-    fresh = build_strategy(cfg, make_policy(cfg), lambda n: {})
+    fresh = build_strategy(cfg, make_policy(cfg))
     load_strategy_state(fresh, state)
     np.testing.assert_array_equal(fresh.m_t["w"], [0.5, 0.5])
     np.testing.assert_array_equal(fresh.v_t["w"], [0.25, 0.25])
 
 
-def _message(node: int, content: RecordDict | None = None, reason: str = "") -> Message:
+def _message(node: int, content: RecordDict | None = None, code: int = 0, reason: str = ""):
     from flwr.app import Error, Metadata
 
     metadata = Metadata(
@@ -91,42 +104,48 @@ def _message(node: int, content: RecordDict | None = None, reason: str = "") -> 
         message_type="train",
     )
     if reason:
-        return Message(Error(code=0, reason=reason), metadata=metadata)
+        return Message(Error(code=code, reason=reason), metadata=metadata)
     assert content is not None
     return Message(content, metadata=metadata)
 
 
-def test_node_without_current_scores_is_rejected_and_forgotten() -> None:
-    """A restarted SuperNode (same id, cached scores lost) fails with 'holds teacher scores
-    version': the round goes on without it and the server forgets what it holds, so the next
-    round says hello again; a fedrank error of another kind still stops the run."""
-    from common.errors import FedrankError
-    from server.score_distribution import ScoreDistributor
+def _metrics(examples: int) -> MetricRecord:
+    from common.reply_schema import TRAIN_METRICS
+
+    return MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": examples})
+
+
+def test_node_errors_are_read_by_code_and_cost_only_that_node() -> None:
+    """A restarted SuperNode (same id, cached scores lost) answers with the ``stale-scores``
+    code: the round goes on without it and the server asks it again what it holds. A node
+    whose data does not fit (``data`` code) is left out of the run; the others go on. An
+    error whose *text* names a fedrank error class is just a crash of that node."""
+    from common.reply_schema import NODE_ERROR_CODES
+    from server.nodes import NodeRegistry
 
     weights = ArrayRecord({"w": Array(np.ones(3, np.float32))})
-    good = _message(
-        1, RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 2})})
-    )
+    good = _message(1, RecordDict({"arrays": weights, "metrics": _metrics(2)}))
     stale = _message(
-        2,
-        reason="<class 'common.errors.ScoreTableError'>:<'node 2 holds teacher scores version "
-        "'(none)', the server trains with version 'abc': the scores were not delivered'>",
+        2, code=NODE_ERROR_CODES["stale-scores"], reason="stale-scores: node 2 holds version x"
     )
-    distributor = ScoreDistributor(None, "targeted", "float32", {})
-    info = distributor.node(2)
-    info.version, info.client_key, info.confirmed = "abc", 7, True
-    distributor.node(1).version = "abc"
+    bad_data = _message(3, code=NODE_ERROR_CODES["data"], reason="data: 'data-path' bad line 3")
+    named = _message(4, code=2, reason="<class 'common.errors.ConfigError'>: ScoreTableError")
+    nodes = NodeRegistry({})
+    for n in (1, 2, 3, 4):
+        info = nodes.node(n)
+        info.version, info.client_key, info.confirmed = "abc", 7, True
+        info.num_train_sets = 5
     cfg = FedrankConfig.from_run_config({})
-    strategy = build_strategy(cfg, make_policy(cfg), lambda n: {}, forget_node=distributor.forget)
+    strategy = build_strategy(cfg, make_policy(cfg), nodes)
     strategy.global_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
-    arrays, _ = strategy.aggregate_train(2, [good, stale])
+    arrays, _ = strategy.aggregate_train(2, [good, stale, bad_data, named])
     np.testing.assert_array_equal(arrays["w"].numpy(), np.ones(3))
-    assert [r["node"] for r in strategy.last_rejected] == [2]
-    assert "holds teacher scores version" in strategy.last_rejected[0]["reason"]
+    kinds = {r["node"]: r["kind"] for r in strategy.last_rejected}
+    assert kinds == {2: "stale-scores", 3: "data", 4: "crash"}
+    assert all(r["message_type"] == "train" for r in strategy.last_rejected)
+    info = nodes.node(2)
     assert (info.version, info.confirmed) == ("", False)  # asked again next round
     assert info.client_key == 7  # the last known key stays visible to client policies
-    assert distributor.node(1).version == "abc"  # a node that trained keeps its state
-
-    bad = _message(3, reason="<class 'common.errors.DataFormatError'>:<'bad line 3'>")
-    with pytest.raises(FedrankError, match="node 3 failed to train"):
-        strategy.aggregate_train(3, [good, bad])
+    assert nodes.node(1).version == "abc"  # a node that trained keeps its state
+    assert set(nodes.excluded()) == {3} and "bad line 3" in nodes.excluded()[3]
+    assert nodes.eligible([1, 2, 3, 4]) == [1]  # 2 and 4 say hello again first

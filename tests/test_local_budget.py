@@ -12,7 +12,6 @@ import torch
 from client.device import DeviceSettings
 from client.trainer import (
     MIN_RELATIVE_UPDATE,
-    TRAIN_METRICS,
     TrainSettings,
     planned_steps,
     train_student,
@@ -20,6 +19,7 @@ from client.trainer import (
 from common.config import FedrankConfig
 from common.errors import ConfigError
 from common.models import StudentModel
+from common.reply_schema import TRAINER_METRICS
 from common.synthetic import SyntheticConfig, generate_synthetic
 from server.server_app import _warn_short_training
 
@@ -65,7 +65,7 @@ def _train(sets, columns, settings: TrainSettings) -> dict[str, float]:
 def test_a_dozen_sets_take_the_floor_and_move_the_model(small_client, one_torch_thread) -> None:
     sets, columns = small_client
     out = _train(sets, columns, TrainSettings(epochs=2, min_steps=20, batch_size=16))
-    assert set(TRAIN_METRICS) <= set(out)  # the list a reply schema derives from
+    assert set(TRAINER_METRICS) <= set(out)  # the list a reply schema derives from
     assert out["steps"] == 20 and out["steps-planned"] == 20
     assert out["relative-update"] > MIN_RELATIVE_UPDATE and out["too-short"] == 0
 
