@@ -9,7 +9,7 @@ the reported one that of the configured sigma.
 
 - **before**: the clipped updates averaged over the ``m`` valid replies, noise
   ``sigma * C / m`` (the old code path, reproduced here: it is gone from the server);
-- **after**: the real :class:`server.privacy.FedrankDPFixedClipping` around the real FedAvg
+- **after**: the real :class:`fedrank.server.privacy.FedrankDPFixedClipping` around the real FedAvg
   strategy: sum of clipped updates over the fixed ``n`` sampled clients, noise
   ``sigma * C / n``.
 
@@ -31,12 +31,12 @@ import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, Message, Metadata, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.differential_privacy import compute_stdv  # noqa: E402
 
-from common.config import FedrankConfig  # noqa: E402
-from common.reply_schema import TRAIN_METRICS  # noqa: E402
-from server.client_policy import make_policy  # noqa: E402
-from server.nodes import NodeRegistry  # noqa: E402
-from server.privacy import DPSettings, epsilon, wrap_strategy  # noqa: E402
-from server.strategy import build_strategy  # noqa: E402
+from fedrank.common.config import FedrankConfig  # noqa: E402
+from fedrank.common.reply_schema import TRAIN_METRICS  # noqa: E402
+from fedrank.server.client_weights import make_policy  # noqa: E402
+from fedrank.server.nodes import NodeRegistry  # noqa: E402
+from fedrank.server.privacy import DPSettings, epsilon, wrap_strategy  # noqa: E402
+from fedrank.server.strategy import build_strategy  # noqa: E402
 
 DIM = 64
 

@@ -61,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
+from fedrank.common.atomic_io import atomic_write_json, atomic_write_text  # noqa: E402
 
 MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008"
 RANK_LOSSES = (
@@ -196,7 +196,7 @@ def method_overrides(method: str, rank_weights: dict[str, float]) -> dict[str, A
     if method == "all-four":
         return {"score-weight": score, "rank-loss": "rank_softmax_ce", "rank-weight": 1.0}
     if method == "adaptive":
-        from simulations.client_weights import policy_config
+        from fedrank.server.client_weights import policy_config
 
         return {"rank-loss": "rank_softmax_ce", "rank-weight": 1.0, **policy_config(ADAPTIVE_SPEC)}
     if "@" in method:
@@ -212,13 +212,13 @@ def prepare_unit(
     """Teacher (cached), rank-loss weights and central students for one unit; cached as JSON."""
     import torch
 
-    from client.trainer import evaluate_student
-    from common.config import FedrankConfig
-    from common.datasets import load_dataset
-    from common.losses import LOSSES, reduce_sets
-    from server.student_setup import build_student
-    from server.teacher import train_or_load_teacher
-    from simulations.central import train_central_student
+    from fedrank.common.config import FedrankConfig
+    from fedrank.common.datasets import load_dataset
+    from fedrank.common.evaluation import evaluate_model
+    from fedrank.common.losses import LOSSES, reduce_sets
+    from fedrank.server.student_setup import build_student
+    from fedrank.server.teacher import TeacherConfig, train_or_load_teacher
+    from fedrank.simulations.central import train_central_student
 
     cache = out / "central" / f"{unit_name(data, seed)}.json"
     if cache.is_file():
@@ -232,11 +232,11 @@ def prepare_unit(
     cfg = FedrankConfig.from_run_config({**base_config(args, data, "privileged"), "seed": seed})
     dataset = load_dataset(data, seed=seed)
     t0 = time.perf_counter()
-    teacher, table = train_or_load_teacher(dataset, cfg.teacher_config(), out / "teacher")
+    teacher, table = train_or_load_teacher(dataset, TeacherConfig.from_config(cfg), out / "teacher")
     print(f"  teacher ready in {time.perf_counter() - t0:.0f}s", flush=True)
     train, test = dataset.splits["train"], dataset.splits["test"]
     t_train, t_test = table.align(train), table.align(test)
-    teacher_metrics = evaluate_student(teacher, test)
+    teacher_metrics = evaluate_model(teacher, test)
 
     # rank-loss weights: equal gradient norm at the untrained student (see the docstring)
     probe = build_student(cfg, dataset)
@@ -291,9 +291,9 @@ def run_federations(
     out: Path,
 ) -> dict[tuple[str, str], Path]:
     """Every federated method of a unit in one start of the simulation runtime (a separate
-    process, see ``simulations.sweep``); returns the run folders."""
-    from common.config import FedrankConfig
-    from simulations.sweep import summary_complete
+    process, see ``fedrank.simulations.sweep``); returns the run folders."""
+    from fedrank.common.config import FedrankConfig
+    from fedrank.simulations.sweep import summary_complete
 
     dirs: dict[tuple[str, str], Path] = {}
     todo: list[Path] = []
@@ -323,7 +323,7 @@ def run_federations(
         t0 = time.perf_counter()
         log_path = out / "logs" / f"{unit_name(data, seed)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "simulations.sweep", "--worker", *map(os.fspath, todo)]
+        cmd = [sys.executable, "-m", "fedrank.simulations.sweep", "--worker", *map(os.fspath, todo)]
         env = {**os.environ, "PYTHONPATH": os.fspath(ROOT)}
         with open(log_path, "ab") as log:
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -547,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             units.append(args.synthetic)
         elif name:
             parser.error(f"--data: unknown {name!r} (mq2008, synthetic)")
-    from common.config import FedrankConfig
+    from fedrank.common.config import FedrankConfig
 
     has_device_key = "device-features" in set(FedrankConfig.keys())
     rows: list[dict[str, Any]] = []

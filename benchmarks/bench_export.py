@@ -4,7 +4,7 @@
 
 Trains a teacher (the server's set-aware model, default size of a run) and a student (the
 default device student) on the fold's training sets for a few epochs, exports the student to
-safetensors and ONNX with ``client.export`` (and to TorchScript, which fedrank writes for other
+safetensors and ONNX with ``fedrank.client.export`` (and to TorchScript, which fedrank writes for other
 runtimes but never loads: file size only) and measures, on the fold's test sets:
 
 - parameters and file size (teacher: its saved state dict; student: each export file);
@@ -31,13 +31,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.export import export_student, load_exported, ndcg10  # noqa: E402
-from common.letor import read_letor_folder  # noqa: E402
-from common.models import StudentModel, count_parameters, score_sets  # noqa: E402
+from fedrank.client.export import export_student, load_exported  # noqa: E402
+from fedrank.common.evaluation import mean_ndcg  # noqa: E402
+from fedrank.common.letor import read_letor_folder  # noqa: E402
+from fedrank.common.models import StudentModel, count_parameters, score_sets  # noqa: E402
 
 
 def _train_student(model: StudentModel, sets, epochs: int, seed: int = 0) -> None:
-    from common.losses import CompositeLoss, LossTerm
+    from fedrank.common.losses import CompositeLoss, LossTerm
 
     loss = CompositeLoss(
         [
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     train, test = splits["train"], splits.get("test", splits["train"])
     num_features = train.num_features
 
-    from server.teacher import TeacherConfig, train_teacher
+    from fedrank.server.teacher import TeacherConfig, train_teacher
 
     teacher_cfg = TeacherConfig(epochs=args.epochs, patience=args.epochs, seed=0)
     teacher = train_teacher(train, splits.get("vali"), teacher_cfg, progress=False).model.eval()
@@ -109,12 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         load_ms["torchscript via torch.jit.load (old path)"] = 1000 * (time.perf_counter() - t0)
 
         in_memory = score_sets(student, test)
-        ndcg_mem = ndcg10(test, in_memory)
-        ndcg_teacher = ndcg10(test, score_sets(teacher, test))
+        ndcg_mem = mean_ndcg(test, in_memory)["ndcg@10"]
+        ndcg_teacher = mean_ndcg(test, score_sets(teacher, test))["ndcg@10"]
         ndcg_exp, max_diff = {}, {}
         for fmt, model in exported.items():
             flat = model.score_sets(test)
-            ndcg_exp[fmt] = ndcg10(test, flat)
+            ndcg_exp[fmt] = mean_ndcg(test, flat)["ndcg@10"]
             max_diff[fmt] = float(np.max(np.abs(flat - in_memory)))
 
         def torch_scorer(model):

@@ -35,10 +35,10 @@ MQ2008_FOLD1 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 
 def _bytes_table(summary: dict, data_path: str, clients: int, seed: int) -> list[tuple]:
     """Teacher-score bytes per client for each mode and dtype (the server's exact records)."""
-    from common.datasets import load_dataset
-    from common.records import record_nbytes, score_table_to_record
-    from common.score_table import ScoreTable
-    from simulations.partitioners import partition
+    from fedrank.common.datasets import load_dataset
+    from fedrank.common.partitioners import partition
+    from fedrank.common.records import record_nbytes, score_table_to_record
+    from fedrank.common.score_table import ScoreTable
 
     teacher_dir = Path(summary["teacher"]["path"])
     table = ScoreTable.load(teacher_dir / "scores")
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         f"running {args.rounds} rounds with {args.clients} clients on {args.data} "
         f"({workers} workers): default local work, then {heavy} local epochs"
     )
-    from simulations.simulate import run_federations
+    from fedrank.simulations.simulate import run_federations
 
     # both federations in one start of the runtime; the second reuses the warm workers and
     # the teacher scores the clients already hold

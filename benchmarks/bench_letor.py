@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from common import letor  # noqa: E402
+from fedrank.common import letor  # noqa: E402
 
 MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008"
 FILES = ["Fold1/train.txt.gz", "Fold1/vali.txt.gz", "Fold1/test.txt.gz", "S1.txt.gz"]

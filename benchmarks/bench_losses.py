@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from common import losses as L  # noqa: E402
+from fedrank.common import losses as L  # noqa: E402
 
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 MEMORY_CASES: dict[str, tuple[str, dict]] = {

@@ -21,8 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.example_sets import ExampleSets  # noqa: E402
-from common.models import StudentModel, TeacherModel, count_parameters, score_sets  # noqa: E402
+from fedrank.common.example_sets import ExampleSets  # noqa: E402
+from fedrank.common.models import StudentModel, TeacherModel, count_parameters, score_sets  # noqa: E402
 
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1" / "test.txt.gz"
 
@@ -30,7 +30,7 @@ DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1" / "test.txt.
 def load_sets(path: Path) -> tuple[ExampleSets, str]:
     if path.is_file():
         try:
-            from common.letor import read_letor
+            from fedrank.common.letor import read_letor
 
             return read_letor(path, cache=False), f"{path.parent.name}/{path.name} (MQ2008)"
         except ImportError:

@@ -2,7 +2,7 @@
 
 Runs, in ONE start of Flower's simulation runtime on the same ten simulated clients, a clean
 federation and the same federation with partitions 0 and 1 poisoning every training reply
-(:func:`simulations.attacks.poisoned_client_app`: the update flipped and scaled ten times, and
+(:func:`fedrank.simulations.attacks.poisoned_client_app`: the update flipped and scaled ten times, and
 a claim of 1e12 examples), aggregated with
 
 - ``FedAvg``, defences off (``max-update-norm = 0``, ``update-norm-ratio = 0``,
@@ -38,12 +38,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from flwr.simulation import run_simulation  # noqa: E402
 
-from common.atomic_io import atomic_path, atomic_write_json  # noqa: E402
-from common.config import FedrankConfig  # noqa: E402
-from server.run_output import read_metrics  # noqa: E402
-from server.server_app import make_server_app  # noqa: E402
-from simulations.attacks import poisoned_client_app  # noqa: E402
-from simulations.simulate import SIMULATION_ENV  # noqa: E402
+from fedrank.common.atomic_io import atomic_path, atomic_write_json  # noqa: E402
+from fedrank.common.config import FedrankConfig  # noqa: E402
+from fedrank.common.run_folder import read_metrics  # noqa: E402
+from fedrank.server.server_app import make_server_app  # noqa: E402
+from fedrank.simulations.attacks import poisoned_client_app  # noqa: E402
+from fedrank.simulations.simulate import SIMULATION_ENV  # noqa: E402
 
 CLIENTS = 10
 POISONERS = (0, 1)

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    from simulations.simulate import DISTILL, LABELS_ONLY, _parse_set, run_federations
+    from fedrank.simulations.simulate import DISTILL, LABELS_ONLY, _parse_set, run_federations
 
     folds = [int(f) for f in args.folds.split(",") if f.strip()]
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-quality-"))

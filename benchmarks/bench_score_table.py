@@ -30,16 +30,16 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from common.datasets import load_dataset  # noqa: E402
-from common.records import record_nbytes, score_table_to_record  # noqa: E402
-from server.teacher import TeacherConfig, train_or_load_teacher  # noqa: E402
+from fedrank.common.datasets import load_dataset  # noqa: E402
+from fedrank.common.records import record_nbytes, score_table_to_record  # noqa: E402
+from fedrank.server.teacher import TeacherConfig, train_or_load_teacher  # noqa: E402
 
 DEFAULT_DATA = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 
 
 def _partition(sets, num_clients: int, seed: int) -> list[np.ndarray]:
     try:
-        from simulations.partitioners import partition
+        from fedrank.common.partitioners import partition
     except ImportError:  # pragma: no cover - the partitioner ships with the project
         rng = np.random.default_rng(seed)
         return [np.sort(p) for p in np.array_split(rng.permutation(sets.num_sets), num_clients)]
@@ -48,7 +48,7 @@ def _partition(sets, num_clients: int, seed: int) -> list[np.ndarray]:
 
 def _loss_effect(table32, table16, sets, loss_name: str) -> tuple[float, float]:
     """Relative difference of a distillation loss (value, gradient) with fp16 vs fp32 teacher."""
-    from common.losses import LOSSES, reduce_sets
+    from fedrank.common.losses import LOSSES, reduce_sets
 
     gen = torch.Generator().manual_seed(0)
     batch = sets.pad(extra={"t32": table32.align(sets), "t16": table16.align(sets)})
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rel[name] = _loss_effect(full32, full16, train, name)
         except ImportError:  # pragma: no cover - losses ship with the project
-            print("  common.losses not available: skipped")
+            print("  fedrank.common.losses not available: skipped")
             break
         print(
             f"  {name:<16} relative difference: value {rel[name][0]:.2e}, "

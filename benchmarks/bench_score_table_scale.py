@@ -10,7 +10,7 @@ series: sets of 20 items on average (the index grows with the table), and a fixe
 sets (``--fixed-sets``; the index stays the same, the sets grow). Each step runs in a fresh
 subprocess so its peak resident memory (``ru_maxrss`` of that process) is its own:
 
-- **folder** (new): :class:`~common.score_table.ScoreTableWriter` streams chunks of sets to a
+- **folder** (new): :class:`~fedrank.common.score_table.ScoreTableWriter` streams chunks of sets to a
   table folder (hash computed by streaming the file back); serving opens it memory-mapped,
   verifies its checksum by streaming, and cuts one node's subset;
 - **memory** (old): the whole table in memory, hashed, written as one ``.npz``; serving loads
@@ -44,8 +44,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from common.records import score_table_to_record  # noqa: E402
-from common.score_table import ScoreTable, ScoreTableWriter  # noqa: E402
+from fedrank.common.records import score_table_to_record  # noqa: E402
+from fedrank.common.score_table import ScoreTable, ScoreTableWriter  # noqa: E402
 
 CHUNK_ITEMS = 1 << 16  # items per generated chunk
 

@@ -32,16 +32,17 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from client.trainer import TrainSettings, evaluate_student, train_student  # noqa: E402
-from common.config import FedrankConfig  # noqa: E402
-from common.datasets import Dataset, load_dataset  # noqa: E402
-from common.losses import CompositeLoss, LossTerm  # noqa: E402
-from server.student_setup import build_student  # noqa: E402
-from server.teacher import train_or_load_teacher  # noqa: E402
-from simulations.central import train_central_student  # noqa: E402
-from simulations.derived_data import write_derived_fold  # noqa: E402
-from simulations.partitioners import label_availability  # noqa: E402
-from simulations.simulate import LABELS_ONLY, run_federations  # noqa: E402
+from fedrank.client.trainer import TrainSettings, train_student  # noqa: E402
+from fedrank.common.config import FedrankConfig  # noqa: E402
+from fedrank.common.datasets import Dataset, load_dataset  # noqa: E402
+from fedrank.common.evaluation import evaluate_model  # noqa: E402
+from fedrank.common.losses import CompositeLoss, LossTerm  # noqa: E402
+from fedrank.common.partitioners import label_availability  # noqa: E402
+from fedrank.server.student_setup import build_student  # noqa: E402
+from fedrank.server.teacher import TeacherConfig, train_or_load_teacher  # noqa: E402
+from fedrank.simulations.central import train_central_student  # noqa: E402
+from fedrank.simulations.derived_data import write_derived_fold  # noqa: E402
+from fedrank.simulations.simulate import LABELS_ONLY, run_federations  # noqa: E402
 
 MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008"
 PARTS = ("transform", "pointwise", "federated")
@@ -133,7 +134,7 @@ def _central(
         seed=cfg.seed,
     )
     train_student(model, dataset.train, loss, settings, teacher=teacher["train"], label_mask=mask)
-    return evaluate_student(model, dataset.test, teacher=teacher["test"])
+    return evaluate_model(model, dataset.test, teacher=teacher["test"])
 
 
 def part_pointwise(args: argparse.Namespace, work: Path) -> None:
@@ -145,7 +146,7 @@ def part_pointwise(args: argparse.Namespace, work: Path) -> None:
     for name, spec in (("synthetic", "synthetic"), ("MQ2008 Fold1", os.fspath(MQ2008 / "Fold1"))):
         dataset = load_dataset(spec)
         base = FedrankConfig.from_run_config({"data-path": spec, "num-server-rounds": args.rounds})
-        _, table = train_or_load_teacher(dataset, base.teacher_config(), work / "teacher")
+        _, table = train_or_load_teacher(dataset, TeacherConfig.from_config(base), work / "teacher")
         teacher = {k: table.align(dataset.splits[k]) for k in ("train", "test")}
         mask = label_availability(dataset.train.num_sets, 0.1, seed=0)
         uniform = 1.0 - float(

@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from simulations.simulate import DISTILL, LABELS_ONLY, _parse_set, run_federations  # noqa: E402
+from fedrank.simulations.simulate import DISTILL, LABELS_ONLY, _parse_set, run_federations  # noqa: E402
 
 MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008"
 KINDS = {"set-transformer": "set transformer", "lightgbm": "LightGBM LambdaMART"}

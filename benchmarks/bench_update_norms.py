@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common.config import FedrankConfig  # noqa: E402
-from server.run_output import read_metrics  # noqa: E402
-from simulations.simulate import run_federations  # noqa: E402
+from fedrank.common.config import FedrankConfig  # noqa: E402
+from fedrank.common.run_folder import read_metrics  # noqa: E402
+from fedrank.simulations.simulate import run_federations  # noqa: E402
 
 MQ2008_FOLD1 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 

@@ -11,11 +11,11 @@ Messages it handles (Flower Message API):
 - ``evaluate``: the global student on the node's held-out sets.
 
 Its data comes from ``node_config``: ``partition-id``/``num-partitions`` in a simulation, or
-``data-path`` (a LETOR file or folder) on a device (see :mod:`client.local_data`). A device's
+``data-path`` (a LETOR file or folder) on a device (see :mod:`fedrank.client.local_data`). A device's
 ``node_config`` may also cap threads, steps, epochs, seconds, batch size, memory and the
-student's size (:mod:`client.device`); training reports what it used (``device-*`` metrics).
+student's size (:mod:`fedrank.client.device`); training reports what it used (``device-*`` metrics).
 
-Every reply has the fixed shape of :mod:`common.reply_schema`. A fedrank error on the node
+Every reply has the fixed shape of :mod:`fedrank.common.reply_schema`. A fedrank error on the node
 (its ``node_config``, its data, the teacher scores, the settings it was sent) is answered as
 Flower's ``Message.error`` with the code of its kind (``NODE_ERROR_CODES``) and a one-line
 message; the server decides by the code what that costs the node. Anything else the handler
@@ -37,14 +37,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.device import DeviceSettings
-from client.local_data import LocalData, load_local_data
-from client.trainer import evaluate_student, planned_steps, settings_from_config, train_student
-from common.config import CLIENT_KEYS, FedrankConfig
-from common.errors import ConfigError, FedrankError, ScoreTableError
-from common.models import build_model, count_parameters
-from common.records import load_arrays, model_to_arrays, score_table_from_record
-from common.reply_schema import (
+from fedrank.client.device import DeviceSettings
+from fedrank.client.local_data import LocalData, load_local_data
+from fedrank.client.trainer import (
+    planned_steps,
+    settings_from_config,
+    train_student,
+)
+from fedrank.common.config import CLIENT_KEYS, FedrankConfig
+from fedrank.common.errors import ConfigError, FedrankError, ScoreTableError
+from fedrank.common.evaluation import evaluate_model, mean_ndcg
+from fedrank.common.models import build_model, count_parameters, score_sets
+from fedrank.common.records import load_arrays, model_to_arrays, score_table_from_record
+from fedrank.common.reply_schema import (
     EVALUATE_METRICS,
     NODE_ERROR_CODES,
     TRAIN_METRICS,
@@ -203,12 +208,7 @@ def _student(
 
 def _validation_ndcg(model: torch.nn.Module, sets: Any) -> float:
     """Mean NDCG@10 of ``model`` on ``sets`` by their labels (what a client can measure)."""
-    from common.metrics import ndcg
-    from common.models import score_sets
-
-    scores = score_sets(model, sets)
-    batch = sets.pad(extra={"s": scores})
-    return float(torch.nanmean(ndcg(batch.extra["s"], batch.labels, batch.mask, k=10)))
+    return mean_ndcg(sets, score_sets(model, sets))["ndcg@10"]
 
 
 def _seed(config: ConfigRecord, local: LocalData) -> int:
@@ -346,6 +346,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     version = str(config.get("teacher-version", "none"))
     if version != "none" and _held_version(context) == version:
         teacher = _aligned(context, version, sets)
-    values = evaluate_student(model, sets, teacher=teacher, loss=settings.composite_loss())
+    values = evaluate_model(model, sets, teacher=teacher, loss=settings.composite_loss())
     values["on-train-sets"] = int(local.holdout is None)
     return Message(RecordDict({"metrics": EVALUATE_METRICS.record(_numbers(values))}), reply_to=msg)

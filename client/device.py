@@ -24,7 +24,7 @@ large. :meth:`DeviceSettings.report` gives the values actually used, for the cli
 metrics (``device-threads``, ``device-batch-size``, ``device-max-steps``,
 ``device-max-seconds``, ``device-memory-mb``, ``device-max-epochs``).
 
-Unknown keys (a typo such as ``max-step``) are a :class:`~common.errors.ConfigError` naming the
+Unknown keys (a typo such as ``max-step``) are a :class:`~fedrank.common.errors.ConfigError` naming the
 key and the valid ones. The node checks its ``node_config`` when the server first says hello;
 a bad one is reported to the server (which node, which key, what was expected) and that node
 is left out of the run, while the others go on.
@@ -39,11 +39,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import ConfigError
+import torch
+
+from fedrank.common.errors import ConfigError
 
 __all__ = ["DEVICE_KEYS", "NODE_KEYS", "DeviceSettings"]
 
-# node_config keys that say where the data is (client.local_data reads them)
+# node_config keys that say where the data is (fedrank.client.local_data reads them)
 DATA_KEYS = frozenset({"data-path", "partition-id", "num-partitions"})
 DEVICE_KEYS = (
     "threads",
@@ -142,11 +144,8 @@ class DeviceSettings:
     # ---- applying the settings -----------------------------------------------------------------
     def apply(self) -> None:
         """Set torch's thread count (no-op without ``threads``)."""
-        if self.threads:
-            import torch
-
-            if torch.get_num_threads() != self.threads:
-                torch.set_num_threads(self.threads)
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
     def steps(self, server_steps: int) -> int:
         """The step budget: the smaller of the server's and the device's (0: no budget)."""
@@ -168,7 +167,7 @@ class DeviceSettings:
         return size
 
     def train_settings(self, settings: Any, sets: Any = None) -> Any:
-        """``settings`` (a :class:`client.trainer.TrainSettings`) with the device's caps: step
+        """``settings`` (a :class:`fedrank.client.trainer.TrainSettings`) with the device's caps: step
         budget, batch size for ``sets`` (an ExampleSets) and, if the trainer supports it
         (a ``max_seconds`` field), the time budget."""
         changes: dict[str, Any] = {"max_steps": self.steps(getattr(settings, "max_steps", 0))}
@@ -187,7 +186,6 @@ class DeviceSettings:
 
     def report(self, used: Any = None) -> dict[str, float | int]:
         """Metrics naming what the client used (``used``: the TrainSettings it trained with)."""
-        import torch
 
         out: dict[str, float | int] = {"device-threads": int(torch.get_num_threads())}
         if used is not None:

@@ -3,7 +3,7 @@
 ``fedrank export --run DIR [--format safetensors|onnx|torchscript] --out FILE [--sign-key KEY]``
 reads the student a finished run saved (``DIR/student/student.pt`` + ``student.json``; the
 state dict is loaded with ``torch.load(..., weights_only=True)``) and writes one
-self-describing file (see :mod:`client.student_files`): safetensors (the default; data only:
+self-describing file (see :mod:`fedrank.client.student_files`): safetensors (the default; data only:
 the whole state dict and a JSON spec), ONNX for other runtimes (weights inside, external data
 refused) or TorchScript for LibTorch / PyTorch Mobile (write-only: fedrank never loads it).
 ``--sign-key`` signs the metadata with the server's ECDSA key (``fedrank certs`` makes one).
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -38,7 +37,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from torch import nn
 
-from client.student_files import (
+from fedrank.client.student_files import (
     EXPORT_FORMAT,
     FORMATS,
     LOADABLE_FORMATS,
@@ -46,17 +45,16 @@ from client.student_files import (
     ScoringModule,
     encode_student,
     load_exported,
-    load_state_checked,
     student_metadata,
 )
-from common.atomic_io import write_output
-from common.errors import CheckpointError, ConfigError, DataFormatError
-from common.example_sets import ExampleSets
-from common.letor import find_split_file, read_letor
-from common.metrics import ndcg
-from common.models import build_model
-from common.signing import load_private_key, load_public_key
-from common.trec import item_names, run_lines
+from fedrank.common.atomic_io import write_output
+from fedrank.common.errors import ConfigError, DataFormatError
+from fedrank.common.evaluation import mean_ndcg
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.letor import find_split_file, read_letor
+from fedrank.common.signing import load_private_key, load_public_key
+from fedrank.common.student_folder import load_student
+from fedrank.common.trec import item_names, run_lines
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -65,7 +63,6 @@ __all__ = [
     "ExportedStudent",
     "ScoringModule",
     "export_student",
-    "load_run_student",
     "load_exported",
     "rank_sets",
     "export_main",
@@ -74,47 +71,6 @@ __all__ = [
 
 
 # ---- reading a run's student -------------------------------------------------------------------
-def load_run_student(run_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The global student a run saved in ``run_dir/student/`` and its ``student.json`` info.
-
-    Raises CheckpointError naming the file when it is missing, truncated or inconsistent.
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"--run {run}: no such run folder")
-    folder = run / "student"
-    info_path, weights_path = folder / "student.json", folder / "student.pt"
-    for path in (info_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(
-                f"{path} is missing: the run in {run} has not saved its final student "
-                "(it saves it after the last round)"
-            )
-    try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{info_path} is not valid JSON: {err}") from err
-    if not isinstance(info, dict) or not isinstance(info.get("spec"), dict):
-        raise CheckpointError(f"{info_path} has no 'spec' object describing the student")
-    try:
-        model = build_model(info["spec"])
-    except ConfigError as err:
-        raise CheckpointError(f"{info_path}: bad student spec: {err}") from err
-    if getattr(model, "kind", None) != "student":
-        raise CheckpointError(f"{info_path}: the spec describes a {model.kind}, not a student")
-    try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, forbidden types ...
-        raise CheckpointError(
-            f"{weights_path} cannot be read (truncated or corrupt?): {type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}"
-        ) from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{weights_path} does not hold a state dict of tensors")
-    load_state_checked(weights_path, model, {k: v.numpy() for k, v in state.items()})
-    return model.eval(), info
-
-
 # ---- export ------------------------------------------------------------------------------------
 def export_student(
     student: nn.Module,
@@ -189,7 +145,7 @@ def export_main(argv: Sequence[str]) -> int:
     )
     args = parser.parse_args(list(argv))
     sign_key = load_private_key(args.sign_key) if args.sign_key else None
-    student, info = load_run_student(args.run)
+    student, info = load_student(args.run)
     metrics = info.get("metrics") if isinstance(info.get("metrics"), dict) else {}
     names = info.get("feature_names")
     source = {
@@ -271,7 +227,7 @@ def score_main(argv: Sequence[str]) -> int:
     if model.signed_by:
         note += f"; signature by {model.signed_by} verified"
     if args.eval:
-        note += f"; ndcg@10 {ndcg10(sets, scores):.4f}"
+        note += f"; ndcg@10 {mean_ndcg(sets, scores)['ndcg@10']:.4f}"
     if args.out and args.out != "-":
         note += f"; ranking written to {args.out} ({how})"
     print(note, file=sys.stderr)
@@ -283,15 +239,3 @@ def _top(rankings: Iterator[dict[str, Any]], top: int) -> Iterator[dict[str, Any
         if top:
             r = {**r, "items": r["items"][:top], "scores": r["scores"][:top]}
         yield r
-
-
-def ndcg10(sets: ExampleSets, scores: np.ndarray) -> float:
-    """Mean NDCG@10 of flat ``scores`` over ``sets`` (the project's metric conventions)."""
-    values = []
-    for positions in sets.batch_positions(256, bucket=False):
-        batch = sets.pad(positions, extra={"s": scores})
-        per_set = ndcg(batch.extra["s"], batch.labels, batch.mask, 10)
-        values.append(per_set.double())
-    total = torch.cat(values) if values else torch.zeros(0)
-    total = total[torch.isfinite(total)]
-    return float(total.mean()) if total.numel() else math.nan

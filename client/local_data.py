@@ -4,7 +4,7 @@
   simulation runtime sets them). The client loads the run's data (``data-path`` from the
   server's ``ConfigRecord``), takes partition ``partition-id`` of the training sets (scheme
   ``partition-scheme``) for training and the same partition of the validation sets as its local
-  held-out sets. ``simulations.partitioners`` is imported only here, only in this mode.
+  held-out sets. ``fedrank.common.partitioners`` is imported only here, only in this mode.
 - **device**: ``node_config`` has ``data-path``: a LETOR file or fold folder on the device. Its
   ``train`` sets are for training, its ``vali`` sets (split off ``train`` when the folder has
   none) are the local held-out sets.
@@ -24,8 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.example_sets import ExampleSets
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import ConfigError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.partitioners import label_availability, partition
 
 __all__ = ["LocalData", "load_local_data", "clear_cache", "partition_options"]
 
@@ -59,7 +61,6 @@ def clear_cache() -> None:
 
 
 def _dataset(spec: str, seed: int) -> Any:
-    from common.datasets import load_dataset
 
     key = ("dataset", spec, seed)
     with _LOCK:
@@ -125,7 +126,7 @@ def _device_data(path: str, seed: int) -> LocalData:
 
 
 def partition_options(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """Options of ``simulations.partitioners.partition`` for the run's ``partition-scheme``:
+    """Options of ``fedrank.common.partitioners.partition`` for the run's ``partition-scheme``:
     ``alpha`` and ``attribute`` for ``dirichlet``, ``power`` for ``sizes``, none for ``iid``."""
     scheme = str(settings.get("partition-scheme", "iid"))
     if scheme == "dirichlet":
@@ -147,7 +148,6 @@ def _partition_data(
     options: Mapping[str, Any],
     fraction: float,
 ) -> LocalData:
-    from simulations.partitioners import label_availability, partition
 
     if not 0 <= pid < num:
         raise ConfigError(f"node_config 'partition-id' {pid} must lie in 0..{num - 1}")

@@ -5,7 +5,7 @@ Formats (``fedrank export --format``):
 - **safetensors** (default): the student's whole state dict (weights, ``feature_indices`` and
   every other buffer, e.g. a feature transform under ``transform.``) as raw tensors, and the
   metadata as JSON in the safetensors header. Loading parses the header, rebuilds the model
-  from the spec with :func:`common.models.build_model`, checks every tensor's name, shape,
+  from the spec with :func:`fedrank.common.models.build_model`, checks every tensor's name, shape,
   dtype and finiteness against that model, then loads it with ``strict=True``: nothing in the
   file is executed. Needs only torch, numpy and ``safetensors``.
 - **onnx**: an ONNX model (opset 17) for other runtimes, with the same metadata as the property
@@ -19,7 +19,7 @@ Formats (``fedrank export --format``):
 The metadata (JSON) names the format version, the student's spec, its feature count and
 names, parameter count, origin, and a SHA-256 of its weights (safetensors) or of its graph
 (ONNX); loading recomputes the digest. With a signing key the metadata text is signed
-(ECDSA, :mod:`common.signing`) and the signature stored beside it (``fedrank-signature``);
+(ECDSA, :mod:`fedrank.common.signing`) and the signature stored beside it (``fedrank-signature``);
 ``verify_key`` makes loading refuse a file that is unsigned or signed by another key. A
 corrupt, truncated, foreign or mismatched file raises :class:`CheckpointError` naming the file
 (and the tensor, for a tensor that does not fit).
@@ -43,10 +43,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ec
 from torch import nn
 
-from common.errors import CheckpointError, ConfigError, DataFormatError
-from common.example_sets import ExampleSets
-from common.models import build_model, count_parameters
-from common.signing import fingerprint, sign_text, verify_text
+from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.models import build_model, count_parameters
+from fedrank.common.signing import fingerprint, sign_text, verify_text
+from fedrank.common.student_folder import load_state_checked
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -56,7 +57,6 @@ __all__ = [
     "ScoringModule",
     "encode_student",
     "load_exported",
-    "load_state_checked",
     "student_metadata",
     "weights_digest",
 ]
@@ -383,44 +383,6 @@ def _load_safetensors(
         raise CheckpointError(f"{src}: 'num_features' differs from the spec's")
     load_state_checked(src, model, arrays)
     return ExportedStudent(src, "safetensors", meta, signer, model.eval())
-
-
-def load_state_checked(src: Path, model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Load ``arrays`` into ``model`` (built from the file's spec) after checking every
-    tensor's name, shape, dtype and finiteness, then run it once on a zero input; raises
-    CheckpointError naming ``src`` and the tensor. Nothing is loaded when a check fails."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in arrays]
-    if missing:
-        raise CheckpointError(f"{src}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
-    unexpected = [k for k in arrays if k not in expected]
-    if unexpected:
-        raise CheckpointError(
-            f"{src}: tensor {unexpected[0]!r} is not part of the spec's model "
-            f"({len(unexpected)} unexpected)"
-        )
-    state = {}
-    for key, current in expected.items():
-        value = arrays[key]
-        want = torch.empty(0, dtype=current.dtype).numpy().dtype
-        if tuple(value.shape) != tuple(current.shape):
-            raise CheckpointError(
-                f"{src}: tensor {key!r} has shape {tuple(value.shape)}, the spec's model needs "
-                f"{tuple(current.shape)}"
-            )
-        if value.dtype != want:
-            raise CheckpointError(f"{src}: tensor {key!r} is {value.dtype}, expected {want}")
-        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
-            raise CheckpointError(f"{src}: tensor {key!r} holds non-finite values (NaN or inf)")
-        state[key] = torch.from_numpy(np.array(value))
-    model.load_state_dict(state, strict=True)
-    try:  # e.g. feature indices outside the input: refused now, not while scoring
-        with torch.inference_mode():
-            probe = model(torch.zeros(1, 1, int(model.num_features)))
-    except Exception as err:
-        raise _corrupt(src, "holds weights the student cannot run with", err) from None
-    if probe.shape != (1, 1) or not bool(torch.isfinite(probe).all()):
-        raise CheckpointError(f"{src}: the student gives no finite score for a zero input")
 
 
 def _tensors(model: Any) -> Iterator[Any]:

@@ -3,8 +3,8 @@
 :func:`train_student` takes :func:`planned_steps` optimiser steps (passes over the sets in a
 fresh shuffled order each, as many as the budget needs) with the composite loss: label terms on
 the sets whose labels may be used (``label_mask``), teacher terms on every set, and FedProx's
-proximal term when ``proximal_mu > 0``. :func:`evaluate_student` scores held-out sets and
-returns ranking metrics.
+proximal term when ``proximal_mu > 0``. Held-out sets are measured by
+:func:`fedrank.common.evaluation.evaluate_model`.
 
 The local budget works from a dozen sets to thousands per client: ``epochs`` passes, but never
 fewer than ``min_steps`` steps (a client with 12 sets and batches of 16 would otherwise take one
@@ -22,12 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.example_sets import ExampleSets
+from fedrank.common.example_sets import ExampleSets
 
 __all__ = [
     "MIN_RELATIVE_UPDATE",
     "TrainSettings",
-    "evaluate_student",
     "planned_steps",
     "settings_from_config",
     "train_student",
@@ -61,7 +60,7 @@ class TrainSettings:
 def settings_from_config(
     config: Any, *, proximal_mu: float, seed: int, step_offset: int = 0
 ) -> TrainSettings:
-    """TrainSettings from a :class:`~common.config.FedrankConfig`."""
+    """TrainSettings from a :class:`~fedrank.common.config.FedrankConfig`."""
     return TrainSettings(
         epochs=config.local_epochs,
         min_steps=config.min_local_steps,
@@ -194,37 +193,4 @@ def train_student(
             "train-seconds": time.perf_counter() - start,
         }
     )
-    return out
-
-
-def evaluate_student(
-    model: torch.nn.Module,
-    sets: ExampleSets,
-    *,
-    teacher: np.ndarray | None = None,
-    loss: Any = None,
-) -> dict[str, float]:
-    """Ranking metrics of ``model`` on ``sets`` (``ranking_summary`` keys), plus the loss
-    terms (``loss-<family>``) when ``loss`` is given and ``num-examples``."""
-    from common.metrics import ndcg, ranking_summary
-    from common.models import score_sets
-
-    scores = score_sets(model, sets)
-    extra = {"s": scores} if teacher is None else {"s": scores, "t": teacher}
-    if sets.relevance is not None:
-        extra["r"] = sets.relevance
-    batch = sets.pad(extra=extra)
-    t = batch.extra.get("t")
-    summary = ranking_summary(batch.extra["s"], batch.labels, batch.mask, teacher=t)
-    out = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-    if "r" in batch.extra:
-        # synthetic data keeps the true relevance behind the clicks: rank quality against it
-        # is what a user cares about (clicks are a noisy, position-biased view of it)
-        true = ndcg(batch.extra["s"], batch.extra["r"], batch.mask, k=10)
-        out["true-ndcg@10"] = float(torch.nanmean(true))
-    if loss is not None and (teacher is not None or not loss.needs_teacher):
-        with torch.no_grad():
-            _, values = loss(batch.extra["s"], batch.labels, t, batch.mask)
-        out.update({f"loss-{k.replace('_', '-')}": float(v) for k, v in values.items()})
-    out["num-examples"] = int(sets.num_sets)
     return out

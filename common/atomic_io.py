@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common.errors import OutputError
+from fedrank.common.errors import OutputError
 
 __all__ = [
     "append_jsonl",

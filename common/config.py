@@ -4,7 +4,7 @@
 (hyphenated, as Flower writes them) and their defaults; the dataclass fields are the same names
 in snake_case. :meth:`FedrankConfig.from_run_config` validates a mapping of keys (a Flower
 ``run_config``, ``--run-config`` overrides or a dict from Python) and raises
-:class:`~common.errors.ConfigError` naming the key for any unknown key or bad value, so a bad
+:class:`~fedrank.common.errors.ConfigError` naming the key for any unknown key or bad value, so a bad
 configuration fails before the first round.
 
 The server sends the client-side keys (:data:`CLIENT_KEYS`) to every client in its train and
@@ -13,13 +13,24 @@ evaluate ``ConfigRecord``; a device needs nothing but ``data-path`` in its own `
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from fedrank.common.errors import ConfigError
+from fedrank.common.features import restrict_features
+from fedrank.common.losses import (
+    FAMILY_LOSSES,
+    LOSS_TARGETS,
+    LOSSES,
+    CompositeLoss,
+    LossTerm,
+    WeightSchedule,
+)
 
 __all__ = [
     "CHOICES",
@@ -246,11 +257,8 @@ class FedrankConfig:
         return widths
 
     def loss_terms(self) -> list[Any]:
-        """The :class:`~common.losses.LossTerm` list of the composite loss (zero weights kept,
+        """The :class:`~fedrank.common.losses.LossTerm` list of the composite loss (zero weights kept,
         so each term's value is still logged)."""
-        import inspect
-
-        from common.losses import FAMILY_LOSSES, LOSS_TARGETS, LOSSES, LossTerm, WeightSchedule
 
         terms = []
         weighted = self.pair_weight != "none"
@@ -290,8 +298,7 @@ class FedrankConfig:
         return terms
 
     def composite_loss(self) -> Any:
-        """The client's training loss :class:`~common.losses.CompositeLoss`."""
-        from common.losses import CompositeLoss
+        """The client's training loss :class:`~fedrank.common.losses.CompositeLoss`."""
 
         return CompositeLoss(self.loss_terms())
 
@@ -300,26 +307,13 @@ class FedrankConfig:
         """True when some loss term with a non-zero weight needs the teacher's scores."""
         return bool(self.composite_loss().needs_teacher)
 
-    def teacher_config(self) -> Any:
-        """The :class:`server.teacher.TeacherConfig` of this run (server side only)."""
-        from server.teacher import TeacherConfig
-
-        return TeacherConfig(
-            d_model=self.teacher_d_model,
-            num_heads=self.teacher_heads,
-            num_layers=self.teacher_layers,
-            lr=self.teacher_lr,
-            epochs=self.teacher_epochs,
-            seed=self.seed,
-        )
-
     def device_columns(self, num_features: int, default: Any = None) -> list[int] | None:
         """Feature columns of the student, from ``student-features`` and ``device-features``.
 
         ``student-features = "all"``: None (every column). Otherwise ``device-features``
         ``""`` gives ``default`` (the dataset's device columns); a count (``"20"``), a fraction
         (``"0.5"``) or a comma list of column indices (``"1,2,5"``) picks the columns with
-        :func:`common.features.restrict_features` (seeded by ``seed``). ConfigError naming
+        :func:`fedrank.common.features.restrict_features` (seeded by ``seed``). ConfigError naming
         ``device-features`` when the value does not fit ``num_features``.
         """
         if self.student_features == "all":
@@ -327,7 +321,6 @@ class FedrankConfig:
         keep = self._device_keep()
         if keep is None:
             return None if default is None else [int(c) for c in default]
-        from common.features import restrict_features
 
         try:
             cols = restrict_features(int(num_features), keep, seed=self.seed)
@@ -368,7 +361,6 @@ class FedrankConfig:
     def policy_options(self) -> dict[str, Any]:
         """``client-policy-options`` as a dict (``{}`` when empty); ConfigError naming the key
         when it is not a JSON object."""
-        import json
 
         text = self.client_policy_options.strip()
         if not text:
@@ -560,7 +552,7 @@ class FedrankConfig:
         if self.label_fraction == 0 and not loss.needs_teacher:
             fail("label_fraction", "is 0 and no teacher loss has a weight: nothing to learn from")
         if self.client_policy != "uniform":
-            # policies are registered by server.client_policy; checked there (server side)
+            # policies are registered by fedrank.server.client_policy; checked there (server side)
             pass
 
     # ---- upper bounds and keys that contradict each other --------------------------------

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic_io import atomic_write_text
-from common.datasets import load_dataset, resolve_letor
-from common.errors import DataFormatError
-from common.example_sets import ExampleSets
-from common.letor import SPLIT_NAMES, find_split_file, read_letor
-from common.trec import qrels_lines
+from fedrank.common.atomic_io import atomic_write_text
+from fedrank.common.datasets import load_dataset, resolve_letor
+from fedrank.common.errors import DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.letor import SPLIT_NAMES, find_split_file, read_letor
+from fedrank.common.trec import qrels_lines
 
 __all__ = ["describe", "main"]
 

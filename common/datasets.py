@@ -2,8 +2,8 @@
 
 Spec forms:
 
-* ``synthetic`` - the default generated data (:mod:`common.synthetic`), or
-  ``synthetic:key=value,key=value`` to change :class:`~common.synthetic.SyntheticConfig` knobs,
+* ``synthetic`` - the default generated data (:mod:`fedrank.common.synthetic`), or
+  ``synthetic:key=value,key=value`` to change :class:`~fedrank.common.synthetic.SyntheticConfig` knobs,
   e.g. ``synthetic:num_sets=400,max_items=20``;
 * a LETOR fold folder holding ``train`` / ``vali`` / ``test`` (``.txt`` or ``.txt.gz``);
 * a LETOR data root holding ``Fold1`` ... (``Fold1`` is used; name another fold folder to pick
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import DataFormatError
-from common.example_sets import ExampleSets
-from common.letor import SPLIT_NAMES, find_split_file, read_letor, read_letor_folder
-from common.synthetic import SyntheticConfig, generate_synthetic, split_synthetic
+from fedrank.common.errors import DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.letor import SPLIT_NAMES, find_split_file, read_letor, read_letor_folder
+from fedrank.common.synthetic import SyntheticConfig, generate_synthetic, split_synthetic
 
 __all__ = ["Dataset", "load_dataset", "resolve_letor", "split_off"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.errors import DataFormatError, FedrankError
+from fedrank.common.errors import DataFormatError, FedrankError
 
 
 @dataclass(frozen=True)

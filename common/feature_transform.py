@@ -12,7 +12,7 @@ another client's data:
 :class:`FeatureTransform` is an ``nn.Module`` with buffers only (``log_columns`` bool,
 ``shift`` and ``scale`` float32; no parameters, nothing to train), so its values travel in the
 state dict (``transform.*`` keys inside a model), in Flower's ``ArrayRecord``, in checkpoints
-and in exports; its ``spec`` (width and clip) lets :func:`common.models.build_model` rebuild
+and in exports; its ``spec`` (width and clip) lets :func:`fedrank.common.models.build_model` rebuild
 it before ``load_state_dict(strict=True)`` fills it.
 
 :meth:`FeatureTransform.fit` chooses the columns and values from a feature matrix:
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ConfigError, DataFormatError
+from fedrank.common.errors import ConfigError, DataFormatError
 
 __all__ = [
     "TRANSFORM_VERSION",

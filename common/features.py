@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.errors import ConfigError
+from fedrank.common.errors import ConfigError
 
 __all__ = ["restrict_features"]
 

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic_io import atomic_path
-from common.errors import DataFormatError
-from common.example_sets import ExampleSets
+from fedrank.common.atomic_io import atomic_path
+from fedrank.common.errors import DataFormatError
+from fedrank.common.example_sets import ExampleSets
 
 __all__ = [
     "MAX_DATA_BYTES",

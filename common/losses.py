@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.errors import ConfigError, ScoreTableError
+from fedrank.common.errors import ConfigError, ScoreTableError
 
 __all__ = [
     "FAMILIES",

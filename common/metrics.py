@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import ConfigError
+from fedrank.common.errors import ConfigError
 
 __all__ = [
     "EMPTY_CONVENTIONS",

@@ -12,7 +12,7 @@ of padded items never changes the scores of real items.
 - :class:`StudentModel` scores each item on its own from the columns ``feature_indices`` of the
   input with a linear model or a tiny MLP: cheap enough to run on a device.
 
-Both take an optional :class:`~common.feature_transform.FeatureTransform` (``transform=``): the
+Both take an optional :class:`~fedrank.common.feature_transform.FeatureTransform` (``transform=``): the
 per-column normalisation the server fitted on the full data, applied to the raw features first
 (the student's covers only the columns it reads). Its values are buffers under ``transform.``
 in the state dict and its shape is ``spec["transform"]`` (``None``: no transform).
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.errors import ConfigError, DataFormatError
-from common.example_sets import ExampleSets
-from common.feature_transform import FeatureTransform
+from fedrank.common.errors import ConfigError, DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.feature_transform import FeatureTransform
 
 __all__ = [
     "TeacherModel",

@@ -16,18 +16,20 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from common.errors import CheckpointError, ScoreTableError
-from common.score_table import FORMAT, ScoreTable
+from fedrank.common.errors import CheckpointError, ScoreTableError
+from fedrank.common.score_table import FORMAT, ScoreTable
 
 __all__ = [
     "ArrayRecord",
     "ConfigRecord",
     "load_arrays",
+    "model_arrays",
     "model_to_arrays",
     "record_nbytes",
     "restore_transform",
     "score_table_from_record",
     "score_table_to_record",
+    "weights_problem",
 ]
 
 _TABLE_KEYS = ("meta", "set_ids_utf8", "set_id_lengths", "sizes", "scores")
@@ -52,35 +54,66 @@ def _as_numpy(arrays: ArrayRecord | Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_arrays(model: torch.nn.Module, arrays: ArrayRecord | Mapping[str, Any]) -> None:
-    """Load ``arrays`` into ``model`` after checking them.
-
-    Raises :class:`CheckpointError` naming the key for a missing or unexpected key, a shape
-    mismatch or a non-finite value; the model is left unchanged in that case.
-    """
-    state = model.state_dict()
-    given = _as_numpy(arrays)
-    missing = [k for k in state if k not in given]
+def weights_problem(
+    given: Mapping[str, Any],
+    expected: Mapping[str, np.ndarray],
+    *,
+    exact_dtype: bool = False,
+    fixed_integers: bool = False,
+) -> str | None:
+    """Why the arrays ``given`` (numpy or Flower ``Array`` values) cannot stand in for
+    ``expected`` (a model's arrays), or None: a missing or unexpected key, another shape, a
+    dtype that is not a number (``exact_dtype``: not ``expected``'s dtype), NaN or infinity,
+    or (``fixed_integers``) an integer buffer that differs from ``expected``'s. The one
+    weights check of fedrank: model files, checkpoints and client replies go through it."""
+    missing = [k for k in expected if k not in given]
     if missing:
-        raise CheckpointError(f"weights are missing key {missing[0]!r} ({len(missing)} missing)")
-    unexpected = [k for k in given if k not in state]
-    if unexpected:
-        raise CheckpointError(
-            f"weights hold unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected)"
-        )
-    new_state: dict[str, torch.Tensor] = {}
-    for key, current in state.items():
+        return f"weights miss key {missing[0]!r} ({len(missing)} of {len(expected)} missing)"
+    extra = [k for k in given if k not in expected]
+    if extra:
+        return f"weights hold unexpected key {extra[0]!r} ({len(extra)} unexpected)"
+    for key, old in expected.items():
         value = given[key]
-        if tuple(value.shape) != tuple(current.shape):
-            raise CheckpointError(
-                f"weights key {key!r} has shape {tuple(value.shape)}, "
-                f"expected {tuple(current.shape)}"
-            )
-        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            raise CheckpointError(f"weights key {key!r} holds non-finite values (NaN or inf)")
-        if value.dtype.kind not in "fcbiu":
-            raise CheckpointError(f"weights key {key!r} has unsupported dtype {value.dtype}")
-        new_state[key] = torch.from_numpy(np.array(value)).to(dtype=current.dtype)
+        try:
+            new = value.numpy() if isinstance(value, Array) else np.asarray(value)
+        except Exception as err:  # undecodable array bytes
+            return f"weights key {key!r} cannot be decoded: {type(err).__name__}: {err}"
+        if tuple(new.shape) != tuple(old.shape):
+            return f"weights key {key!r} has shape {tuple(new.shape)}, expected {tuple(old.shape)}"
+        if exact_dtype and new.dtype != old.dtype:
+            return f"weights key {key!r} is {new.dtype}, expected {old.dtype}"
+        if new.dtype.kind not in "fiub":
+            return f"weights key {key!r} has unsupported dtype {new.dtype}"
+        if new.dtype.kind == "f" and not np.all(np.isfinite(new)):
+            bad = int(np.size(new) - np.count_nonzero(np.isfinite(new)))
+            return f"weights key {key!r} holds {bad} non-finite value(s) (NaN or inf)"
+        if fixed_integers and old.dtype.kind in "iub" and not np.array_equal(new, old):
+            return f"integer buffer {key!r} differs from the global model's"
+    return None
+
+
+def model_arrays(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The model's state dict as numpy arrays (what :func:`weights_problem` expects)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def load_arrays(
+    model: torch.nn.Module, arrays: ArrayRecord | Mapping[str, Any], *, exact_dtype: bool = False
+) -> None:
+    """Load ``arrays`` into ``model`` after :func:`weights_problem` found nothing wrong.
+
+    Raises :class:`CheckpointError` naming the key otherwise; the model is left unchanged in
+    that case.
+    """
+    given = _as_numpy(arrays)
+    problem = weights_problem(given, model_arrays(model), exact_dtype=exact_dtype)
+    if problem:
+        raise CheckpointError(problem)
+    state = model.state_dict()
+    new_state = {
+        key: torch.from_numpy(np.array(given[key])).to(dtype=current.dtype)
+        for key, current in state.items()
+    }
     model.load_state_dict(new_state, strict=True)
 
 

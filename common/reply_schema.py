@@ -15,7 +15,7 @@ against the same definitions, so a reply either fits or costs its node (never th
 - **node errors** travel as Flower's ``Message.error`` with a fedrank code
   (:data:`NODE_ERROR_CODES`): the server reads the kind from the code, never from the text.
 
-The training metrics come from ``client.trainer.train_student`` (:data:`TRAINER_METRICS`), the
+The training metrics come from ``fedrank.client.trainer.train_student`` (:data:`TRAINER_METRICS`), the
 loss terms of the composite loss (:data:`LOSS_METRICS`), the device caps
 (:data:`DEVICE_METRICS`) and the node (:data:`NODE_METRICS`). A new training metric is added
 to one of these lists and nowhere else.
@@ -31,8 +31,8 @@ from typing import Any
 
 from flwr.app import ConfigRecord, MetricRecord
 
-from common.config import LOSS_KEYS
-from common.errors import FedrankError
+from fedrank.common.config import LOSS_KEYS
+from fedrank.common.errors import FedrankError
 
 __all__ = [
     "EVALUATE_METRICS",
@@ -91,7 +91,7 @@ def error_kind(code: int) -> str:
 
 
 # ---- metrics ---------------------------------------------------------------------------------
-# what client.trainer.train_student reports besides the loss terms
+# what fedrank.client.trainer.train_student reports besides the loss terms
 TRAINER_METRICS = (
     "steps",
     "steps-planned",
@@ -104,7 +104,7 @@ TRAINER_METRICS = (
 )
 # one value per loss family of the composite loss, plus their weighted total
 LOSS_METRICS = tuple(f"loss-{family.replace('_', '-')}" for family in LOSS_KEYS) + ("loss-total",)
-# what the device used (client.device.DeviceSettings.report)
+# what the device used (fedrank.client.device.DeviceSettings.report)
 DEVICE_METRICS = (
     "device-threads",
     "device-batch-size",
@@ -115,7 +115,7 @@ DEVICE_METRICS = (
 )
 NODE_METRICS = ("scores-received", "client-key")
 VALIDATION_METRICS = ("val-ndcg@10-start", "val-ndcg@10")
-# ranking metrics from the labels (common.metrics.ranking_summary without a teacher)
+# ranking metrics from the labels (fedrank.common.metrics.ranking_summary without a teacher)
 LABEL_METRICS = (
     "ndcg@1",
     "ndcg@5",
@@ -183,7 +183,7 @@ class MetricSchema:
         unknown = sorted(k for k in values if k not in self.keys())
         if unknown:
             raise ReplySchemaError(
-                f"{self.message_type} metric {unknown[0]!r} is not in common.reply_schema "
+                f"{self.message_type} metric {unknown[0]!r} is not in fedrank.common.reply_schema "
                 f"(add it to the {self.message_type} schema there); known: {self.keys()}"
             )
         problem = self._shape(values)

@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic_io import atomic_path
-from common.errors import CheckpointError, ScoreTableError
-from common.example_sets import ExampleSets
-from common.score_table_io import (
+from fedrank.common.atomic_io import atomic_path
+from fedrank.common.errors import CheckpointError, ScoreTableError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table_io import (
     CHUNK_ITEMS,
     FILES,
     FOLDER_FORMAT,

@@ -1,4 +1,4 @@
-"""On-disk pieces of teacher score tables (:mod:`common.score_table`).
+"""On-disk pieces of teacher score tables (:mod:`fedrank.common.score_table`).
 
 The content hash (streamed, chunk by chunk), 1-d ``.npy`` files written in a stream and read
 back in chunks without mapping them, ``meta.json`` of a table folder, and the atomic
@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from common.errors import CheckpointError, ScoreTableError
+from fedrank.common.errors import CheckpointError, ScoreTableError
 
 __all__ = [
     "CHUNK_ITEMS",

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.errors import ConfigError
+from fedrank.common.errors import ConfigError
 
 __all__ = [
     "fingerprint",

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.example_sets import ExampleSets
+from fedrank.common.errors import ConfigError
+from fedrank.common.example_sets import ExampleSets
 
 __all__ = [
     "RawScaling",

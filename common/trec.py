@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import DataFormatError
-from common.example_sets import ExampleSets
+from fedrank.common.errors import DataFormatError
+from fedrank.common.example_sets import ExampleSets
 
 __all__ = ["item_names", "qrels_lines", "run_lines"]
 

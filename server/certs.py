@@ -1,6 +1,6 @@
 """TLS certificates and SuperNode authentication keys for a fedrank deployment.
 
-``python -m server.certs --out DIR [--host NAME|IP ...] [--nodes N]`` writes:
+``python -m fedrank.server.certs --out DIR [--host NAME|IP ...] [--nodes N]`` writes:
 
 - ``ca.crt`` / ``ca.key``: a local certificate authority (ECDSA P-384, self-signed).
 - ``server.pem`` / ``server.key``: the SuperLink certificate signed by that CA. Its subject
@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic_io import atomic_write_bytes
-from common.errors import ConfigError
-from server.deploy_commands import hardened_commands
+from fedrank.common.atomic_io import atomic_write_bytes
+from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.server.deploy_commands import hardened_commands
 
 __all__ = [
     "CertPaths",
@@ -306,8 +306,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from common.errors import FedrankError
-
     try:
         raise SystemExit(main())
     except FedrankError as err:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic_io import atomic_path, json_default
-from common.errors import CheckpointError
+from fedrank.common.atomic_io import atomic_path, json_default
+from fedrank.common.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_FILE",

@@ -4,22 +4,19 @@ The server asks its :class:`ClientConfigPolicy` for every node it samples, every
 returned keys override the run's configuration in that node's ``ConfigRecord``. After the
 round the policy sees each node's reported metrics, so adaptive policies can react.
 
-The default, :class:`UniformPolicy`, gives every client the same settings. Other policies
-register themselves in :data:`POLICIES` (name -> factory taking the run's
-:class:`~common.config.FedrankConfig`) and are chosen with the ``client-policy`` key.
+The default, :class:`UniformPolicy`, gives every client the same settings; ``per-client`` and
+``adaptive`` are in :mod:`fedrank.server.client_weights`, which also holds the registry of
+policies (``client-policy`` names one) and :func:`~fedrank.server.client_weights.make_policy`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Callable
 from typing import Any
 
-from common.config import CLIENT_KEYS, FedrankConfig
-from common.errors import ConfigError
+from fedrank.common.config import CLIENT_KEYS
+from fedrank.common.errors import ConfigError
 
-__all__ = ["ClientConfigPolicy", "UniformPolicy", "POLICIES", "make_policy", "register_policy"]
+__all__ = ["ClientConfigPolicy", "UniformPolicy", "check_overrides"]
 
 
 class ClientConfigPolicy:
@@ -54,36 +51,6 @@ class ClientConfigPolicy:
 
 class UniformPolicy(ClientConfigPolicy):
     """Every client trains with the run's loss weights and settings."""
-
-
-EXTRA_POLICIES = "simulations.client_weights"  # imported on an unknown policy name
-POLICIES: dict[str, Callable[[FedrankConfig], ClientConfigPolicy]] = {
-    "uniform": lambda config: UniformPolicy(),
-}
-
-
-def register_policy(name: str, factory: Callable[[FedrankConfig], ClientConfigPolicy]) -> None:
-    """Make ``factory`` available as ``client-policy = name``."""
-    POLICIES[name] = factory
-
-
-def make_policy(config: FedrankConfig) -> ClientConfigPolicy:
-    """The policy named by ``client-policy``; ConfigError listing the valid names otherwise.
-
-    Factories take the run's configuration (``client-policy-options`` is in it, see
-    :meth:`~common.config.FedrankConfig.policy_options`). An unknown name first imports
-    :mod:`simulations.client_weights` (which registers ``per-client`` and ``adaptive``), so
-    those work under ``flwr run`` too.
-    """
-    name = config.client_policy
-    if name not in POLICIES:
-        with contextlib.suppress(ModuleNotFoundError):  # a deployment without simulations
-            importlib.import_module(EXTRA_POLICIES)
-    if name not in POLICIES:
-        raise ConfigError(
-            f"'client-policy' {name!r} is unknown; valid: {', '.join(sorted(POLICIES))}"
-        )
-    return POLICIES[name](config)
 
 
 def check_overrides(overrides: dict[str, Any], node_id: int) -> dict[str, Any]:

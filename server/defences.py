@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
-from common.errors import ConfigError
-from server.update_validation import Rejection
+from fedrank.common.errors import ConfigError
+from fedrank.server.update_validation import Rejection
 
 __all__ = [
     "Defences",

@@ -16,21 +16,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
 
-from client.trainer import evaluate_student
-from common.example_sets import ExampleSets
-from common.records import load_arrays
+from fedrank.common.evaluation import evaluate_model
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.records import load_arrays
 
-__all__ = ["make_evaluate_fn", "evaluate_model"]
-
-# metrics reported for every model (the order of the printed tables)
-MAIN_METRICS = ("ndcg@1", "ndcg@5", "ndcg@10", "map", "log_loss", "kendall_tau")
-
-
-def evaluate_model(
-    model: torch.nn.Module, sets: ExampleSets, teacher: np.ndarray | None = None
-) -> dict[str, float]:
-    """Ranking metrics of ``model`` on ``sets`` (plus agreement with ``teacher`` scores)."""
-    return evaluate_student(model, sets, teacher=teacher)
+__all__ = ["make_evaluate_fn"]
 
 
 def make_evaluate_fn(
@@ -42,7 +32,7 @@ def make_evaluate_fn(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
         load_arrays(model, arrays)
-        metrics = evaluate_model(model, sets, teacher)
+        metrics = evaluate_model(model, sets, teacher=teacher)
         metrics["eval-seconds"] = time.perf_counter() - start
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 

@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from common.errors import ConfigError
+from fedrank.common.errors import ConfigError
 
 __all__ = ["FLEET_PREFIX", "make_app", "parse_address", "main"]
 

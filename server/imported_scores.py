@@ -18,7 +18,7 @@ Items are matched by id: LETOR files give item ids in their ``#docid = ...`` com
 data has no item ids, an item id is the 0-based position of the item within its set (what
 ``fedrank score`` writes then); a position column always matches by position. Every item of the
 data must get exactly one finite score: a missing, duplicated or extra item, an unparsable or
-non-finite score is a :class:`~common.errors.DataFormatError` naming the file and line (for a
+non-finite score is a :class:`~fedrank.common.errors.DataFormatError` naming the file and line (for a
 Parquet file, the row) and the set and item.
 """
 
@@ -35,9 +35,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from common.errors import ConfigError, DataFormatError
-from common.example_sets import ExampleSets
-from common.score_table import ScoreTable
+from fedrank.common.errors import ConfigError, DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table import ScoreTable
 
 try:  # an optional dependency: only Parquet score files need it
     import pyarrow.parquet as pq

@@ -8,7 +8,7 @@ data and the settings) holds
 
 - ``model.txt``: the booster in LightGBM's text model format (data, never pickle); its
   SHA-256 is recorded in ``teacher.json`` and checked before the model is parsed;
-- ``scores/``: the score table folder (:mod:`common.score_table`);
+- ``scores/``: the score table folder (:mod:`fedrank.common.score_table`);
 - ``teacher.json`` (written last): settings, cache key, data fingerprint, table version, NDCG
   per split, best iteration.
 
@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.atomic_io import atomic_write_json, atomic_write_text
-from common.config import FedrankConfig
-from common.errors import CheckpointError, ConfigError, ScoreTableError
-from common.example_sets import ExampleSets
-from common.score_table import ScoreTable
-from server.teacher import TeacherBundle, concat_splits, data_fingerprint
-from server.teacher_scoring import score_to_table, split_metrics, table_path
+from fedrank.common.atomic_io import atomic_write_json, atomic_write_text
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import CheckpointError, ConfigError, ScoreTableError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.teacher import TeacherBundle, concat_splits, data_fingerprint
+from fedrank.server.teacher_scoring import score_to_table, split_metrics, table_path
 
 try:  # an optional dependency: only this teacher needs it
     import lightgbm

@@ -12,7 +12,7 @@ node, which a node cannot choose):
   asked again after 1, 2, 4, ... rounds, so a silent node costs one timeout now and then, not
   one every round. The node reports its client key,
   its sets, the teacher-score version it holds and its size cap
-  (:class:`common.reply_schema.HelloStatus`); its ``node_config`` is checked on the node then.
+  (:class:`fedrank.common.reply_schema.HelloStatus`); its ``node_config`` is checked on the node then.
   Only nodes whose hello is current are sampled;
 - :meth:`NodeRegistry.exclude`: a node whose failure will not go away by asking again (a bad
   ``node_config``, data that does not fit the federation, another reply protocol, a student
@@ -34,9 +34,9 @@ from typing import Any
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.errors import FedrankError
-from common.reply_schema import PERSISTENT_ERRORS, HelloStatus, ReplySchemaError, error_kind
-from server.update_validation import Rejection
+from fedrank.common.errors import FedrankError
+from fedrank.common.reply_schema import PERSISTENT_ERRORS, HelloStatus, ReplySchemaError, error_kind
+from fedrank.server.update_validation import Rejection
 
 __all__ = ["NodeInfo", "NodeRegistry", "NotEnoughNodes", "by_destination", "exchange"]
 

@@ -35,7 +35,7 @@ its step after the noise) and with rules that select or trim updates (``fedtrimm
 ``fedmedian``, ``krum``, ``multikrum``, ``bulyan``). What DP does not protect: the metrics a
 client reports (losses, NDCG, example counts, timing), the set ids it reports at hello in
 ``targeted`` mode, and whether and when it takes part. Attribute reads the wrapper does not
-know (``last_train``, ``policy``...) go to the wrapped strategy.
+know (``policy``, ``nodes``...) go to the wrapped strategy.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +53,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
-from common.errors import ConfigError
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import ConfigError
+from fedrank.server.strategy import TrainPlan, TrainResult
 
 __all__ = [
     "DPSettings",
@@ -62,10 +64,8 @@ __all__ = [
     "check_dp_strategy",
     "epsilon",
     "wrap_strategy",
-    "DP_KEYS",
 ]
 
-DP_KEYS = ("dp-noise-multiplier", "dp-clipping-norm", "dp-delta")
 # strategies whose aggregate is a plain average of the (clipped) updates
 DP_STRATEGIES = ("fedavg", "fedprox")
 # Renyi orders searched when converting to (epsilon, delta)
@@ -106,34 +106,17 @@ def check_dp_strategy(strategy: str) -> None:
 
 @dataclass(frozen=True)
 class DPSettings:
-    """The DP keys of a run configuration."""
+    """The DP part of a run configuration (``dp-*`` keys, checked by
+    :class:`~fedrank.common.config.FedrankConfig`)."""
 
     noise_multiplier: float = 0.0
     clipping_norm: float = 1.0
     delta: float = 1e-5
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> DPSettings:
-        values: dict[str, float] = {}
-        for key, name in zip(DP_KEYS, ("noise_multiplier", "clipping_norm", "delta"), strict=True):
-            if key not in config:
-                continue
-            value = config[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"{key!r} must be a number, got {value!r}")
-            if not math.isfinite(float(value)):
-                raise ConfigError(f"{key!r} must be finite, got {value!r}")
-            values[name] = float(value)
-        settings = cls(**values)
-        if settings.noise_multiplier < 0:
-            raise ConfigError(
-                f"'dp-noise-multiplier' must be >= 0, got {settings.noise_multiplier}"
-            )
-        if settings.clipping_norm <= 0:
-            raise ConfigError(f"'dp-clipping-norm' must be > 0, got {settings.clipping_norm}")
-        if not 0 < settings.delta < 1:
-            raise ConfigError(f"'dp-delta' must lie in (0, 1), got {settings.delta}")
-        return settings
+    def from_config(cls, cfg: FedrankConfig) -> DPSettings:
+        """The ``dp-*`` keys of ``cfg`` (validated there)."""
+        return cls(cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.dp_delta)
 
     @property
     def enabled(self) -> bool:
@@ -153,6 +136,7 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         )
         self.settings = settings
         self.rounds_released = 0
+        self._plan: TrainPlan | None = None
         # a bound relative to the round's median would let one client change how much of
         # the others' updates is kept: more than C / n. The fixed max-update-norm stays.
         defences = getattr(strategy, "defences", None)
@@ -167,38 +151,49 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             raise AttributeError(name)
         return getattr(inner, name)
 
+    def configure_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainPlan:
+        """The wrapped strategy's plan, with at most ``n`` messages (the fixed sample size)."""
+        plan = self.strategy.configure_round(server_round, arrays, config, grid)
+        if len(plan.messages) > self.num_sampled_clients:  # more nodes than at the start
+            rng = random.Random(f"fedrank-dp-{server_round}")
+            plan = plan.only(rng.sample(plan.messages, self.num_sampled_clients))
+        return plan
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The wrapped strategy's messages, at most ``n`` of them (the fixed sample size)."""
-        self.current_arrays = arrays
-        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
-        if len(messages) > self.num_sampled_clients:  # more nodes than at the start: n of them
-            rng = random.Random(f"fedrank-dp-{server_round}")
-            messages = rng.sample(messages, self.num_sampled_clients)
-            self.strategy.last_messages = messages
-        return messages
+        """Flower's entry point: :meth:`configure_round`'s messages."""
+        self._plan = self.configure_round(server_round, arrays, config, grid)
+        return self._plan.messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's entry point: :meth:`aggregate_round` of the last plan."""
+        result = self.aggregate_round(self._plan, replies)
+        return result.arrays, MetricRecord(result.metrics)
+
+    def aggregate_round(self, plan: TrainPlan, replies: Iterable[Message]) -> TrainResult:
         """Clip each usable update to ``dp-clipping-norm``, average them with equal weights
         through the wrapped strategy (which also screens the replies), scale the average to
         ``sum / n`` with the fixed ``n``, add Gaussian noise of std ``sigma * clip / n`` to the
         float weights, and update the budget."""
-        full = self.current_arrays
+        full = plan.arrays
         floats = [k for k in full if full[k].numpy().dtype.kind == "f"]
         base = {k: full[k].numpy().astype(np.float64) for k in floats}
         key = self.strategy.weighted_by_key
         prepared = [self._clip(m, key, base) for m in replies]
-        arrays, metrics = self.strategy.aggregate_train(server_round, prepared)
-        if arrays is None:
-            return None, metrics
-        used = len(self.strategy.last_train)
+        result = self.strategy.aggregate_round(plan, prepared)
+        if result.arrays is None:
+            return result
+        used = len(result.clients)
         n = self.num_sampled_clients
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, n)
         noisy = [
-            base[k] + (np.asarray(arrays[k].numpy(), dtype=np.float64) - base[k]) * (used / n)
+            base[k]
+            + (np.asarray(result.arrays[k].numpy(), dtype=np.float64) - base[k]) * (used / n)
             for k in floats
         ]
         add_gaussian_noise_inplace(noisy, std)
@@ -211,7 +206,7 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
         self.rounds_released += 1
         eps = epsilon(self.settings.noise_multiplier, self.rounds_released, self.settings.delta)
         self.budget = {"epsilon": eps, "delta": self.settings.delta, "noise_std": std}
-        return out, metrics
+        return dataclasses.replace(result, arrays=out, budget=dict(self.budget))
 
     def _clip(self, msg: Message, weight_key: str, base: dict[str, np.ndarray]) -> Message:
         """The reply with weight 1 and its update clipped; replies that cannot be clipped

@@ -4,11 +4,11 @@ Two modes (``score-mode``):
 
 - ``broadcast``: every node gets the whole table (the scores of every set a device may hold);
 - ``targeted``: each node reports the ids of the sets it holds in its hello
-  (:class:`server.nodes.NodeRegistry`) and gets the scores of exactly those sets.
+  (:class:`fedrank.server.nodes.NodeRegistry`) and gets the scores of exactly those sets.
 
 Before training, :meth:`ScoreDistributor.ensure` sends a ``query.scores`` message to each
 sampled node that lacks the current version; the node caches the scores in ``context.state``
-and acknowledges them (:class:`common.reply_schema.ScoresAck`). Train messages therefore stay
+and acknowledges them (:class:`fedrank.common.reply_schema.ScoresAck`). Train messages therefore stay
 one ``ArrayRecord`` + one ``ConfigRecord``. Every delivery is recorded with its bytes.
 
 A node that cannot be served costs that node, never the run: no reply, a crash, a wrong or
@@ -27,11 +27,11 @@ from typing import Any
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.records import record_nbytes, score_table_to_record
-from common.reply_schema import PERSISTENT_ERRORS, ReplySchemaError, ScoresAck, error_kind
-from common.score_table import ScoreTable
-from server.nodes import NodeInfo, NodeRegistry, by_destination, exchange
-from server.update_validation import Rejection
+from fedrank.common.records import record_nbytes, score_table_to_record
+from fedrank.common.reply_schema import PERSISTENT_ERRORS, ReplySchemaError, ScoresAck, error_kind
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.nodes import NodeInfo, NodeRegistry, by_destination, exchange
+from fedrank.server.update_validation import Rejection
 
 __all__ = ["ScoreDistributor", "Delivery"]
 

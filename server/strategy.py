@@ -5,12 +5,18 @@ sampling and checkpointable state.
 Flower's robust rules (FedMedian, Krum, MultiKrum, Bulyan) from ``flwr.serverapp.strategy``,
 each extended by :class:`FedrankStrategyMixin`:
 
-- sampling draws from the nodes the :class:`~server.nodes.NodeRegistry` allows (hello current,
-  not excluded), seeded per round; it never waits (the round loop waits, bounded, before the
-  hello);
-- every sampled node gets its own ``ConfigRecord``: the run's client settings plus what the
-  :class:`~server.client_policy.ClientConfigPolicy` returns for that node (loss weights, ...);
-- replies are screened (:mod:`server.update_validation`) and defended (:mod:`server.defences`:
+- :meth:`~FedrankStrategyMixin.configure_round` (what Flower's ``configure_train`` returns):
+  a seeded sample (its own random generator per round and stage, never the global one) of the
+  nodes the :class:`~fedrank.server.nodes.NodeRegistry` allows (hello current, not excluded);
+  it never waits (the round loop waits, bounded, before the hello); every sampled node gets
+  its own ``ConfigRecord``: the run's client settings plus what the
+  :class:`~fedrank.server.client_policy.ClientConfigPolicy` returns for that node (loss weights,
+  ...); nodes whose settings use the teacher get its scores first
+  (:class:`~fedrank.server.score_distribution.ScoreDistributor`), and a node that cannot get
+  them does not train this round. The result is a :class:`TrainPlan`;
+- :meth:`~FedrankStrategyMixin.aggregate_round` (behind Flower's ``aggregate_train``) returns a
+  :class:`TrainResult`: the new global arrays and everything the round's report needs;
+- replies are screened (:mod:`fedrank.server.update_validation`) and defended (:mod:`fedrank.server.defences`:
   example weights capped, update norms bounded, float64) before the Flower strategy sees them,
   so a reply that does not fit costs its node, never the run (Flower's strategies would raise
   ``InconsistentMessageReplies`` when replies' keys differ); a node's persistent failure
@@ -21,7 +27,7 @@ each extended by :class:`FedrankStrategyMixin`:
 - integer buffers of the model (the student's feature columns) are kept, never averaged;
 - client metrics are averaged weighted by the capped example counts, each key over the nodes
   where it is defined (NaN: undefined on that node); per-node metrics, bytes, rejections and
-  defence notes of the last round are kept for the server's logs;
+  defence notes come back in the :class:`TrainResult` (and :class:`EvaluationResult`);
 - :func:`strategy_state` / :func:`load_strategy_state` give the server optimiser's state
   (FedAdam's moments) as arrays for checkpoints.
 """
@@ -33,6 +39,7 @@ import logging
 import math
 import random
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,17 +56,21 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from common.config import FedrankConfig
-from common.errors import CheckpointError, FedrankError
-from common.records import record_nbytes
-from common.reply_schema import PERSISTENT_ERRORS
-from server.client_policy import ClientConfigPolicy, check_overrides
-from server.defences import Defences, Prepared, finite, prepare_updates, robust_minimum
-from server.nodes import NodeRegistry
-from server.update_validation import NotEnoughReplies, Rejection, not_enough, screen_replies
+from fedrank.common.config import CLIENT_KEYS, FedrankConfig
+from fedrank.common.errors import CheckpointError, FedrankError
+from fedrank.common.records import record_nbytes
+from fedrank.common.reply_schema import PERSISTENT_ERRORS
+from fedrank.server.client_policy import ClientConfigPolicy, check_overrides
+from fedrank.server.defences import Defences, Prepared, finite, prepare_updates, robust_minimum
+from fedrank.server.nodes import NodeRegistry
+from fedrank.server.score_distribution import ScoreDistributor
+from fedrank.server.update_validation import NotEnoughReplies, Rejection, not_enough, screen_replies
 
 __all__ = [
+    "EvaluationResult",
     "FedrankStrategyMixin",
+    "TrainPlan",
+    "TrainResult",
     "aggregate_metrics",
     "build_strategy",
     "strategy_state",
@@ -117,6 +128,60 @@ def aggregate_metrics(records: list[RecordDict], weight_key: str) -> MetricRecor
     return MetricRecord(weighted_metrics(rows, [float(r[weight_key]) for r in rows], weight_key))
 
 
+@dataclass
+class TrainPlan:
+    """One round's training messages, as :meth:`FedrankStrategyMixin.configure_round` made
+    them: what the round sends and what it cost before any node trained."""
+
+    server_round: int
+    arrays: ArrayRecord  # the global model the round starts from
+    messages: list[Message]  # one per node that trains
+    sampled: list[int]  # the nodes drawn (some may not get their teacher scores)
+    weight_bytes: dict[int, int]  # per node that trains: the model and its ConfigRecord
+    score_bytes: dict[int, int] = field(default_factory=dict)  # teacher scores sent this round
+    unserved: list[Rejection] = field(default_factory=list)  # could not get them: no training
+
+    def nodes(self) -> list[int]:
+        return [int(m.metadata.dst_node_id) for m in self.messages]
+
+    def only(self, messages: list[Message]) -> TrainPlan:
+        """The plan with ``messages`` alone (a subset of its own)."""
+        kept = {int(m.metadata.dst_node_id) for m in messages}
+        bytes_ = {n: b for n, b in self.weight_bytes.items() if n in kept}
+        return TrainPlan(
+            self.server_round,
+            self.arrays,
+            list(messages),
+            self.sampled,
+            bytes_,
+            self.score_bytes,
+            self.unserved,
+        )
+
+
+@dataclass
+class TrainResult:
+    """What one round's aggregation gives: the new global model (None: keep the old one) and
+    what the round's report needs."""
+
+    arrays: ArrayRecord | None
+    metrics: dict[str, float]  # the replies' metrics, weighted by their (capped) example counts
+    clients: list[dict[str, Any]]  # per usable reply: node, bytes, its metrics, weight, norm
+    rejected: list[Rejection]  # replies (or missing ones) that were not used, and why
+    notes: list[dict[str, Any]]  # what the defences did to a reply (capped, clipped)
+    bytes_received: int  # the usable replies' sizes
+    budget: dict[str, float] | None = None  # differential privacy: (epsilon, delta) so far
+
+
+@dataclass
+class EvaluationResult:
+    """What one round's federated evaluation gives."""
+
+    metrics: dict[str, float] | None  # None: no usable reply
+    evaluated: list[int]  # nodes whose reply was used
+    rejected: list[Rejection]
+
+
 def _fingerprint(msg: Message) -> str:
     h = hashlib.sha256()
     for record in msg.content.array_records.values():
@@ -142,6 +207,7 @@ class FedrankStrategyMixin:
         min_replies: int = 1,
         defences: Defences | None = None,
         num_nodes_to_select: int = 0,
+        scores: ScoreDistributor | None = None,
     ) -> None:
         self.policy = policy
         self.seed = seed
@@ -149,16 +215,11 @@ class FedrankStrategyMixin:
         self.min_replies = min_replies
         self.defences = defences or Defences()
         self.select = num_nodes_to_select  # MultiKrum; 0: all but num-malicious-nodes
-        self.last_messages: list[Message] = []
-        self.last_evaluate_messages: list[Message] = []
-        self.last_rejected: list[dict[str, Any]] = []
-        self.last_evaluate_rejected: list[dict[str, Any]] = []
-        self.last_evaluated: list[int] = []
-        self.last_notes: list[dict[str, Any]] = []
-        self.global_arrays: ArrayRecord | None = None
-        self.last_train: list[dict[str, Any]] = []
-        self.last_sent: dict[int, int] = {}
-        self.last_received: int = 0
+        self.scores = scores  # teacher scores for the nodes whose settings use them
+        self._uses_teacher: dict[tuple, bool] = {}  # loss settings -> whether they need it
+        # Flower's configure_train/aggregate_train pass no plan between them: the last one
+        self._plan: TrainPlan | None = None
+        self._evaluate_sent: list[Message] = []
 
     # ---- sampling --------------------------------------------------------------------------
     def sample(self, server_round: int, grid: Grid, fraction: float, stage: str) -> list[int]:
@@ -185,35 +246,73 @@ class FedrankStrategyMixin:
         return info.num_train_sets if stage == "train" else info.num_sets
 
     # ---- training --------------------------------------------------------------------------
-    def configure_train(
+    def uses_teacher(self, config: ConfigRecord) -> bool:
+        """Whether a node's training settings use the teacher's scores (per loss setup)."""
+        settings = {k: config[k] for k in sorted(CLIENT_KEYS) if k in config}
+        key = tuple(settings.items())
+        if key not in self._uses_teacher:
+            cfg = FedrankConfig.from_run_config(settings)
+            self._uses_teacher[key] = bool(cfg.composite_loss().needs_teacher)
+        return self._uses_teacher[key]
+
+    def configure_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.global_arrays = arrays
+    ) -> TrainPlan:
+        """Sample the round's nodes, give each its ConfigRecord, deliver teacher scores to the
+        nodes that use them and lack them; nodes that could not get them do not train."""
         config["server-round"] = server_round
-        out: list[Message] = []
-        self.last_sent = {}
-        weight_bytes = record_nbytes(arrays)
-        for node in self.sample(server_round, grid, self.fraction_train, "train"):  # type: ignore[attr-defined]
+        messages: list[Message] = []
+        sampled = self.sample(server_round, grid, self.fraction_train, "train")  # type: ignore[attr-defined]
+        for node in sampled:
             overrides = self.policy.configure(server_round, node, self._node_info(node))
             overrides = check_overrides(dict(overrides or {}), node)
             node_config = ConfigRecord({**dict(config), **overrides})
             content = RecordDict(
                 {self.arrayrecord_key: arrays, self.configrecord_key: node_config}  # type: ignore[attr-defined]
             )
-            out.append(Message(content, dst_node_id=node, message_type="train"))
-            self.last_sent[node] = weight_bytes + record_nbytes(node_config)
-        self.last_messages = out  # once sent, they carry the ids replies refer to
-        return out
+            messages.append(Message(content, dst_node_id=node, message_type="train"))
+        score_bytes: dict[int, int] = {}
+        unserved: list[Rejection] = []
+        need = [m.metadata.dst_node_id for m in messages if self.uses_teacher(m.content["config"])]
+        if need and self.scores is not None:
+            score_bytes, unserved = self.scores.ensure(grid, server_round, need)
+            left_out = {r.node_id for r in unserved}
+            messages = [m for m in messages if m.metadata.dst_node_id not in left_out]
+        weight_bytes = record_nbytes(arrays)
+        sizes = {
+            int(m.metadata.dst_node_id): weight_bytes + record_nbytes(m.content["config"])
+            for m in messages
+        }
+        return TrainPlan(server_round, arrays, messages, sampled, sizes, score_bytes, unserved)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's entry point: :meth:`configure_round`'s messages."""
+        self._plan = self.configure_round(server_round, arrays, config, grid)
+        return self._plan.messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        global_arrays = self.global_arrays if self.global_arrays is not None else ArrayRecord()
+        """Flower's entry point: :meth:`aggregate_round` of the last plan."""
+        if self._plan is None or self._plan.server_round != server_round:
+            raise FedrankError(f"round {server_round}: aggregate_train before configure_train")
+        result = self.aggregate_round(self._plan, replies)
+        return result.arrays, MetricRecord(result.metrics)
+
+    def aggregate_round(self, plan: TrainPlan, replies: Iterable[Message]) -> TrainResult:
+        """Screen, defend and aggregate the replies to ``plan``'s messages.
+
+        :class:`NotEnoughReplies` (naming every failed node) when fewer than ``min-replies``
+        (or what the robust rule needs) are usable.
+        """
+        server_round, global_arrays = plan.server_round, plan.arrays
         screened = screen_replies(
             server_round,
             list(replies),
             global_arrays=global_arrays,
-            sent=self.last_messages,
+            sent=plan.messages,
             min_replies=0,
             stage="train",
             logger=log,
@@ -226,36 +325,36 @@ class FedrankStrategyMixin:
         )
         rejected = screened.rejected + refused
         self._after_failures(rejected)
-        self.last_rejected = [r.to_dict() for r in rejected]
         needed = max(self.min_replies, robust_minimum(self._rule(), self._rule_options()))
         if len(prepared) < needed:
             raise NotEnoughReplies(
                 not_enough(server_round, len(prepared), needed, "train", rejected)
             )
         prepared.sort(key=lambda p: _fingerprint(p.message))
-        self._book_train(server_round, prepared)
+        clients, notes = self._book_train(server_round, prepared)
         self._before_aggregation(len(prepared))
         arrays, _ = super().aggregate_train(server_round, [p.message for p in prepared])  # type: ignore[misc]
-        metrics = MetricRecord(
-            weighted_metrics(
-                [p.metrics for p in prepared], [p.weight for p in prepared], "num-examples"
-            )
+        metrics = weighted_metrics(
+            [p.metrics for p in prepared], [p.weight for p in prepared], "num-examples"
         )
-        if arrays is None:
-            return None, metrics
-        problem = finite(arrays)
-        if problem:  # cannot happen with screened, capped inputs; never let it through
-            log.warning("round %d: %s; the global model is kept", server_round, problem)
-            return None, metrics
-        return self._keep_integer_buffers(arrays, global_arrays), metrics
+        received = sum(p.nbytes for p in prepared)
+        if arrays is not None:
+            problem = finite(arrays)
+            if problem:  # cannot happen with screened, capped inputs; never let it through
+                log.warning("round %d: %s; the global model is kept", server_round, problem)
+                arrays = None
+            else:
+                arrays = self._keep_integer_buffers(arrays, global_arrays)
+        return TrainResult(arrays, metrics, clients, rejected, notes, received)
 
-    def _book_train(self, server_round: int, prepared: list[Prepared]) -> None:
-        self.last_train = []
-        self.last_notes = []
-        self.last_received = 0
+    def _book_train(
+        self, server_round: int, prepared: list[Prepared]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Per-node rows and defence notes of the usable replies; the policy sees each."""
+        clients: list[dict[str, Any]] = []
+        notes: list[dict[str, Any]] = []
         for p in prepared:
-            self.last_received += p.nbytes
-            self.last_train.append(
+            clients.append(
                 {
                     "node": p.node,
                     "bytes": p.nbytes,
@@ -266,9 +365,10 @@ class FedrankStrategyMixin:
                 }
             )
             for note in p.notes:
-                self.last_notes.append({"node": p.node, "note": note})
+                notes.append({"node": p.node, "note": note})
                 log.info("round %d: node %d: %s", server_round, p.node, note)
             self.policy.observe(server_round, p.node, p.metrics)
+        return clients, notes
 
     def _rule(self) -> str:
         return str(getattr(self, "rule_name", "fedavg"))
@@ -319,25 +419,31 @@ class FedrankStrategyMixin:
                     {self.arrayrecord_key: arrays, self.configrecord_key: config}  # type: ignore[attr-defined]
                 )
                 messages.append(Message(content, dst_node_id=node, message_type="evaluate"))
-        self.last_evaluate_messages = messages
+        self._evaluate_sent = messages
         return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Flower's entry point: :meth:`aggregate_evaluation` of the last messages sent."""
+        result = self.aggregate_evaluation(server_round, self._evaluate_sent, replies)
+        return MetricRecord(result.metrics) if result.metrics is not None else None
+
+    def aggregate_evaluation(
+        self, server_round: int, sent: list[Message], replies: Iterable[Message]
+    ) -> EvaluationResult:
+        """The evaluation replies to ``sent``, screened and averaged by (capped) example
+        counts; federated evaluation is informative, it never stops the run."""
         screened = screen_replies(
             server_round,
             list(replies),
-            sent=self.last_evaluate_messages,
-            min_replies=0,  # federated evaluation is informative; it never stops the run
+            sent=sent,
+            min_replies=0,
             stage="evaluate",
             logger=log,
         )
         self._after_failures(screened.rejected)
-        self.last_evaluate_rejected = [r.to_dict() for r in screened.rejected]
-        self.last_evaluated = sorted(screened.node(m) for m in screened.valid)
-        if not screened.valid:
-            return None
+        evaluated = sorted(screened.node(m) for m in screened.valid)
         rows, weights = [], []
         for msg in screened.valid:
             metrics = dict(msg.content["metrics"])
@@ -345,9 +451,10 @@ class FedrankStrategyMixin:
             claimed = float(metrics["num-examples"])
             weights.append(min(claimed, float(cap)) if cap else claimed)
             rows.append(metrics)
-        if not any(w > 0 for w in weights):
-            return None
-        return MetricRecord(weighted_metrics(rows, weights, "num-examples"))
+        averaged = None
+        if any(w > 0 for w in weights):
+            averaged = weighted_metrics(rows, weights, "num-examples")
+        return EvaluationResult(averaged, evaluated, screened.rejected)
 
 
 class FedrankFedAvg(FedrankStrategyMixin, FedAvg):
@@ -367,12 +474,12 @@ class FedrankFedAdam(FedrankStrategyMixin, FedAdam):
 
     rule_name = "fedadam"
 
-    def configure_train(
+    def configure_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    ) -> TrainPlan:
         # FedOpt's bookkeeping: the model the round starts from (its Adam step needs it)
         self.current_arrays = {k: array.numpy() for k, array in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        return super().configure_round(server_round, arrays, config, grid)
 
 
 class FedrankFedTrimmedAvg(FedrankStrategyMixin, FedTrimmedAvg):
@@ -423,11 +530,13 @@ def build_strategy(
     nodes: NodeRegistry | None = None,
     *,
     max_examples: int | None = None,
+    scores: ScoreDistributor | None = None,
 ) -> FedrankStrategyMixin:
     """The strategy named by ``strategy``, set up with ``policy`` and the run's ``nodes`` (the
     registry that says which nodes may be sampled and what each reported at hello; None: every
     connected node, no hello caps). ``max_examples`` is the per-run cap of a node's example
-    weight (default: ``max-examples-per-node``)."""
+    weight (default: ``max-examples-per-node``); ``scores`` delivers the teacher's scores to
+    the sampled nodes that use them (None: no teacher)."""
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
@@ -468,6 +577,7 @@ def build_strategy(
             update_norm_ratio=config.update_norm_ratio,
         ),
         num_nodes_to_select=config.num_nodes_to_select,
+        scores=scores,
     )
     return strategy
 

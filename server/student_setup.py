@@ -4,7 +4,7 @@
 ``student-features`` / ``device-features`` say), fits the feature transform on the server's
 training and validation sets (never the test split; ``feature-transform = false`` leaves it
 out), and initialises the student with the run's seed. The server and the central reference
-students of :mod:`simulations.central` both call it, so they start from the same model.
+students of :mod:`fedrank.simulations.central` both call it, so they start from the same model.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.config import FedrankConfig
-from common.datasets import Dataset
-from common.feature_transform import FeatureTransform, fit_transform
-from common.models import StudentModel
+from fedrank.common.config import FedrankConfig
+from fedrank.common.datasets import Dataset
+from fedrank.common.feature_transform import FeatureTransform, fit_transform
+from fedrank.common.models import StudentModel
 
 __all__ = ["build_student", "fit_server_transform"]
 

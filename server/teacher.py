@@ -1,13 +1,13 @@
 """The server-side teacher: training, checkpoints, the teacher score table and its cache.
 
-The teacher is a set-aware :class:`common.models.TeacherModel` that sees every feature
+The teacher is a set-aware :class:`fedrank.common.models.TeacherModel` that sees every feature
 (including privileged ones a device cannot compute) and every other item of a set. It is
 trained on the full training data with a listwise softmax loss plus a pointwise sigmoid loss,
 early-stopped on validation NDCG@10, and then scores every set of every split once: that
-:class:`~common.score_table.ScoreTable` is what students distil from.
+:class:`~fedrank.common.score_table.ScoreTable` is what students distil from.
 
 The teacher takes raw features: with ``standardize`` (the default) a
-:class:`~common.feature_transform.FeatureTransform` fitted on the training and validation
+:class:`~fedrank.common.feature_transform.FeatureTransform` fitted on the training and validation
 features (signed log1p of heavy-tailed columns, then standardisation; never the test split) is
 the model's first step, saved with it (``transform.*`` state-dict keys). The server fits the
 same transform, with the same function on the same data, for the students.
@@ -31,13 +31,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from common.atomic_io import atomic_path, atomic_write_json
-from common.errors import CheckpointError, ConfigError, ScoreTableError
-from common.example_sets import ExampleSets
-from common.feature_transform import TRANSFORM_VERSION, fit_transform
-from common.score_table import ScoreTable
-from server.teacher_scoring import score_to_table
+from fedrank.common.atomic_io import atomic_path, atomic_write_json
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import CheckpointError, ConfigError, ScoreTableError
+from fedrank.common.evaluation import mean_ndcg
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.feature_transform import TRANSFORM_VERSION, fit_transform
+from fedrank.common.losses import CompositeLoss, LossTerm
+from fedrank.common.models import TeacherModel, build_model, score_sets
+from fedrank.common.records import load_arrays
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.teacher_scoring import score_to_table
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = [
     "TeacherConfig",
@@ -60,7 +71,7 @@ log = logging.getLogger("fedrank.teacher")
 CHECKPOINT_FORMAT = "fedrank-teacher-v1"
 WEIGHTS_FILE = "teacher.pt"
 SPEC_FILE = "teacher.json"
-SCORES_DIR = "scores"  # the score table folder (common.score_table)
+SCORES_DIR = "scores"  # the score table folder (fedrank.common.score_table)
 
 
 @dataclass
@@ -143,9 +154,20 @@ class TeacherConfig:
             raise ConfigError(f"unknown teacher options {unknown}; valid: {sorted(names)}")
         return cls(**options)
 
+    @classmethod
+    def from_config(cls, cfg: FedrankConfig) -> TeacherConfig:
+        """The built-in teacher of a run: the ``teacher-*`` keys of ``cfg`` (validated there)."""
+        return cls(
+            d_model=cfg.teacher_d_model,
+            num_heads=cfg.teacher_heads,
+            num_layers=cfg.teacher_layers,
+            lr=cfg.teacher_lr,
+            epochs=cfg.teacher_epochs,
+            seed=cfg.seed,
+        )
+
     def composite_loss(self) -> Any:
         """The training loss: listwise softmax (rank_label family) + sigmoid CE (label family)."""
-        from common.losses import CompositeLoss, LossTerm
 
         terms = []
         if self.label_softmax_weight > 0:
@@ -190,23 +212,7 @@ def evaluate(
     model: torch.nn.Module, sets: ExampleSets, ks: tuple[int, ...] = (1, 5, 10)
 ) -> dict[str, float]:
     """Mean NDCG@k over ``sets`` (sets without a relevant item count 0)."""
-    from common.metrics import nanmean, ndcg
-    from common.models import score_sets
-
-    scores = score_sets(model, sets)
-    out: dict[str, float] = {}
-    # pad scores and labels only (features not needed): chunks keep memory small
-    for k in ks:
-        out[f"ndcg@{k}"] = 0.0
-    total = 0
-    for positions in sets.batch_positions(512, bucket=True):
-        batch = sets.pad(positions, extra={"score": scores})
-        n = batch.batch_size
-        for k in ks:
-            value = nanmean(ndcg(batch.extra["score"], batch.labels, batch.mask, k))
-            out[f"ndcg@{k}"] += value * n
-        total += n
-    return {key: value / max(total, 1) for key, value in out.items()}
+    return mean_ndcg(sets, score_sets(model, sets), ks)
 
 
 @contextlib.contextmanager
@@ -228,7 +234,6 @@ def _seeded(seed: int, num_threads: int | None = None) -> Iterator[None]:
 
 
 def _progress_bar(total: int, enabled: bool, desc: str) -> Any:
-    from tqdm.auto import tqdm
 
     disable = not enabled or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
     return tqdm(total=total, desc=desc, file=sys.stderr, disable=disable, leave=False)
@@ -245,7 +250,6 @@ def train_teacher(
     With ``vali=None`` the training sets serve for model selection. Deterministic for a given
     ``config.seed`` (the caller's torch RNG state is left untouched).
     """
-    from common.models import TeacherModel
 
     config = config or TeacherConfig()
     if vali is not None and vali.num_features != train.num_features:
@@ -429,8 +433,6 @@ def load_teacher(directory: str | os.PathLike[str]) -> torch.nn.Module:
 
     Corrupt, truncated or mismatched files raise :class:`CheckpointError` naming the file.
     """
-    from common.models import build_model
-    from common.records import load_arrays
 
     meta = load_teacher_info(directory)
     weights = Path(directory) / str(meta.get("weights_file", WEIGHTS_FILE))
@@ -472,7 +474,6 @@ def build_score_table(
 ) -> ScoreTable:
     """Teacher logits for every item of ``sets`` (version: content hash unless given), scored
     in chunks of sets; with ``path`` they stream into that table folder."""
-    from common.models import score_sets
 
     return score_to_table(
         sets,
@@ -553,9 +554,7 @@ class TeacherBundle(tuple):
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive advisory lock, so parallel runs train one teacher, not several."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - no advisory locks on this platform
+    if fcntl is None:  # pragma: no cover - no advisory locks on this platform
         yield
         return
     with open(path, "a+b") as fh:

@@ -5,12 +5,12 @@ Three kinds of teacher:
 - ``fedrank teacher --data PATH`` trains the built-in set-transformer teacher;
 - ``fedrank teacher --kind lightgbm --data PATH`` trains LightGBM LambdaMART;
 - ``fedrank teacher --scores FILE --data PATH`` imports the scores of a ranker you already
-  have (a TREC run, CSV or Parquet file; :mod:`server.imported_scores`).
+  have (a TREC run, CSV or Parquet file; :mod:`fedrank.server.imported_scores`).
 
 Writes into ``--out`` (default ``runs/teacher``):
 
 - ``scores/``: the float32 score table for every set of every split (a table folder,
-  :mod:`common.score_table`); ``teacher-kind = "imported"`` with ``teacher-scores`` = the
+  :mod:`fedrank.common.score_table`); ``teacher-kind = "imported"`` with ``teacher-scores`` = the
   ``--out`` folder distils it in a federation;
 - ``teacher.json``: what the teacher is (kind, settings or source file and its SHA-256,
   metrics per split, table version); ``teacher.pt`` (set transformer) or ``model.txt``
@@ -30,24 +30,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.atomic_io import atomic_write_json
-from common.datasets import Dataset, load_dataset
-from common.errors import ConfigError
-from common.score_table import ScoreTable
-from server.imported_scores import FORMATS, detect_format, import_score_table
-from server.lightgbm_teacher import (
+from fedrank.common.atomic_io import atomic_write_json
+from fedrank.common.datasets import Dataset, load_dataset
+from fedrank.common.errors import ConfigError
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.imported_scores import FORMATS, detect_format, import_score_table
+from fedrank.server.lightgbm_teacher import (
     LightGBMConfig,
     save_lightgbm_teacher,
     train_lightgbm,
 )
-from server.teacher import (
+from fedrank.server.teacher import (
     TeacherConfig,
     build_score_table,
     concat_splits,
     save_teacher,
     train_teacher,
 )
-from server.teacher_scoring import score_to_table, split_metrics, table_path
+from fedrank.server.teacher_scoring import score_to_table, split_metrics, table_path
 
 METRICS_FILE = "metrics.json"
 INFO_FILE = "teacher.json"

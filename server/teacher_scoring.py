@@ -2,7 +2,7 @@
 
 :func:`score_to_table` runs a teacher's scoring function over contiguous chunks of whole sets
 (a progress bar shows on a terminal) and writes each chunk straight into a table folder
-(:class:`~common.score_table.ScoreTableWriter`), so the scores of the full data never sit in
+(:class:`~fedrank.common.score_table.ScoreTableWriter`), so the scores of the full data never sit in
 memory at once. :func:`evaluate_scores` gives the ranking metrics of a teacher from its scores
 alone, so a teacher with no model at hand (imported scores) is measured like the others.
 """
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.errors import ScoreTableError
-from common.example_sets import ExampleSets
-from common.metrics import ndcg, ranking_summary
-from common.score_table import ScoreTable, ScoreTableWriter
+from fedrank.common.errors import ScoreTableError
+from fedrank.common.evaluation import evaluate_scores
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table import ScoreTable, ScoreTableWriter
 
-__all__ = ["CHUNK_ITEMS", "evaluate_scores", "score_to_table", "split_metrics"]
+__all__ = ["CHUNK_ITEMS", "score_to_table", "split_metrics"]
 
 CHUNK_ITEMS = 1 << 16  # items scored per chunk: bounded memory whatever the data's size
 
@@ -90,23 +90,6 @@ def _score_part(sets: ExampleSets, a: int, b: int, score_fn: ScoreFn, bar: Any) 
         )
     bar.update(part.num_items)
     return scores
-
-
-def evaluate_scores(sets: ExampleSets, scores: np.ndarray) -> dict[str, float]:
-    """Ranking metrics of flat ``scores`` on ``sets`` (the keys of the students' evaluation:
-    NDCG@1/5/10, MAP, MRR, ..., ``true-ndcg@10`` where the data keeps the true relevance,
-    ``num-examples``); sets without a relevant item count 0."""
-    extra = {"s": np.asarray(scores, dtype=np.float32)}
-    if sets.relevance is not None:
-        extra["r"] = sets.relevance
-    batch = sets.pad(extra=extra)
-    summary = ranking_summary(batch.extra["s"], batch.labels, batch.mask)
-    out = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float))}
-    if "r" in batch.extra:
-        true = ndcg(batch.extra["s"], batch.extra["r"], batch.mask, k=10)
-        out["true-ndcg@10"] = float(np.nanmean(true.numpy()))
-    out["num-examples"] = int(sets.num_sets)
-    return out
 
 
 def split_metrics(

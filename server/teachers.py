@@ -1,13 +1,13 @@
 """The run's teacher, by ``teacher-kind``: one entry point for the ServerApp.
 
-- ``set-transformer`` (default): the built-in set-aware Transformer (:mod:`server.teacher`);
-- ``lightgbm``: LightGBM LambdaMART (:mod:`server.lightgbm_teacher`);
+- ``set-transformer`` (default): the built-in set-aware Transformer (:mod:`fedrank.server.teacher`);
+- ``lightgbm``: LightGBM LambdaMART (:mod:`fedrank.server.lightgbm_teacher`);
 - ``imported``: the scores of a ranker the user already has (``teacher-scores``): a table
   folder written by ``fedrank teacher --scores`` (or any ``fedrank teacher`` output folder, or
   an ``.npz`` table), or a TREC run / CSV / Parquet score file imported on the spot
-  (:mod:`server.imported_scores`).
+  (:mod:`fedrank.server.imported_scores`).
 
-Each gives a :class:`~server.teacher.TeacherBundle` whose table covers every set of every split;
+Each gives a :class:`~fedrank.server.teacher.TeacherBundle` whose table covers every set of every split;
 :func:`teacher_parameters` sizes the teacher for reports whatever its kind.
 """
 
@@ -18,14 +18,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from common.config import FedrankConfig
-from common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
-from common.models import count_parameters
-from common.score_table import META_FILE, ScoreTable
-from server.imported_scores import detect_format, import_score_table
-from server.lightgbm_teacher import LightGBMConfig, LightGBMTeacher, train_or_load_lightgbm
-from server.teacher import TeacherBundle, concat_splits, train_or_load_teacher
-from server.teacher_scoring import table_path
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
+from fedrank.common.models import count_parameters
+from fedrank.common.score_table import META_FILE, ScoreTable
+from fedrank.server.imported_scores import detect_format, import_score_table
+from fedrank.server.lightgbm_teacher import LightGBMConfig, LightGBMTeacher, train_or_load_lightgbm
+from fedrank.server.teacher import (
+    TeacherBundle,
+    TeacherConfig,
+    concat_splits,
+    train_or_load_teacher,
+)
+from fedrank.server.teacher_scoring import table_path
 
 __all__ = ["load_imported_table", "run_teacher", "teacher_parameters"]
 
@@ -41,7 +46,9 @@ def run_teacher(
         return train_or_load_lightgbm(dataset, config, cache_dir, progress=progress)
     if cfg.teacher_kind == "imported":
         return load_imported_table(cfg.teacher_scores, dataset)
-    return train_or_load_teacher(dataset, cfg.teacher_config(), cache_dir, progress=progress)
+    return train_or_load_teacher(
+        dataset, TeacherConfig.from_config(cfg), cache_dir, progress=progress
+    )
 
 
 def _table_source(path: Path) -> Path | None:

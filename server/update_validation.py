@@ -5,23 +5,23 @@ splits one step's replies into those fit for aggregation and rejections (:class:
 node id, message type, kind and reason), and logs every rejection. A training reply is
 rejected when
 
-- it carries an error: the kind comes from the error's code (``common.reply_schema``:
+- it carries an error: the kind comes from the error's code (``fedrank.common.reply_schema``:
   ``stale-scores``, ``data``, ``node-config``, ... for fedrank's own errors, ``unavailable``
   when Flower could not reach the node, ``crash`` for anything else), never from its text;
 - it lacks the ``arrays`` ArrayRecord or the ``metrics`` MetricRecord, or holds others;
-- its metrics do not fit :data:`~common.reply_schema.TRAIN_METRICS` (a missing or extra key,
+- its metrics do not fit :data:`~fedrank.common.reply_schema.TRAIN_METRICS` (a missing or extra key,
   a non-number, infinity, a count that is not a positive whole number);
 - its weights miss a key of the global model, add a key, change a shape, hold NaN/inf, change
   an integer buffer (the student's feature columns), or have a non-numeric dtype.
 
-Evaluation replies are checked against :data:`~common.reply_schema.EVALUATE_METRICS`. Nodes
+Evaluation replies are checked against :data:`~fedrank.common.reply_schema.EVALUATE_METRICS`. Nodes
 that were sent a message but did not reply before the round's timeout are reported as
 ``missing``. When fewer than ``min_replies`` replies are fit, :class:`NotEnoughReplies` (a
-:class:`~common.errors.FedrankError`) names every failed node and why; otherwise the round goes
+:class:`~fedrank.common.errors.FedrankError`) names every failed node and why; otherwise the round goes
 on with the others, and the global model is untouched by what was rejected.
 
 Nothing here depends on a strategy: a strategy's ``aggregate_train`` screens first and passes
-only the valid replies on (after the defences of :mod:`server.defences`).
+only the valid replies on (after the defences of :mod:`fedrank.server.defences`).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord, Message, RecordDict
 
-from common.errors import FedrankError
-from common.reply_schema import EVALUATE_METRICS, TRAIN_METRICS, MetricSchema, error_kind
+from fedrank.common.errors import FedrankError
+from fedrank.common.records import weights_problem
+from fedrank.common.reply_schema import EVALUATE_METRICS, TRAIN_METRICS, MetricSchema, error_kind
 
 __all__ = [
     "NotEnoughReplies",
@@ -58,7 +58,7 @@ class NotEnoughReplies(FedrankError):
 class Rejection:
     """A reply (or a missing one) that was not used, and why.
 
-    ``kind``: an error kind of :func:`common.reply_schema.error_kind`, ``invalid`` (the reply
+    ``kind``: an error kind of :func:`fedrank.common.reply_schema.error_kind`, ``invalid`` (the reply
     does not fit its schema) or ``missing`` (no reply in time). ``excluded``: the node is left
     out of the rest of the run.
     """
@@ -144,29 +144,8 @@ def check_train_reply(
     problem = schema.problem(metrics)
     if problem:
         return problem
-    expected = list(global_arrays.keys())
-    missing = [k for k in expected if k not in arrays]
-    if missing:
-        return f"weights miss key {missing[0]!r} ({len(missing)} of {len(expected)} missing)"
-    extra = [k for k in arrays if k not in global_arrays]
-    if extra:
-        return f"weights hold unexpected key {extra[0]!r} ({len(extra)} unexpected)"
-    for key in expected:
-        old = global_arrays[key].numpy()
-        try:
-            new = arrays[key].numpy()
-        except Exception as err:  # undecodable array bytes
-            return f"weights key {key!r} cannot be decoded: {type(err).__name__}: {err}"
-        if tuple(new.shape) != tuple(old.shape):
-            return f"weights key {key!r} has shape {tuple(new.shape)}, expected {tuple(old.shape)}"
-        if new.dtype.kind not in "fiub":
-            return f"weights key {key!r} has unsupported dtype {new.dtype}"
-        if new.dtype.kind == "f" and not np.all(np.isfinite(new)):
-            bad = int(np.size(new) - np.count_nonzero(np.isfinite(new)))
-            return f"weights key {key!r} holds {bad} non-finite value(s) (NaN or inf)"
-        if old.dtype.kind in "iub" and not np.array_equal(new, old):
-            return f"integer buffer {key!r} differs from the global model's"
-    return None
+    expected = {k: global_arrays[k].numpy() for k in global_arrays}
+    return weights_problem(dict(arrays.items()), expected, fixed_integers=True)
 
 
 def check_evaluate_reply(

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 
-from client.client_app import app as real_app
+from fedrank.client.client_app import app as real_app
 
 __all__ = ["poisoned_client_app", "poisoned_reply"]
 

@@ -2,7 +2,7 @@
 
 A federated student is judged against what the same model could learn without federation:
 :func:`train_central_student` builds exactly the student a federation with ``config`` starts
-from (:func:`server.student_setup.build_student`: architecture, device feature columns, the
+from (:func:`fedrank.server.student_setup.build_student`: architecture, device feature columns, the
 server's feature transform, seed) and trains it on the whole training split at once, for the
 same number of passes over the data a client makes (``num-server-rounds * local-epochs``),
 with the run's learning rate, batch size and loss weights. ``labels="all"`` uses every set's
@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from client.trainer import TrainSettings, evaluate_student, train_student
-from common.config import FedrankConfig
-from common.datasets import Dataset, load_dataset
-from common.errors import ConfigError
-from common.models import StudentModel, count_parameters
-from server.student_setup import build_student
-from simulations.partitioners import label_availability
+from fedrank.client.trainer import TrainSettings, train_student
+from fedrank.common.config import FedrankConfig
+from fedrank.common.datasets import Dataset, load_dataset
+from fedrank.common.errors import ConfigError
+from fedrank.common.evaluation import evaluate_model
+from fedrank.common.models import StudentModel, count_parameters
+from fedrank.common.partitioners import label_availability
+from fedrank.server.student_setup import build_student
 
 __all__ = ["CentralResult", "train_central_student"]
 
@@ -80,7 +81,7 @@ def train_central_student(
         seed=cfg.seed,
     )
     train_student(model, train, loss, settings, teacher=scores.get("train"), label_mask=mask)
-    metrics = evaluate_student(model, sets, teacher=scores.get("eval"))
+    metrics = evaluate_model(model, sets, teacher=scores.get("eval"))
     return CentralResult(
         model=model,
         metrics={k: float(v) for k, v in metrics.items()},

@@ -3,7 +3,7 @@
 :func:`write_derived_fold` reads a LETOR fold folder (``train``/``vali``/``test``), optionally
 keeps a seeded random subset of the training sets (the "small data" case: about 60 training
 queries over 5 clients) and optionally rescales every column to raw-like, heavy-tailed values
-with :class:`common.synthetic.RawScaling` (each column times a factor in ``[1, max_factor]``,
+with :class:`fedrank.common.synthetic.RawScaling` (each column times a factor in ``[1, max_factor]``,
 half of them through ``exp`` first), and writes the result as a new fold folder that
 ``data-path`` can point at. The source folder is only read.
 """
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common.datasets import load_dataset
-from common.errors import ConfigError
-from common.letor import write_letor
-from common.synthetic import raw_like_splits
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import ConfigError
+from fedrank.common.letor import write_letor
+from fedrank.common.synthetic import raw_like_splits
 
 __all__ = ["write_derived_fold"]
 

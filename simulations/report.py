@@ -29,8 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic_io import atomic_path, atomic_write_text
-from common.errors import DataFormatError, FedrankError
+from fedrank.common.atomic_io import atomic_path, atomic_write_text
+from fedrank.common.errors import DataFormatError, FedrankError
+from fedrank.common.run_folder import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    read_json_object,
+    read_metrics,
+    read_summary,
+)
 
 METRIC = "ndcg@10"
 CALIBRATION = "log_loss"
@@ -102,39 +110,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataFormatError(f"{path}: not valid JSON (line {err.lineno}): {err.msg}") from err
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{path}: expected a JSON object")
-    return obj
-
-
 def read_run(path: str | Path) -> Run:
     """Read one run directory (``summary.json`` may be missing for an unfinished run)."""
     path = Path(path)
-    metrics_path = path / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise DataFormatError(f"{path}: no metrics.jsonl, so not a run directory")
-    rounds: list[dict[str, Any]] = []
-    lines = metrics_path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            # a run killed mid-write can leave a torn last line; anything else is corrupt
-            if lineno == len(lines):
-                break
-            raise DataFormatError(f"{metrics_path}:{lineno}: not a JSON object") from None
-        if isinstance(rec, dict):
-            rounds.append(rec)
-    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    summary = _read_json(path / "summary.json") if (path / "summary.json").is_file() else None
-    meta = _read_json(path / "sweep.json") if (path / "sweep.json").is_file() else {}
+    if not (path / METRICS_FILE).is_file():
+        raise DataFormatError(f"{path}: no {METRICS_FILE}, so not a run directory")
+    rounds = read_metrics(path)
+    config = read_json_object(path / CONFIG_FILE) if (path / CONFIG_FILE).is_file() else {}
+    summary = read_summary(path) if (path / SUMMARY_FILE).is_file() else None
+    meta = read_json_object(path / "sweep.json") if (path / "sweep.json").is_file() else {}
     label = str(meta.get("label") or config.get("label") or path.name)
     return Run(path, config, rounds, summary, label=label, params=dict(meta.get("params", {})))
 
@@ -146,9 +130,9 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
         p = Path(p)
         if not p.exists():
             raise DataFormatError(f"{p}: no such directory")
-        if (p / "metrics.jsonl").is_file():
+        if (p / METRICS_FILE).is_file():
             found[p.resolve()] = None
-        for metrics in sorted(p.rglob("metrics.jsonl")):
+        for metrics in sorted(p.rglob(METRICS_FILE)):
             found[metrics.parent.resolve()] = None
     return [read_run(p) for p in sorted(found)]
 

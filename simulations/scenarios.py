@@ -17,7 +17,7 @@ scenario and seed. Built-in scenarios live in ``simulations/scenarios/*.toml``; 
     rank-weight = 1.0
 
     [client-weights]                      # optional: per-client or adaptive weights
-    policy = "per-client"                 # see simulations.client_weights
+    policy = "per-client"                 # see fedrank.server.client_weights
     ...                                   # the policy's options
 
     [sweep]                               # optional: what `fedrank sweep` searches
@@ -27,7 +27,7 @@ scenario and seed. Built-in scenarios live in ``simulations/scenarios/*.toml``; 
     temperature = { low = 0.5, high = 4.0, log = true, steps = 4 }   # a range
 
 Keys are checked when the scenario loads: an unknown key or a bad value raises
-:class:`~common.errors.ConfigError` naming the file and the key.
+:class:`~fedrank.common.errors.ConfigError` naming the file and the key.
 """
 
 from __future__ import annotations
@@ -41,7 +41,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import ConfigError
+from fedrank.common.synthetic import SyntheticConfig
+from fedrank.server.client_weights import check_policy_options, policy_config
+from fedrank.simulations.search_space import SearchSpace
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,12 +80,9 @@ class Scenario:
         ``overrides`` (e.g. one point of a sweep) go on top of ``[config]``; the client-weight
         policy (``[client-weights]``) is included as the ``client-policy`` keys.
         """
-        from common.config import FedrankConfig
 
         config = dict(self.config)
         if self.client_weights:
-            from simulations.client_weights import policy_config
-
             config.update(policy_config(self.client_weights))
         config.update(dict(overrides or {}))
         config["seed"] = int(self.seeds[0] if seed is None else seed)
@@ -126,7 +127,6 @@ def check_synthetic_spec(spec: str) -> None:
     knob fails when the scenario loads rather than inside a run."""
     if not spec.startswith("synthetic"):
         return
-    from common.synthetic import SyntheticConfig
 
     overrides: dict[str, str] = {}
     if ":" in spec:
@@ -223,16 +223,12 @@ def parse_scenario(data: Mapping[str, Any], path: Path | None = None, name: str 
     )
     # validate now: the policy options, the configuration and the sweep space
     if scenario.client_weights:
-        from simulations.client_weights import check_policy_options
-
         try:
             check_policy_options(scenario.client_weights)
         except ConfigError as err:
             raise fail(f"[client-weights]: {err}") from None
     scenario.run_config()
     if "space" in sweep:
-        from simulations.sweep import SearchSpace
-
         try:
             SearchSpace.parse(sweep["space"])
         except ConfigError as err:

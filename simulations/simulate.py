@@ -8,7 +8,7 @@ simulated clients, next to the teacher:
 
 and next to the reference "central student, all labels": the same student (architecture,
 device features, feature transform) trained on one machine on every client's labels
-(:mod:`simulations.central`). The table's "gap closed" is
+(:mod:`fedrank.simulations.central`). The table's "gap closed" is
 ``(distill - labels-only) / (central all labels - labels-only)`` on NDCG@10: the share of what
 pooling every label would have added that distillation recovers without sharing a label.
 
@@ -27,6 +27,7 @@ itself gets the comparison: ``config.json``, ``metrics.jsonl`` (rows tagged with
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -35,8 +36,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.config import FedrankConfig
-from common.errors import ConfigError
+from fedrank.client.client_app import app as client_app
+from fedrank.common.atomic_io import atomic_write_json
+from fedrank.common.config import FedrankConfig
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import ConfigError
+from fedrank.common.run_folder import RunFolder, read_metrics
+from fedrank.server.client_weights import make_policy
+from fedrank.server.server_app import make_server_app
+from fedrank.server.teacher import TeacherConfig, train_or_load_teacher
+from fedrank.simulations.central import train_central_student
+from fedrank.simulations.report import plot_comparison
 
 __all__ = [
     "run_federation",
@@ -91,12 +101,8 @@ def run_federations(
 
     Every config is validated first, so a bad key fails before the runtime starts.
     """
-    import json
 
     from flwr.simulation import run_simulation
-
-    from client.client_app import app as client_app
-    from server.server_app import make_server_app
 
     if num_clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {num_clients}")
@@ -104,7 +110,6 @@ def run_federations(
     for config in configs:
         cfg = FedrankConfig.from_run_config({"min-available-nodes": num_clients, **dict(config)})
         cfg.check_data_path()
-        from server.client_policy import make_policy
 
         make_policy(cfg)
         if cfg.min_available_nodes > num_clients:
@@ -208,16 +213,13 @@ def central_reference(config: Mapping[str, Any]) -> dict[str, Any]:
     """The "central student, all labels" reference of a comparison with ``config``: the same
     student trained centrally on every training set's labels (labels-only loss), evaluated on
     the run's evaluation split with the teacher's scores (from the run's teacher cache)."""
-    from common.datasets import load_dataset
-    from server.teacher import train_or_load_teacher
-    from simulations.central import train_central_student
 
     cfg = FedrankConfig.from_run_config(
         {**dict(config), **LABELS_ONLY, "label-fraction": 1.0, "out-dir": "unused"}
     )
     dataset = load_dataset(cfg.data_path, seed=cfg.seed)
     cache = cfg.teacher_cache_dir or os.fspath(Path(str(config["out-dir"])) / "teacher")
-    _, table = train_or_load_teacher(dataset, cfg.teacher_config(), cache)
+    _, table = train_or_load_teacher(dataset, TeacherConfig.from_config(cfg), cache)
     scores = {"eval": table.align(dataset.splits[cfg.eval_split])}
     result = train_central_student(
         cfg.to_dict(), labels="all", teacher_scores=scores, dataset=dataset
@@ -239,9 +241,6 @@ def compare(
 ) -> dict[str, Any]:
     """Labels-only vs rank-distillation federations (same clients, same seed, one teacher),
     next to the teacher and the central all-labels reference."""
-    from common.atomic_io import atomic_write_json
-    from server.run_output import RunOutput, read_metrics
-    from simulations.report import plot_comparison
 
     out = Path(out_dir)
     base = dict(config)
@@ -288,7 +287,7 @@ def compare(
     ]
     table = format_table(rows)
 
-    report = RunOutput(out)
+    report = RunFolder(out)
     report.write_config({name: summary["config"] for name, summary in summaries.items()})
     all_rows = []
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}

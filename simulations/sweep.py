@@ -12,7 +12,7 @@ whose folder already holds a ``summary.json`` is not run again, so an interrupte
 where it stopped when given the same command (a run cut short mid-way continues from its last
 round checkpoint). Runs share one teacher cache (``OUT/teacher``), so the teacher is trained
 once per data and seed. At the end ``OUT/report.*`` and the plots are written (see
-:mod:`simulations.report`) and the best configuration is printed.
+:mod:`fedrank.simulations.report`) and the best configuration is printed.
 
 The search space is the scenario's ``[sweep.space]``: each key is a configuration key with a
 list of values or a range ``{ low, high, log, int, steps }`` (``steps`` points for ``--grid``;
@@ -24,28 +24,31 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from common.atomic_io import atomic_write_json
-from common.errors import ConfigError, FedrankError
+import fedrank.server.client_weights as client_weights
+from fedrank.common.atomic_io import append_jsonl, atomic_write_json
+from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.simulations.report import find_runs, write_report
+from fedrank.simulations.scenarios import list_scenarios, load_scenario
+from fedrank.simulations.search_space import SearchSpace
+from fedrank.simulations.simulate import _parse_set, run_federations
 
 __all__ = [
-    "DEFAULT_SPACE",
-    "Param",
     "PlannedRun",
-    "SearchSpace",
     "SweepResult",
     "main",
     "plan_runs",
@@ -53,163 +56,8 @@ __all__ = [
     "run_sweep",
 ]
 
-# the weights of the four loss families and the temperature of the rank losses
-DEFAULT_SPACE: dict[str, Any] = {
-    "label-weight": [0.0, 0.2, 1.0],
-    "score-weight": [0.0, 1.0],
-    "rank-label-weight": [0.0, 1.0],
-    "rank-weight": [0.0, 1.0, 4.0],
-    "temperature": [1.0, 2.0],
-}
-# pair-weight options join the default space when the configuration has them
-OPTIONAL_DEFAULTS: dict[str, Any] = {"pair-weight": ["none", "log_discount"]}
-PAIR_KEYS = ("pair-weight", "weight-ranks")
 # keys that do not change what a run computes, so they are not part of its hash
 UNHASHED = ("out-dir", "teacher-cache-dir", "resume")
-
-
-# ---- search space ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Param:
-    """One dimension: a list of ``values``, or a range ``[low, high]`` (``log``/``int``)."""
-
-    name: str
-    values: tuple[Any, ...] | None = None
-    low: float = 0.0
-    high: float = 1.0
-    log: bool = False
-    integer: bool = False
-    steps: int = 0
-
-    def grid(self) -> list[Any]:
-        if self.values is not None:
-            return list(self.values)
-        if self.steps < 1:
-            raise ConfigError(
-                f"{self.name!r} is a range without 'steps': --grid needs a list of values or "
-                "'steps' (use --random or --optuna to sample ranges)"
-            )
-        if self.log:
-            points = np.geomspace(self.low, self.high, self.steps)
-        else:
-            points = np.linspace(self.low, self.high, self.steps)
-        return [self._cast(v) for v in points]
-
-    def sample(self, rng: np.random.Generator) -> Any:
-        if self.values is not None:
-            return self.values[int(rng.integers(len(self.values)))]
-        if self.log:
-            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        else:
-            value = rng.uniform(self.low, self.high)
-        return self._cast(value)
-
-    def suggest(self, trial: Any) -> Any:
-        if self.values is not None:
-            return trial.suggest_categorical(self.name, list(self.values))
-        if self.integer:
-            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
-        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-    def distribution(self) -> Any:
-        import optuna
-
-        if self.values is not None:
-            return optuna.distributions.CategoricalDistribution(list(self.values))
-        if self.integer:
-            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
-
-    def _cast(self, value: float) -> Any:
-        return int(round(value)) if self.integer else round(float(value), 6)
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The dimensions of a sweep, in a fixed order."""
-
-    params: tuple[Param, ...]
-
-    @classmethod
-    def parse(cls, space: Mapping[str, Any]) -> SearchSpace:
-        """From ``{key: [values] | {low, high, log, int, steps}}``; keys must be config keys."""
-        from common.config import FedrankConfig
-
-        if not isinstance(space, Mapping) or not space:
-            raise ConfigError("the search space must be a non-empty table of configuration keys")
-        valid = FedrankConfig.keys()
-        params = []
-        for name, spec in space.items():
-            if name not in valid or name in ("seed", "out-dir"):
-                raise ConfigError(f"{name!r} is not a configuration key that can be swept")
-            if isinstance(spec, list):
-                if not spec:
-                    raise ConfigError(f"{name!r}: the list of values is empty")
-                # pair weights need a pairwise loss: the point's other keys decide (a point
-                # without one is skipped, naming the reason), so probe the value with one
-                probe = {"rank-loss": "rank_pairwise_ce"} if name in PAIR_KEYS else {}
-                for value in spec:
-                    try:
-                        FedrankConfig.from_run_config({name: value, "label-weight": 1, **probe})
-                    except ConfigError as err:
-                        if name.endswith("-weight"):  # all-zero weights are fine in a sweep
-                            if "are 0" not in str(err):
-                                raise ConfigError(f"{name!r} value {value!r}: {err}") from None
-                        else:
-                            raise ConfigError(f"{name!r} value {value!r}: {err}") from None
-                params.append(Param(name, values=tuple(spec)))
-            elif isinstance(spec, Mapping):
-                bad = sorted(k for k in spec if k not in ("low", "high", "log", "int", "steps"))
-                if bad:
-                    raise ConfigError(f"{name!r}: unknown range key(s) {bad}")
-                try:
-                    low, high = float(spec["low"]), float(spec["high"])
-                except (KeyError, TypeError, ValueError):
-                    raise ConfigError(f"{name!r}: a range needs numbers 'low' and 'high'") from None
-                log = bool(spec.get("log", False))
-                if not low < high or (log and low <= 0):
-                    raise ConfigError(
-                        f"{name!r}: need low < high (and low > 0 for log), got {low}, {high}"
-                    )
-                steps = int(spec.get("steps", 0))
-                params.append(
-                    Param(name, None, low, high, log, bool(spec.get("int", False)), steps)
-                )
-            else:
-                raise ConfigError(f"{name!r}: give a list of values or a range table")
-        return cls(tuple(params))
-
-    @classmethod
-    def default(cls) -> SearchSpace:
-        from common.config import FedrankConfig
-
-        space = dict(DEFAULT_SPACE)
-        keys = FedrankConfig.keys()
-        space.update({k: v for k, v in OPTIONAL_DEFAULTS.items() if k in keys})
-        return cls.parse(space)
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.params]
-
-    def grid(self) -> list[dict[str, Any]]:
-        axes = [p.grid() for p in self.params]
-        return [dict(zip(self.names, point, strict=True)) for point in itertools.product(*axes)]
-
-    def sample(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
-        """``n`` distinct random points (fewer if the space is smaller), seeded."""
-        rng = np.random.default_rng([seed, 5])
-        points: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        tries = 0
-        while len(points) < n and tries < 50 * max(n, 1):
-            tries += 1
-            point = {p.name: p.sample(rng) for p in self.params}
-            key = json.dumps(point, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                points.append(point)
-        return points
 
 
 # ---- planning ------------------------------------------------------------------------------------
@@ -356,7 +204,7 @@ class _Pool:
         cmd = [
             sys.executable,
             "-m",
-            "simulations.sweep",
+            "fedrank.simulations.sweep",
             "--worker",
             *[os.fspath(r.dir) for r in batch],
         ]
@@ -553,7 +401,6 @@ def _optuna_sweep(
         print(f"resuming: {told} of {n} trial(s) already done", flush=True)
     per_trial = len(seeds or scenario.seeds)
     total = n * per_trial
-    from common.atomic_io import append_jsonl
 
     while told < n:
         wave = min(max(1, jobs), n - told)
@@ -676,8 +523,6 @@ def run_sweep(
         )
     result.best = best_point(result.runs, metric, direction)
     if report and any(r.done() for r in result.runs):
-        from simulations.report import find_runs, write_report
-
         write_report(find_runs([out / "runs"]), out)
     return result
 
@@ -695,20 +540,15 @@ def _worker(run_dirs: Sequence[str], verbose: bool, attempts: int = 3) -> int:
     The process ends with ``os._exit``: after a crash of the runtime the ServerApp thread may
     still be waiting for nodes, and it must not keep the process (and the sweep) alive.
     """
-    import traceback
 
     code = 1
     try:
-        import simulations.client_weights as client_weights
-        from simulations.simulate import run_federations
-
         dirs = [Path(d) for d in run_dirs]
         metas = [json.loads((d / "sweep.json").read_text(encoding="utf-8")) for d in dirs]
         for meta in metas:
             if meta.get("client-weights"):
                 client_weights.policy_config(meta["client-weights"])  # register in this process
         threads = int(metas[0].get("threads", 1))
-        import torch
 
         torch.set_num_threads(threads)
         for attempt in range(1, attempts + 1):
@@ -753,8 +593,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "--worker":
         verbose = "--verbose" in args_list
         return _worker([a for a in args_list[1:] if a != "--verbose"], verbose)
-    from simulations.scenarios import list_scenarios, load_scenario
-    from simulations.simulate import _parse_set
 
     parser = argparse.ArgumentParser(
         prog="fedrank sweep",

@@ -1,6 +1,6 @@
 """Real Flower deployment processes for tests: SuperLink, SuperNodes and the ``flwr`` CLI.
 
-The commands are the hardened ones the docs print (:mod:`server.deploy_commands`): the
+The commands are the hardened ones the docs print (:mod:`fedrank.server.deploy_commands`): the
 SuperLink on loopback with TLS and SuperNode authentication, ``fedrank gateway`` serving only
 its Fleet API, SuperNodes dialling the gateway. Everything runs on loopback ports chosen free at
 run time, in a temporary ``FLWR_HOME``, with
@@ -32,7 +32,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from server.deploy_commands import gateway_command, superlink_command, supernode_command
+from fedrank.server.deploy_commands import gateway_command, superlink_command, supernode_command
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
@@ -343,7 +343,7 @@ def flwr_json(
 class Deployment:
     """A SuperLink and SuperNodes on loopback, driven through the real CLIs.
 
-    ``certs`` is the folder :func:`server.certs.make_all` wrote (None: insecure mode).
+    ``certs`` is the folder :func:`fedrank.server.certs.make_all` wrote (None: insecure mode).
     """
 
     procs: Processes

@@ -31,10 +31,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.client.mod.utils import make_ffn
 from flwr.clientapp import ClientApp
 
-from client.client_app import STATE_META, STATE_SCORES
-from client.client_app import app as real_app
-from common.reply_schema import PROTOCOL
-from simulations.attacks import poisoned_reply
+from fedrank.client.client_app import STATE_META, STATE_SCORES
+from fedrank.client.client_app import app as real_app
+from fedrank.common.reply_schema import PROTOCOL
+from fedrank.simulations.attacks import poisoned_reply
 
 
 def _round(msg: Message) -> int:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from common.atomic_io import atomic_path, atomic_write_bytes, resolve_output, write_output
-from common.errors import OutputError
+from fedrank.common.atomic_io import atomic_path, atomic_write_bytes, resolve_output, write_output
+from fedrank.common.errors import OutputError
 
 
 def test_atomic_write_replaces_a_regular_file_and_keeps_its_mode(tmp_path: Path) -> None:

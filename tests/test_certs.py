@@ -7,10 +7,10 @@ import re
 import stat
 from pathlib import Path
 
-from common.cli import main as fedrank
-from common.signing import load_private_key, load_public_key, sign_text, verify_text
-from server.certs import make_all
-from server.deploy_commands import (
+from fedrank.cli import main as fedrank
+from fedrank.common.signing import load_private_key, load_public_key, sign_text, verify_text
+from fedrank.server.certs import make_all
+from fedrank.server.deploy_commands import (
     gateway_command,
     render,
     superlink_command,

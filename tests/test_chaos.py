@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from test_faults import _run_python
 
-from common.reply_schema import PROTOCOL
+from fedrank.common.reply_schema import PROTOCOL
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
         from flwr.simulation import run_simulation
         from fault_clients import chaos_client_app
-        from server.server_app import make_server_app
+        from fedrank.server.server_app import make_server_app
         run_simulation(
             server_app=make_server_app({configs!r}),
             client_app=chaos_client_app(sleep_seconds={ROUND_TIMEOUT + 5.0!r}),

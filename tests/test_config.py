@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from common.config import CLIENT_KEYS, FedrankConfig
-from common.errors import CheckpointError, ConfigError
-from server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from simulations.simulate import run_federation
+from fedrank.common.config import CLIENT_KEYS, FedrankConfig
+from fedrank.common.errors import CheckpointError, ConfigError
+from fedrank.server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from fedrank.simulations.simulate import run_federation
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,8 +28,8 @@ def test_pyproject_app_config_matches_the_defaults() -> None:
     app_config = project["tool"]["flwr"]["app"]["config"]
     assert app_config == FedrankConfig.defaults()
     assert project["tool"]["flwr"]["app"]["components"] == {
-        "serverapp": "server.server_app:app",
-        "clientapp": "client.client_app:app",
+        "serverapp": "fedrank.server.server_app:app",
+        "clientapp": "fedrank.client.client_app:app",
     }
     # connections live in $FLWR_HOME/config.toml; a legacy section would be rewritten by flwr
     assert "federations" not in project["tool"]["flwr"]
@@ -131,7 +131,7 @@ def test_values_at_the_bounds_are_accepted() -> None:
 
 
 def test_huge_sizes_fail_in_the_cli_in_one_line(capsys) -> None:
-    from common.cli import main as fedrank
+    from fedrank.cli import main as fedrank
 
     rc = fedrank(
         ["simulate", "--clients", "2", "--rounds", "1", "--set", "seed=1180591620717411303424"]
@@ -154,7 +154,7 @@ def test_missing_data_path_on_disk_names_the_key(tmp_path: Path) -> None:
 
 def test_bad_config_fails_in_the_server_app_before_any_round(tmp_path: Path) -> None:
     """The real ServerApp validates its run config first: it never touches the grid."""
-    from server.server_app import app
+    from fedrank.server.server_app import app
 
     for values, key in [
         ({"no-such-key": 1}, "no-such-key"),
@@ -241,7 +241,7 @@ def test_pair_weights_reach_the_pairwise_losses() -> None:
 
 
 def test_device_features_pick_the_students_columns() -> None:
-    from simulations.partitioners import restrict_features
+    from fedrank.common.features import restrict_features
 
     default = [0, 2, 4]
     cfg = FedrankConfig.from_run_config({})

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import cli
-from common.datasets import Dataset, load_dataset
-from common.errors import ConfigError, DataFormatError
+from fedrank import cli
+from fedrank.common.datasets import Dataset, load_dataset
+from fedrank.common.errors import ConfigError, DataFormatError
 
 
 def test_synthetic_dataset() -> None:

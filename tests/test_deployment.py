@@ -2,8 +2,8 @@
 SuperNode authentication on, driven with the real ``flower-superlink``, ``flower-supernode`` and
 ``flwr`` commands against this repository's ServerApp and ClientApp.
 
-The fleet runs the hardened commands the docs print (``server.deploy_commands``): a local CA, a
-SuperLink certificate and four ECDSA node keys from ``server.certs``; the SuperLink with TLS and
+The fleet runs the hardened commands the docs print (``fedrank.server.deploy_commands``): a local CA, a
+SuperLink certificate and four ECDSA node keys from ``fedrank.server.certs``; the SuperLink with TLS and
 ``--enable-supernode-auth`` on a free loopback port; ``fedrank gateway`` serving only its Fleet
 API on another port (the "network address"); two registered SuperNodes dialling the gateway
 (``flwr supernode register``), each with its own LETOR file of MQ2008 sets (``--node-config
@@ -40,7 +40,7 @@ from deploy_helpers import (
     write_connection,
 )
 
-from server.certs import make_all
+from fedrank.server.certs import make_all
 
 pytestmark = pytest.mark.slow
 
@@ -364,10 +364,10 @@ def test_client_side_needs_only_common_and_client(tmp_path: Path):
     """A device holds common/ and client/ (plus flwr, torch, numpy, safetensors): the ClientApp
     and the scoring CLI import and work with the server's and the simulations' packages
     missing, and score a signed safetensors export after checking its signature."""
-    from client.export import export_student
-    from common.models import StudentModel
-    from common.signing import load_private_key
-    from server.certs import make_signing_key
+    from fedrank.client.export import export_student
+    from fedrank.common.models import StudentModel
+    from fedrank.common.signing import load_private_key
+    from fedrank.server.certs import make_signing_key
 
     signing_key, signing_pub = make_signing_key(tmp_path)
     model = tmp_path / "student.safetensors"
@@ -384,11 +384,11 @@ def test_client_side_needs_only_common_and_client(tmp_path: Path):
 import sys
 sys.path[:] = [p for p in sys.path if p not in ("", {str(REPO)!r})]
 sys.path.insert(0, {str(device)!r})
-import client.client_app, client.export, client.device, client.trainer
-from client.local_data import load_local_data
+import fedrank.client.client_app, fedrank.client.export, fedrank.client.device, fedrank.client.trainer
+from fedrank.client.local_data import load_local_data
 local = load_local_data({{"data-path": {str(data)!r}}}, {{"seed": 0}})
 assert local.train.num_sets > 0
-from client.export import score_main
+from fedrank.client.export import score_main
 assert score_main(["--model", {str(model)!r}, "--data", {str(data)!r},
                    "--verify-key", {str(signing_pub)!r}, "--out", {str(tmp_path / "r.txt")!r}]) == 0
 blocked = [m for m in sys.modules if m.split(".")[0] in ("server", "simulations", "matplotlib")]
@@ -409,9 +409,9 @@ print("ok", local.train.num_sets)
 
 
 def test_device_settings_from_node_config():
-    from client.device import DeviceSettings
-    from client.trainer import TrainSettings
-    from common.errors import ConfigError
+    from fedrank.client.device import DeviceSettings
+    from fedrank.client.trainer import TrainSettings
+    from fedrank.common.errors import ConfigError
 
     s = DeviceSettings.from_node_config(
         {"data-path": "x", "threads": 1, "max-steps": 5, "max-seconds": 2.5, "batch-size": 4}

@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import torch
 
-from client.export import (
+from fedrank.cli import main as fedrank
+from fedrank.client.export import (
     EXPORT_FORMAT,
     export_student,
     load_exported,
-    load_run_student,
-    ndcg10,
     rank_sets,
 )
-from common.cli import main as fedrank
-from common.errors import CheckpointError, ConfigError, DataFormatError
-from common.letor import read_letor
-from common.models import StudentModel, score_sets
-from common.signing import load_private_key, load_public_key
+from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError
+from fedrank.common.evaluation import mean_ndcg
+from fedrank.common.letor import read_letor
+from fedrank.common.models import StudentModel, score_sets
+from fedrank.common.signing import load_private_key, load_public_key
+from fedrank.common.student_folder import load_student
 
 REPO = Path(__file__).resolve().parents[1]
 MQ2008 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
@@ -60,10 +60,10 @@ def student(test_sets):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, student):
     """A run folder as the ServerApp leaves it (written by the ServerApp's own writer)."""
-    from server.server_app import _save_student
+    from fedrank.common.student_folder import save_student
 
     run = tmp_path_factory.mktemp("run")
-    _save_student(student, run, {"round": 3, "metrics": {"ndcg@10": 0.5}, "data": "MQ2008"})
+    save_student(student, run, {"round": 3, "metrics": {"ndcg@10": 0.5}, "data": "MQ2008"})
     return run
 
 
@@ -84,7 +84,10 @@ def test_export_cli_then_score_equals_in_memory(tmp_path, run_dir, student, test
     in_memory = score_sets(student, test_sets)
     flat = exported.score_sets(test_sets, batch_size=7)  # padding differs from in-memory
     np.testing.assert_allclose(flat, in_memory, rtol=1e-5, atol=1e-5)
-    ndcg_mem, ndcg_exp = ndcg10(test_sets, in_memory), ndcg10(test_sets, flat)
+    ndcg_mem, ndcg_exp = (
+        mean_ndcg(test_sets, in_memory)["ndcg@10"],
+        mean_ndcg(test_sets, flat)["ndcg@10"],
+    )
     assert ndcg_exp == pytest.approx(ndcg_mem, abs=1e-9)
     assert 0.0 < ndcg_mem < 1.0
 
@@ -153,7 +156,7 @@ def test_missing_or_corrupt_run_student(tmp_path, run_dir, capsys):
     weights = broken / "student" / "student.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"student\.pt cannot be read"):
-        load_run_student(broken)
+        load_student(broken)
     assert fedrank(["export", "--run", str(broken), "--out", str(out)]) == 2
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
 
@@ -218,7 +221,7 @@ def test_torch_load_is_weights_only(tmp_path, run_dir):
     )
     torch.save({"x": Evil()}, bad / "student" / "student.pt")
     with pytest.raises(CheckpointError, match="cannot be read"):
-        load_run_student(bad)
+        load_student(bad)
 
 
 # ---- the file is data: what a hostile or damaged file cannot do ------------------------------
@@ -227,7 +230,7 @@ def _student_file(tmp_path: Path, student, **tamper) -> Path:
     array, or None to drop it), re-stamped with a matching checksum as an attacker would."""
     import safetensors.numpy
 
-    from client.student_files import student_metadata, weights_digest
+    from fedrank.client.student_files import student_metadata, weights_digest
 
     arrays = {k: v.detach().numpy().copy() for k, v in student.state_dict().items()}
     for key, value in tamper.items():
@@ -269,9 +272,9 @@ def test_safetensors_file_carries_the_whole_state_dict(tmp_path, student):
             {"net__0__bias": np.zeros(16, np.float64)},
             r"'net\.0\.bias' is float64, expected float32",
         ),
-        ({"net__2__bias": None}, r"tensor 'net\.2\.bias' is missing"),
-        ({"extra": np.zeros(2, np.float32)}, r"tensor 'extra' is not part of the spec's model"),
-        ({"net__2__weight": np.full((1, 16), np.inf, np.float32)}, r"'net\.2\.weight' holds non-"),
+        ({"net__2__bias": None}, r"miss key 'net\.2\.bias'"),
+        ({"extra": np.zeros(2, np.float32)}, r"unexpected key 'extra'"),
+        ({"net__2__weight": np.full((1, 16), np.inf, np.float32)}, r"'net\.2\.weight' holds 16 non-finite"),
         ({"feature_indices": np.arange(100, 116)}, r"weights the student cannot run with"),
     ],
     ids=["shape", "dtype", "missing", "unexpected", "inf", "indices"],
@@ -297,7 +300,7 @@ def test_safetensors_spec_and_foreign_files_are_refused(tmp_path, student, capsy
     teacher_spec.write_bytes(safetensors.numpy.save(arrays, metadata={"fedrank": json.dumps(meta)}))
     with pytest.raises(CheckpointError, match="corrupt: its weights"):
         load_exported(teacher_spec)
-    from client.student_files import weights_digest
+    from fedrank.client.student_files import weights_digest
 
     meta["weights_sha256"] = weights_digest(arrays)
     teacher_spec.write_bytes(safetensors.numpy.save(arrays, metadata={"fedrank": json.dumps(meta)}))
@@ -358,9 +361,9 @@ def test_crafted_torchscript_is_refused_without_running(tmp_path, capsys):
 def test_torchscript_export_is_write_only(tmp_path, student, test_sets, capsys):
     out = tmp_path / "student.pt"
     run = tmp_path / "run"
-    from server.server_app import _save_student
+    from fedrank.common.student_folder import save_student
 
-    _save_student(student, run, {"round": 1})
+    save_student(student, run, {"round": 1})
     assert fedrank(["export", "--run", str(run), "--format", "torchscript", "--out", str(out)]) == 0
     assert "does not load TorchScript" in capsys.readouterr().out
     # for other runtimes it scores like the student (we wrote this file, so we may load it)
@@ -421,7 +424,7 @@ def test_onnx_with_external_data_is_refused(tmp_path, monkeypatch, capsys, in_at
 
 
 def test_signed_export_verifies_and_tampering_is_refused(tmp_path, run_dir, student, capsys):
-    from server.certs import make_signing_key
+    from fedrank.server.certs import make_signing_key
 
     keys, other = tmp_path / "keys", tmp_path / "other"
     keys.mkdir(), other.mkdir()

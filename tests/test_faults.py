@@ -1,6 +1,6 @@
 """Faults and bad input: crashed, slow and malicious clients, a killed server, broken files.
 
-- reply screening (:mod:`server.update_validation`) on real Flower messages;
+- reply screening (:mod:`fedrank.server.update_validation`) on real Flower messages;
 - the real strategy with bad replies: they are rejected and the global model is what the good
   replies make it;
 - Flower's simulation runtime with clients that crash, time out or send NaN / wrong shapes /
@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
-from common.reply_schema import TRAIN_METRICS
-from server.update_validation import NotEnoughReplies, screen_replies
+from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
+from fedrank.common.reply_schema import TRAIN_METRICS
+from fedrank.server.update_validation import NotEnoughReplies, screen_replies
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -171,7 +171,7 @@ def test_crashed_and_silent_nodes_are_named_and_the_round_goes_on(caplog):
 def test_update_norm_is_bounded_and_example_weight_capped():
     """The defences: an update longer than max-update-norm is scaled down to it (direction
     kept); a claimed example count is capped by the node's hello and the per-run maximum."""
-    from server.defences import Defences, prepare_updates, update_norm
+    from fedrank.server.defences import Defences, prepare_updates, update_norm
 
     far = _reply(9, _changed(**{"net.0.weight": np.full((4, 3), 10.0, np.float32)}), 1e12)
     near = _reply(1, _changed(**{"net.0.bias": np.full(4, 0.5, np.float32)}), 7)
@@ -199,7 +199,7 @@ def test_update_norm_is_bounded_and_example_weight_capped():
 
 
 def test_evaluate_replies_are_screened_too():
-    from common.reply_schema import EVALUATE_METRICS
+    from fedrank.common.reply_schema import EVALUATE_METRICS
 
     def reply(node: int, **values: float) -> Message:
         metrics = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num-examples": 4}
@@ -222,11 +222,11 @@ def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
     import torch
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from common.config import FedrankConfig
-    from common.models import StudentModel
-    from common.records import model_to_arrays
-    from server.client_policy import make_policy
-    from server.strategy import build_strategy
+    from fedrank.common.config import FedrankConfig
+    from fedrank.common.models import StudentModel
+    from fedrank.common.records import model_to_arrays
+    from fedrank.server.client_weights import make_policy
+    from fedrank.server.strategy import TrainPlan, build_strategy
 
     torch.manual_seed(0)
     student = StudentModel(6, hidden=(4,), feature_indices=[0, 2, 4])
@@ -251,8 +251,7 @@ def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
 
     cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
     strategy = build_strategy(cfg, make_policy(cfg))
-    strategy.global_arrays = global_arrays
-    arrays, _ = strategy.aggregate_train(2, good + bad)
+    arrays = strategy.aggregate_round(TrainPlan(2, global_arrays, [], [], {}), good + bad).arrays
     expected = aggregate_arrayrecords([m.content for m in good], "num-examples")
     for key in base:
         np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-6)
@@ -294,7 +293,7 @@ def test_simulation_survives_crashed_slow_and_malicious_clients(tmp_path):
         sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
         from flwr.simulation import run_simulation
         from fault_clients import faulty_client_app
-        from server.server_app import make_server_app
+        from fedrank.server.server_app import make_server_app
         config = {{**{SIM_CONFIG!r}, "out-dir": {str(out)!r}, "min-available-nodes": 4}}
         faults = {{tuple(k): v for k, v in json.loads({encoded!r})}}
         run_simulation(
@@ -347,7 +346,7 @@ def _run_python(code: str, cwd: Path, timeout: float) -> subprocess.CompletedPro
 def test_server_killed_between_rounds_resumes_without_losing_or_repeating_rounds(tmp_path):
     from deploy_helpers import Processes, descendants, wait_until
 
-    from server.checkpoint import load_checkpoint
+    from fedrank.server.checkpoint import load_checkpoint
 
     out = tmp_path / "run"
     rounds = 6
@@ -365,7 +364,7 @@ def test_server_killed_between_rounds_resumes_without_losing_or_repeating_rounds
             f"""
             import sys
             sys.path.insert(0, {str(REPO)!r})
-            from simulations.simulate import run_federation
+            from fedrank.simulations.simulate import run_federation
             run_federation({config!r}, {str(out)!r}, num_clients=2)
             """
         )
@@ -410,7 +409,7 @@ def test_server_killed_between_rounds_resumes_without_losing_or_repeating_rounds
 
 # ---- bad input ---------------------------------------------------------------------------------
 def test_malformed_letor_on_a_device_names_file_and_line(tmp_path):
-    from client.local_data import clear_cache, load_local_data
+    from fedrank.client.local_data import clear_cache, load_local_data
 
     bad = tmp_path / "device.txt"
     bad.write_text("1 qid:1 1:0.5 2:0.1\n0 qid:1 1:oops 2:0.3\n")
@@ -422,14 +421,14 @@ def test_malformed_letor_on_a_device_names_file_and_line(tmp_path):
 
 
 def test_missing_device_data_path_names_the_key(tmp_path):
-    from client.local_data import load_local_data
+    from fedrank.client.local_data import load_local_data
 
     with pytest.raises(ConfigError, match="'data-path'.*does not exist"):
         load_local_data({"data-path": str(tmp_path / "nope.txt")}, {"seed": 0})
 
 
 def test_configuration_typo_names_the_key():
-    from common.config import FedrankConfig
+    from fedrank.common.config import FedrankConfig
 
     with pytest.raises(ConfigError, match="unknown configuration key 'num-server-round'"):
         FedrankConfig.from_run_config({"num-server-round": 3})
@@ -438,8 +437,8 @@ def test_configuration_typo_names_the_key():
 
 
 def test_teacher_scores_for_unknown_sets_name_the_set():
-    from common.example_sets import ExampleSets
-    from common.score_table import ScoreTable
+    from fedrank.common.example_sets import ExampleSets
+    from fedrank.common.score_table import ScoreTable
 
     sets = ExampleSets(
         features=np.zeros((3, 2)), labels=np.zeros(3), offsets=[0, 2, 3], set_ids=["a", "b"]
@@ -450,7 +449,7 @@ def test_teacher_scores_for_unknown_sets_name_the_set():
 
 
 def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path):
-    from server.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+    from fedrank.server.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 
     save_checkpoint(
         tmp_path,
@@ -480,7 +479,7 @@ def test_corrupt_or_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 # ---- optional differential privacy -------------------------------------------------------------
 def test_privacy_budget_grows_with_rounds_and_shrinks_with_noise():
-    from server.privacy import epsilon
+    from fedrank.server.privacy import epsilon
 
     assert 4.0 < epsilon(1.0, 1, 1e-5) < 5.0  # one Gaussian release, sigma 1
     assert epsilon(1.0, 10, 1e-5) > epsilon(1.0, 5, 1e-5) > epsilon(1.0, 1, 1e-5)
@@ -488,27 +487,31 @@ def test_privacy_budget_grows_with_rounds_and_shrinks_with_noise():
     assert epsilon(0.0, 3, 1e-5) == float("inf") and epsilon(1.0, 0, 1e-5) == 0.0
 
 
-def test_dp_settings_name_bad_keys():
-    from server.privacy import DPSettings
+def test_dp_settings_come_from_the_checked_configuration():
+    """The configuration is the one validator: a bad DP key fails there, naming it."""
+    from fedrank.common.config import FedrankConfig
+    from fedrank.server.privacy import DPSettings
 
-    assert not DPSettings.from_config({}).enabled
-    s = DPSettings.from_config({"dp-noise-multiplier": 1.1, "dp-clipping-norm": 0.5})
+    assert not DPSettings.from_config(FedrankConfig.from_run_config({})).enabled
+    s = DPSettings.from_config(
+        FedrankConfig.from_run_config({"dp-noise-multiplier": 1.1, "dp-clipping-norm": 0.5})
+    )
     assert s.enabled and s.clipping_norm == 0.5 and s.delta == 1e-5
     with pytest.raises(ConfigError, match="'dp-clipping-norm' must be > 0"):
-        DPSettings.from_config({"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0})
+        FedrankConfig.from_run_config({"dp-noise-multiplier": 1.0, "dp-clipping-norm": 0})
     with pytest.raises(ConfigError, match="'dp-delta'"):
-        DPSettings.from_config({"dp-delta": 2.0})
+        FedrankConfig.from_run_config({"dp-delta": 2.0})
 
 
 def test_dp_wrapper_clips_adds_noise_keeps_columns_and_reports_budget():
     import torch
 
-    from common.config import FedrankConfig
-    from common.models import StudentModel
-    from common.records import model_to_arrays
-    from server.client_policy import make_policy
-    from server.privacy import DPSettings, epsilon, wrap_strategy
-    from server.strategy import build_strategy
+    from fedrank.common.config import FedrankConfig
+    from fedrank.common.models import StudentModel
+    from fedrank.common.records import model_to_arrays
+    from fedrank.server.client_weights import make_policy
+    from fedrank.server.privacy import DPSettings, epsilon, wrap_strategy
+    from fedrank.server.strategy import TrainPlan, build_strategy
 
     torch.manual_seed(0)
     global_arrays = model_to_arrays(StudentModel(6, hidden=(4,), feature_indices=[0, 2, 4]))
@@ -524,25 +527,22 @@ def test_dp_wrapper_clips_adds_noise_keeps_columns_and_reports_budget():
 
     cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
     inner = build_strategy(cfg, make_policy(cfg))
-    inner.global_arrays = global_arrays
     # almost no noise: the aggregate is the clipped update, whatever the example counts
     dp = wrap_strategy(inner, DPSettings(noise_multiplier=1e-9, clipping_norm=2.0), 2)
-    dp.current_arrays = global_arrays
-    arrays, _ = dp.aggregate_train(1, [far(1, 10), far(2, 1000)])
+    result = dp.aggregate_round(TrainPlan(1, global_arrays, [], [], {}), [far(1, 10), far(2, 1000)])
+    arrays = result.arrays
     update = np.sqrt(sum(np.sum((arrays[k].numpy() - base[k]) ** 2) for k in floats))
     assert update == pytest.approx(2.0, rel=1e-4)
     np.testing.assert_array_equal(arrays["feature_indices"].numpy(), base["feature_indices"])
     assert arrays["feature_indices"].numpy().dtype == np.int64
     assert dp.budget["delta"] == 1e-5 and dp.budget["epsilon"] > 1e6  # no real noise
-    assert dp.last_train  # the wrapped strategy's bookkeeping is still reachable
+    assert len(result.clients) == 2 and result.budget == dp.budget
 
     # real noise: std sigma * clip / n on every float weight, budget per round
-    inner.global_arrays = global_arrays
     dp = wrap_strategy(inner, DPSettings(noise_multiplier=1.0, clipping_norm=2.0), 2)
-    dp.current_arrays = global_arrays
     same = [_reply(1, base), _reply(2, base)]
     for rnd in (1, 2, 3):
-        arrays, _ = dp.aggregate_train(rnd, same)
+        arrays = dp.aggregate_round(TrainPlan(rnd, global_arrays, [], [], {}), same).arrays
         noise = np.concatenate([(arrays[k].numpy() - base[k]).ravel() for k in floats])
         assert 0.3 < float(np.std(noise)) < 2.0  # expected 1.0 * 2.0 / 2
         assert dp.budget["epsilon"] == pytest.approx(epsilon(1.0, rnd, 1e-5))
@@ -563,11 +563,11 @@ def _call_train(node_config: dict, num_features: int = 46, **settings) -> Messag
     """The ClientApp's train handler, called as Flower calls it (label losses only)."""
     from flwr.app import ConfigRecord, Context
 
-    import client.client_app as client_app
-    from client.local_data import clear_cache
-    from common.config import FedrankConfig
-    from common.models import StudentModel
-    from common.records import model_to_arrays
+    import fedrank.client.client_app as client_app
+    from fedrank.client.local_data import clear_cache
+    from fedrank.common.config import FedrankConfig
+    from fedrank.common.models import StudentModel
+    from fedrank.common.records import model_to_arrays
 
     student = StudentModel(num_features, hidden=(4,))
     cfg = FedrankConfig.from_run_config({"rank-weight": 0, "score-weight": 0, **settings})

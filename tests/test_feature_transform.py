@@ -12,18 +12,30 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 
-from client.export import export_student, load_exported
-from client.trainer import TrainSettings, evaluate_student, train_student
-from common.config import FedrankConfig
-from common.datasets import load_dataset
-from common.errors import ConfigError, DataFormatError
-from common.feature_transform import FeatureTransform, fit_transform, heavy_tail_z
-from common.letor import read_letor, read_letor_folder, write_letor
-from common.models import StudentModel, TeacherModel, build_model, count_parameters, score_sets
-from common.records import load_arrays, model_to_arrays, restore_transform
-from common.synthetic import RawScaling, SyntheticConfig, generate_synthetic, raw_like_splits
-from server.student_setup import build_student
-from simulations.derived_data import write_derived_fold
+from fedrank.client.export import export_student, load_exported
+from fedrank.client.trainer import TrainSettings, train_student
+from fedrank.common.config import FedrankConfig
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import ConfigError, DataFormatError
+from fedrank.common.evaluation import evaluate_model
+from fedrank.common.feature_transform import FeatureTransform, fit_transform, heavy_tail_z
+from fedrank.common.letor import read_letor, read_letor_folder, write_letor
+from fedrank.common.models import (
+    StudentModel,
+    TeacherModel,
+    build_model,
+    count_parameters,
+    score_sets,
+)
+from fedrank.common.records import load_arrays, model_to_arrays, restore_transform
+from fedrank.common.synthetic import (
+    RawScaling,
+    SyntheticConfig,
+    generate_synthetic,
+    raw_like_splits,
+)
+from fedrank.server.student_setup import build_student
+from fedrank.simulations.derived_data import write_derived_fold
 
 REPO = Path(__file__).resolve().parents[1]
 MQ2008_FOLD1 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
@@ -239,7 +251,7 @@ def test_student_on_raw_features_needs_the_transform(one_torch_thread) -> None:
                 {"score-weight": 0, "rank-weight": 0}
             ).composite_loss()
             train_student(model, dataset.train, loss, TrainSettings(steps=150, batch_size=16))
-            results[name, use] = evaluate_student(model, dataset.test)
+            results[name, use] = evaluate_model(model, dataset.test)
     plain, raw, raw_off = results["plain", True], results["raw", True], results["raw", False]
     assert raw["ndcg@10"] > plain["ndcg@10"] - 0.05
     assert raw["log_loss"] < plain["log_loss"] * 1.1

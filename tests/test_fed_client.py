@@ -13,13 +13,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import app
-from client.local_data import load_local_data
-from common.config import FedrankConfig
-from common.models import StudentModel
-from common.records import model_to_arrays, score_table_from_record, score_table_to_record
-from common.reply_schema import NODE_ERROR_CODES, error_kind
-from common.score_table import ScoreTable
+from fedrank.client.client_app import app
+from fedrank.client.local_data import load_local_data
+from fedrank.common.config import FedrankConfig
+from fedrank.common.models import StudentModel
+from fedrank.common.records import model_to_arrays, score_table_from_record, score_table_to_record
+from fedrank.common.reply_schema import NODE_ERROR_CODES, error_kind
+from fedrank.common.score_table import ScoreTable
 
 ROOT = Path(__file__).resolve().parents[1]
 MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
@@ -228,7 +228,7 @@ def test_device_mode_reads_its_own_letor_folder(settings: dict) -> None:
 
 def test_time_budget_stops_local_training(settings: dict) -> None:
     """``max_seconds`` ends the round's training after the step that exceeds it."""
-    from client.trainer import TrainSettings, train_student
+    from fedrank.client.trainer import TrainSettings, train_student
 
     local = load_local_data(NODE, settings)
     cfg = FedrankConfig.from_run_config({**settings, "rank-weight": 0.0})

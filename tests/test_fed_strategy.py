@@ -16,11 +16,13 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from common.config import FedrankConfig
-from common.errors import ConfigError
-from server.client_policy import POLICIES, ClientConfigPolicy, check_overrides, make_policy
-from server.strategy import (
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import ConfigError
+from fedrank.server.client_policy import ClientConfigPolicy, check_overrides
+from fedrank.server.client_weights import POLICIES, make_policy
+from fedrank.server.strategy import (
     FedrankStrategyMixin,
+    TrainPlan,
     aggregate_metrics,
     build_strategy,
     load_strategy_state,
@@ -110,7 +112,7 @@ def _message(node: int, content: RecordDict | None = None, code: int = 0, reason
 
 
 def _metrics(examples: int) -> MetricRecord:
-    from common.reply_schema import TRAIN_METRICS
+    from fedrank.common.reply_schema import TRAIN_METRICS
 
     return MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": examples})
 
@@ -120,8 +122,8 @@ def test_node_errors_are_read_by_code_and_cost_only_that_node() -> None:
     code: the round goes on without it and the server asks it again what it holds. A node
     whose data does not fit (``data`` code) is left out of the run; the others go on. An
     error whose *text* names a fedrank error class is just a crash of that node."""
-    from common.reply_schema import NODE_ERROR_CODES
-    from server.nodes import NodeRegistry
+    from fedrank.common.reply_schema import NODE_ERROR_CODES
+    from fedrank.server.nodes import NodeRegistry
 
     weights = ArrayRecord({"w": Array(np.ones(3, np.float32))})
     good = _message(1, RecordDict({"arrays": weights, "metrics": _metrics(2)}))
@@ -129,7 +131,9 @@ def test_node_errors_are_read_by_code_and_cost_only_that_node() -> None:
         2, code=NODE_ERROR_CODES["stale-scores"], reason="stale-scores: node 2 holds version x"
     )
     bad_data = _message(3, code=NODE_ERROR_CODES["data"], reason="data: 'data-path' bad line 3")
-    named = _message(4, code=2, reason="<class 'common.errors.ConfigError'>: ScoreTableError")
+    named = _message(
+        4, code=2, reason="<class 'fedrank.common.errors.ConfigError'>: ScoreTableError"
+    )
     nodes = NodeRegistry({})
     for n in (1, 2, 3, 4):
         info = nodes.node(n)
@@ -137,12 +141,13 @@ def test_node_errors_are_read_by_code_and_cost_only_that_node() -> None:
         info.num_train_sets = 5
     cfg = FedrankConfig.from_run_config({})
     strategy = build_strategy(cfg, make_policy(cfg), nodes)
-    strategy.global_arrays = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
-    arrays, _ = strategy.aggregate_train(2, [good, stale, bad_data, named])
-    np.testing.assert_array_equal(arrays["w"].numpy(), np.ones(3))
-    kinds = {r["node"]: r["kind"] for r in strategy.last_rejected}
+    start = ArrayRecord({"w": Array(np.zeros(3, np.float32))})
+    plan = TrainPlan(2, start, [], [1, 2, 3, 4], {})
+    result = strategy.aggregate_round(plan, [good, stale, bad_data, named])
+    np.testing.assert_array_equal(result.arrays["w"].numpy(), np.ones(3))
+    kinds = {r.node_id: r.kind for r in result.rejected}
     assert kinds == {2: "stale-scores", 3: "data", 4: "crash"}
-    assert all(r["message_type"] == "train" for r in strategy.last_rejected)
+    assert all(r.message_type == "train" for r in result.rejected)
     info = nodes.node(2)
     assert (info.version, info.confirmed) == ("", False)  # asked again next round
     assert info.client_key == 7  # the last known key stays visible to client policies

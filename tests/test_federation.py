@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.checkpoint import load_checkpoint
-from server.run_output import read_metrics
-from simulations.simulate import run_federations
+from fedrank.common.run_folder import read_metrics
+from fedrank.server.checkpoint import load_checkpoint
+from fedrank.simulations.simulate import run_federations
 
 ROOT = Path(__file__).resolve().parents[1]
 MQ2008_FOLD1 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main as fedrank
-from common.errors import ConfigError
-from server.certs import make_all
-from server.fleet_gateway import parse_address
+from fedrank.cli import main as fedrank
+from fedrank.common.errors import ConfigError
+from fedrank.server.certs import make_all
+from fedrank.server.fleet_gateway import parse_address
 
 
 def test_parse_address() -> None:

@@ -12,16 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from common.cli import main as fedrank
-from common.datasets import load_dataset
-from common.errors import ConfigError, DataFormatError
-from common.example_sets import ExampleSets
-from common.score_table import ScoreTable
-from server import imported_scores
-from server.imported_scores import detect_format, import_score_table, import_scores
-from server.teacher import concat_splits
-from server.teacher_cli import main as teacher_main
-from server.teachers import load_imported_table
+from fedrank.cli import main as fedrank
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import ConfigError, DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table import ScoreTable
+from fedrank.server import imported_scores
+from fedrank.server.imported_scores import detect_format, import_score_table, import_scores
+from fedrank.server.teacher import concat_splits
+from fedrank.server.teacher_cli import main as teacher_main
+from fedrank.server.teachers import load_imported_table
 
 SCORES = {("q1", "d1"): 0.5, ("q1", "d2"): -1.25, ("q1", "d3"): 3.0, ("q2", "e1"): 2.0}
 SCORES[("q2", "e2")] = 0.125

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import letor
-from common.errors import DataFormatError
-from common.example_sets import ExampleSets
-from common.letor import read_letor, read_letor_folder, read_letor_slow
+from fedrank.common import letor
+from fedrank.common.errors import DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.letor import read_letor, read_letor_folder, read_letor_slow
 
 # verified statistics from ../shared/data/MQ2008/SOURCE.txt: lines, queries, label histogram
 PARTS = {
@@ -243,7 +243,7 @@ def test_huge_feature_index_is_refused_before_allocating(tmp_path: Path, capsys)
     """A 37-byte file whose feature index 10^9 would make a 7.45 GiB dense matrix."""
     import tracemalloc
 
-    from common.cli import main as fedrank
+    from fedrank.cli import main as fedrank
 
     path = write(tmp_path / "tiny.txt", "1 qid:1 1:0.5\n0 qid:1 1000000000:1.5\n")
     assert path.stat().st_size == 37

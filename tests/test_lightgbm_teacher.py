@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import FedrankConfig
-from common.datasets import load_dataset
-from common.errors import CheckpointError, ConfigError
-from common.example_sets import ExampleSets
-from common.score_table import ScoreTable
-from server.lightgbm_teacher import (
+from fedrank.common.config import FedrankConfig
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import CheckpointError, ConfigError
+from fedrank.common.evaluation import evaluate_scores
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.lightgbm_teacher import (
     MODEL_FILE,
     LightGBMConfig,
     lightgbm_cache_key,
@@ -22,10 +23,9 @@ from server.lightgbm_teacher import (
     train_lightgbm,
     train_or_load_lightgbm,
 )
-from server.teacher import concat_splits
-from server.teacher_cli import main as teacher_main
-from server.teacher_scoring import evaluate_scores
-from server.teachers import run_teacher, teacher_parameters
+from fedrank.server.teacher import concat_splits
+from fedrank.server.teacher_cli import main as teacher_main
+from fedrank.server.teachers import run_teacher, teacher_parameters
 
 FAST = LightGBMConfig(trees=60, leaves=15, early_stopping=10, num_threads=1)
 

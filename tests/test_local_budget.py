@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from client.device import DeviceSettings
-from client.trainer import (
+from fedrank.client.device import DeviceSettings
+from fedrank.client.trainer import (
     MIN_RELATIVE_UPDATE,
     TrainSettings,
     planned_steps,
     train_student,
 )
-from common.config import FedrankConfig
-from common.errors import ConfigError
-from common.models import StudentModel
-from common.reply_schema import TRAINER_METRICS
-from common.synthetic import SyntheticConfig, generate_synthetic
-from server.server_app import _warn_short_training
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import ConfigError
+from fedrank.common.models import StudentModel
+from fedrank.common.reply_schema import TRAINER_METRICS
+from fedrank.common.synthetic import SyntheticConfig, generate_synthetic
+from fedrank.server.federation import _warn_short_training
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests of common.losses: reference values, brute-force agreement, masking, numerics,
+"""Tests of fedrank.common.losses: reference values, brute-force agreement, masking, numerics,
 the composite loss and its configuration errors."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import losses as L
-from common.errors import ConfigError, FedrankError, ScoreTableError
+from fedrank.common import losses as L
+from fedrank.common.errors import ConfigError, FedrankError, ScoreTableError
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=12, deadline=None)

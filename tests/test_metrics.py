@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common import metrics as M
-from common.errors import ConfigError
+from fedrank.common import metrics as M
+from fedrank.common.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError, DataFormatError
-from common.example_sets import ExampleSets
-from common.metrics import nanmean, ndcg
-from common.models import (
+from fedrank.common.errors import ConfigError, DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.metrics import nanmean, ndcg
+from fedrank.common.models import (
     StudentModel,
     TeacherModel,
     build_model,
@@ -218,7 +218,7 @@ def test_teacher_learns_what_a_per_item_student_cannot():
 
 
 def test_both_models_learn_on_mq2008():
-    from common.letor import read_letor
+    from fedrank.common.letor import read_letor
 
     data = read_letor(MQ2008 / "Fold1" / "vali.txt.gz", cache=False)
     order = np.random.default_rng(0).permutation(data.num_sets)

@@ -33,14 +33,14 @@ from flwr.app import (
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import app as client_app
-from client.local_data import clear_cache
-from common.config import FedrankConfig
-from common.errors import ConfigError
-from common.example_sets import ExampleSets
-from common.models import StudentModel, count_parameters
-from common.records import model_to_arrays
-from common.reply_schema import (
+from fedrank.client.client_app import app as client_app
+from fedrank.client.local_data import clear_cache
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import ConfigError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.models import StudentModel, count_parameters
+from fedrank.common.records import model_to_arrays
+from fedrank.common.reply_schema import (
     EVALUATE_METRICS,
     NODE_ERROR_CODES,
     PROTOCOL,
@@ -48,15 +48,14 @@ from common.reply_schema import (
     HelloStatus,
     ReplySchemaError,
 )
-from common.score_table import ScoreTable
-from server.client_policy import make_policy
-from server.defences import check_sample_size
-from server.nodes import NodeRegistry, NotEnoughNodes
-from server.privacy import DPSettings, epsilon, wrap_strategy
-from server.score_distribution import ScoreDistributor
-from server.strategy import STRATEGIES, build_strategy
-from server.update_validation import NotEnoughReplies
-from simulations.client_weights import AdaptiveWeights
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.client_weights import AdaptiveWeights, make_policy
+from fedrank.server.defences import check_sample_size
+from fedrank.server.nodes import NodeRegistry, NotEnoughNodes
+from fedrank.server.privacy import DPSettings, epsilon, wrap_strategy
+from fedrank.server.score_distribution import ScoreDistributor
+from fedrank.server.strategy import STRATEGIES, TrainPlan, build_strategy
+from fedrank.server.update_validation import NotEnoughReplies
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +144,13 @@ def _registry(nodes: dict[int, int]) -> NodeRegistry:
     return registry
 
 
+def _plan(server_round: int, arrays: dict[str, np.ndarray], sent: list[Message] = ()) -> TrainPlan:
+    """The plan of a round that started from ``arrays`` and sent ``sent``."""
+    record = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    nodes = [int(m.metadata.dst_node_id) for m in sent]
+    return TrainPlan(server_round, record, list(sent), nodes, dict.fromkeys(nodes, 0))
+
+
 def _strategy(registry: NodeRegistry | None = None, **config):
     cfg = FedrankConfig.from_run_config({"min-available-nodes": 1, **config})
     return build_strategy(cfg, make_policy(cfg), registry)
@@ -157,14 +163,15 @@ def test_replies_with_and_without_teacher_metrics_are_averaged_not_refused() -> 
     InconsistentMessageReplies and the run ended. Now each key is averaged over the nodes that
     report it."""
     strategy = _strategy(_registry({1: 20, 2: 20}), **{"fraction-evaluate": 1.0})
-    strategy.last_evaluate_messages = [_sent(1, "evaluate"), _sent(2, "evaluate")]
+    sent = [_sent(1, "evaluate"), _sent(2, "evaluate")]
     with_teacher = _eval_reply(
         1, kendall_tau=0.8, spearman=0.9, **{"topk_overlap@10": 0.7, "ndcg@10": 0.6}
     )
     without = _eval_reply(2, **{"ndcg@10": 0.4})
-    metrics = strategy.aggregate_evaluate(1, [with_teacher, without])
+    result = strategy.aggregate_evaluation(1, sent, [with_teacher, without])
+    metrics = result.metrics
     assert metrics["ndcg@10"] == pytest.approx(0.5) and metrics["kendall_tau"] == 0.8
-    assert metrics["clients"] == 2 and not strategy.last_evaluate_rejected
+    assert metrics["clients"] == 2 and not result.rejected and result.evaluated == [1, 2]
 
 
 def test_a_reply_with_an_extra_or_missing_key_costs_only_its_node(student) -> None:
@@ -172,16 +179,15 @@ def test_a_reply_with_an_extra_or_missing_key_costs_only_its_node(student) -> No
     InconsistentMessageReplies for the whole round). Now every device reports the same keys,
     and a reply that does not fit the schema is rejected with the key named."""
     strategy = _strategy(_registry({1: 20, 2: 20, 3: 20}))
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
-    strategy.last_messages = [_sent(n) for n in (1, 2, 3)]
+    plan = _plan(1, student, [_sent(n) for n in (1, 2, 3)])
     good = _train_reply(1, _moved(student, 0.01), **_train_metrics())
     extra = _train_reply(2, _moved(student, 0.01, 1), **_train_metrics(), surprise=1.0)
     metrics = _train_metrics()
     del metrics["loss-rank"]
     missing = _train_reply(3, _moved(student, 0.01, 2), **metrics)
-    arrays, _ = strategy.aggregate_train(1, [good, extra, missing])
-    assert arrays is not None
-    reasons = {r["node"]: r["reason"] for r in strategy.last_rejected}
+    result = strategy.aggregate_round(plan, [good, extra, missing])
+    assert result.arrays is not None
+    reasons = {r.node_id: r.reason for r in result.rejected}
     assert set(reasons) == {2, 3}
     assert "unexpected key 'surprise'" in reasons[2] and "lack 'loss-rank'" in reasons[3]
     assert "device-memory-mb" in TRAIN_METRICS.required  # always sent (0: no cap)
@@ -193,17 +199,18 @@ def test_a_nan_metric_is_kept_as_undefined_and_skipped_in_the_average(student) -
     record = TRAIN_METRICS.record(_train_metrics(**{"loss-label": float("nan")}))
     assert math.isnan(record["loss-label"]) and set(record) == set(TRAIN_METRICS.required)
     strategy = _strategy(_registry({1: 20, 2: 20}))
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
     replies = [
         _train_reply(1, _moved(student, 0.01), **_train_metrics(**{"loss-label": 0.25})),
         _train_reply(2, _moved(student, 0.01, 1), **dict(record)),
     ]
-    _, metrics = strategy.aggregate_train(1, replies)
+    metrics = strategy.aggregate_round(_plan(1, student), replies).metrics
     assert metrics["loss-label"] == pytest.approx(0.25) and metrics["clients"] == 2
 
 
 def test_client_metrics_fit_the_schema_or_name_the_key() -> None:
-    with pytest.raises(ReplySchemaError, match="'steps-taken' is not in common.reply_schema"):
+    with pytest.raises(
+        ReplySchemaError, match="'steps-taken' is not in fedrank.common.reply_schema"
+    ):
         TRAIN_METRICS.record(_train_metrics(**{"steps-taken": 3}))
     with pytest.raises(ReplySchemaError, match="part of the 'validation' group"):
         TRAIN_METRICS.record(_train_metrics(**{"val-ndcg@10": 0.5}))
@@ -480,36 +487,35 @@ def test_a_node_claiming_huge_example_counts_gets_no_more_than_it_holds(student,
     refused as no count (1e308 > 2**40), and the aggregate stays finite."""
     no_clip = {"max-update-norm": 0.0, "update-norm-ratio": 0.0}  # the weights alone
     strategy = _strategy(_registry({1: 30, 2: 30, 3: 30}), **no_clip)
-    global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
-    strategy.global_arrays = global_arrays
     honest = [_train_reply(n, _moved(student, 0.01, n), **_train_metrics(30)) for n in (1, 2)]
     liar_weights = {k: v + 5.0 if v.dtype.kind == "f" else v for k, v in student.items()}
     liars = [_train_reply(3, liar_weights, **_train_metrics(claim))]
-    arrays, metrics = strategy.aggregate_train(1, honest + liars)
+    result = strategy.aggregate_round(_plan(1, student), honest + liars)
+    arrays, metrics = result.arrays, result.metrics
     key = next(k for k, v in student.items() if v.dtype.kind == "f")
     new = arrays[key].numpy()
     assert np.all(np.isfinite(new))
     shift = float(np.mean(new - student[key]))
     if claim == 1e12:  # capped to its 30 sets: one third of the weight, not all of it
         assert shift == pytest.approx(5.0 / 3, abs=0.05)
-        assert strategy.last_train[-1]["weight"] == 30 or strategy.last_train[0]["weight"] == 30
+        assert [c["weight"] for c in result.clients if c["node"] == 3] == [30]
         assert metrics["num-examples"] == 90
     else:  # refused: the honest average
-        assert abs(shift) < 0.05 and [r["node"] for r in strategy.last_rejected] == [3]
+        assert abs(shift) < 0.05 and [r.node_id for r in result.rejected] == [3]
 
 
 def test_a_scaled_update_is_clipped_to_the_bound(student) -> None:
     strategy = _strategy(_registry({1: 10, 2: 10}), **{"max-update-norm": 1.0})
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
     scaled = {k: v + 100.0 if v.dtype.kind == "f" else v for k, v in student.items()}
-    arrays, _ = strategy.aggregate_train(
-        1,
+    result = strategy.aggregate_round(
+        _plan(1, student),
         [_train_reply(1, student, **_train_metrics()), _train_reply(2, scaled, **_train_metrics())],
     )
+    arrays = result.arrays
     floats = [k for k, v in student.items() if v.dtype.kind == "f"]
     moved = math.sqrt(sum(float(np.sum((arrays[k].numpy() - student[k]) ** 2)) for k in floats))
     assert moved == pytest.approx(0.5, rel=1e-4)  # (0 + 1.0) / 2, not 100 * sqrt(d) / 2
-    assert any("clipped to 1" in n["note"] for n in strategy.last_notes)
+    assert any("clipped to 1" in n["note"] for n in result.notes)
 
 
 def test_an_update_far_longer_than_the_rounds_median_is_clipped(student) -> None:
@@ -517,22 +523,24 @@ def test_an_update_far_longer_than_the_rounds_median_is_clipped(student) -> None
     times the round's median update norm, even below max-update-norm."""
     registry = _registry({n: 10 for n in range(1, 6)})
     strategy = _strategy(registry, **{"max-update-norm": 1000.0, "update-norm-ratio": 3.0})
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
     honest = [_moved(student, 0.01, n) for n in range(1, 5)]
     evil = {k: v - 10 * (honest[0][k] - v) for k, v in student.items()}
     replies = [_train_reply(n, w, **_train_metrics()) for n, w in enumerate(honest, start=1)]
-    strategy.aggregate_train(1, replies + [_train_reply(5, evil, **_train_metrics())])
-    norms = {c["node"]: c["update-norm"] for c in strategy.last_train}
+    result = strategy.aggregate_round(
+        _plan(1, student), replies + [_train_reply(5, evil, **_train_metrics())]
+    )
+    norms = {c["node"]: c["update-norm"] for c in result.clients}
     median = float(np.median(list(norms.values())))
-    clipped = [c["node"] for c in strategy.last_train if c["clipped"]]
+    clipped = [c["node"] for c in result.clients if c["clipped"]]
     assert clipped == [5] and norms[5] > 3 * median
-    (note,) = strategy.last_notes
+    (note,) = result.notes
     assert note["node"] == 5 and f"clipped to {3 * median:.4g}" in note["note"]
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_samples_and_aggregates_screened_replies(student, name: str) -> None:
-    """configure_train then aggregate_train, as a round does, for every strategy offered."""
+    """Flower's configure_train then aggregate_train, as Strategy.start calls them, for every
+    strategy offered."""
     registry = _registry({n: 10 for n in range(1, 8)})
     strategy = _strategy(registry, strategy=name, **{"num-malicious-nodes": 1})
     global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
@@ -562,14 +570,14 @@ def test_robust_rules_refuse_sizes_that_give_no_guarantee() -> None:
 def test_krum_keeps_the_honest_update_and_stops_below_its_minimum(student) -> None:
     registry = _registry({n: 10 for n in range(1, 6)})
     strategy = _strategy(registry, strategy="krum", **{"num-malicious-nodes": 1})
-    strategy.global_arrays = ArrayRecord({k: Array(v) for k, v in student.items()})
     honest = [_train_reply(n, _moved(student, 0.01, n), **_train_metrics()) for n in range(1, 5)]
     evil = {k: v - 3.0 if v.dtype.kind == "f" else v for k, v in student.items()}
-    arrays, _ = strategy.aggregate_train(1, honest + [_train_reply(5, evil, **_train_metrics())])
+    replies = honest + [_train_reply(5, evil, **_train_metrics())]
+    arrays = strategy.aggregate_round(_plan(1, student), replies).arrays
     key = next(k for k, v in student.items() if v.dtype.kind == "f")
     assert np.max(np.abs(arrays[key].numpy() - student[key])) < 0.1  # an honest update won
     with pytest.raises(NotEnoughReplies, match="only 4 usable train replies, 'min-replies' is 5"):
-        strategy.aggregate_train(2, honest)
+        strategy.aggregate_round(_plan(2, student), honest)
 
 
 # ---- differential privacy -----------------------------------------------------------------------
@@ -594,12 +602,12 @@ def test_dp_noise_is_sized_for_the_fixed_sample_and_a_missing_reply_does_not_shr
         for k, v in student.items()
     }
     inner = _strategy(_registry({1: 10, 2: 10}))
-    inner.global_arrays = global_arrays
     dp = wrap_strategy(inner, DPSettings(noise_multiplier=1e-9, clipping_norm=2.0), 2)
     assert inner.defences.update_norm_ratio == 0  # data-dependent clipping breaks C / n
-    dp.current_arrays = global_arrays
-    inner.last_messages = [_sent(1), _sent(2)]
-    arrays, _ = dp.aggregate_train(1, [_train_reply(1, far, **_train_metrics())])  # 2 missing
+    plan = _plan(1, student, [_sent(1), _sent(2)])
+    result = dp.aggregate_round(plan, [_train_reply(1, far, **_train_metrics())])  # 2 missing
+    arrays = result.arrays
+    assert [r.kind for r in result.rejected] == ["missing"] and result.budget == dp.budget
     moved = math.sqrt(sum(float(np.sum((arrays[k].numpy() - student[k]) ** 2)) for k in floats))
     assert moved == pytest.approx(2.0 / 2, rel=1e-4)  # clipped to C = 2, divided by n = 2
     assert dp.budget["noise_std"] == pytest.approx(1e-9 * 2.0 / 2)
@@ -607,5 +615,5 @@ def test_dp_noise_is_sized_for_the_fixed_sample_and_a_missing_reply_does_not_shr
     # more nodes connected than at the start: a round still samples n = 2 of them
     more = _registry({n: 10 for n in range(1, 7)})
     inner.nodes = more
-    sent = dp.configure_train(2, global_arrays, ConfigRecord({}), _Connected(list(range(1, 7))))
-    assert len(sent) == 2 and inner.last_messages == sent
+    plan = dp.configure_round(2, global_arrays, ConfigRecord({}), _Connected(list(range(1, 7))))
+    assert len(plan.messages) == 2 and sorted(plan.weight_bytes) == sorted(plan.nodes())

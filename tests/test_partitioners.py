@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import ConfigError, FedrankError
-from common.example_sets import ExampleSets
-from common.letor import read_letor_folder
-from simulations.partitioners import (
+from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.features import restrict_features
+from fedrank.common.letor import read_letor_folder
+from fedrank.common.partitioners import (
     attribute_groups,
     cluster_coordinate,
     label_availability,
@@ -18,7 +19,6 @@ from simulations.partitioners import (
     partition_set_ids,
     partition_sizes,
     positive_rate,
-    restrict_features,
 )
 
 
@@ -213,9 +213,9 @@ def test_real_mq2008_fold_partitions_exactly_and_dirichlet_skews() -> None:
 def test_partition_keys_reach_the_simulated_clients() -> None:
     """``partition-attribute`` (dirichlet) and ``partition-power`` (sizes) from the run's
     client settings pick the client's sets exactly as ``partition`` does with those options."""
-    from client.local_data import load_local_data
-    from common.config import FedrankConfig
-    from common.datasets import load_dataset
+    from fedrank.client.local_data import load_local_data
+    from fedrank.common.config import FedrankConfig
+    from fedrank.common.datasets import load_dataset
 
     spec = "synthetic:num_sets=120,min_items=8,max_items=12"
     train = load_dataset(spec, seed=0).splits["train"]

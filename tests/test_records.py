@@ -7,16 +7,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common.errors import CheckpointError, ScoreTableError
-from common.example_sets import ExampleSets
-from common.records import (
+from fedrank.common.errors import CheckpointError, ScoreTableError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.records import (
     load_arrays,
     model_to_arrays,
     record_nbytes,
     score_table_from_record,
     score_table_to_record,
 )
-from common.score_table import ScoreTable
+from fedrank.common.score_table import ScoreTable
 
 
 class Tiny(torch.nn.Module):
@@ -89,7 +89,7 @@ def test_load_arrays_rejects_missing_and_unexpected_keys():
     dst = fresh(1)
     arrays = _arrays(fresh(0))
     del arrays["lin.bias"]
-    with pytest.raises(CheckpointError, match="missing key 'lin.bias'"):
+    with pytest.raises(CheckpointError, match="miss key 'lin.bias'"):
         load_arrays(dst, arrays)
     arrays = _arrays(fresh(0))
     arrays["extra.weight"] = np.zeros(2, np.float32)

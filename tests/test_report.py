@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import DataFormatError, FedrankError
-from simulations.report import find_runs, group_rows, main, run_rows, varying_keys, write_report
+from fedrank.common.errors import DataFormatError, FedrankError
+from fedrank.simulations.report import (
+    find_runs,
+    group_rows,
+    main,
+    run_rows,
+    varying_keys,
+    write_report,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,18 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import FedrankConfig
-from common.errors import ConfigError, FedrankError
-from server.client_policy import POLICIES, make_policy, register_policy
-from simulations.client_weights import (
+from fedrank.common.config import FedrankConfig
+from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.common.features import restrict_features
+from fedrank.server.client_policy import UniformPolicy
+from fedrank.server.client_weights import (
+    POLICIES,
     AdaptiveWeights,
     PerClientWeights,
     check_policy_options,
+    make_policy,
     policy_config,
+    register_policy,
 )
-from simulations.partitioners import restrict_features
-from simulations.scenarios import list_scenarios, load_scenario, parse_scenario
-from simulations.sweep import SearchSpace, plan_runs, run_hash
+from fedrank.simulations.scenarios import list_scenarios, load_scenario, parse_scenario
+from fedrank.simulations.search_space import SearchSpace
+from fedrank.simulations.sweep import plan_runs, run_hash
 
 
 def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
@@ -230,9 +234,9 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     from flwr.clientapp import ClientApp
     from flwr.simulation import run_simulation
 
-    import client.client_app as real
-    from server.server_app import make_server_app
-    from simulations.simulate import SIMULATION_ENV
+    import fedrank.client.client_app as real
+    from fedrank.server.server_app import make_server_app
+    from fedrank.simulations.simulate import SIMULATION_ENV
 
     spec = {
         "policy": "per-client",
@@ -331,27 +335,18 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     assert summary["student"]["spec"]["feature_indices"] == columns
 
 
-def test_unknown_policy_names_import_the_simulation_policies(monkeypatch) -> None:  # noqa: ANN001
-    """Under `flwr run` nothing imported simulations.client_weights: make_policy does, and the
-    policy gets its options from `client-policy-options`."""
-    import sys
-
-    import server.client_policy as client_policy
-    import simulations
-
-    monkeypatch.setattr(client_policy, "POLICIES", {"uniform": POLICIES["uniform"]})
-    monkeypatch.delitem(sys.modules, "simulations.client_weights")
-    monkeypatch.setattr(simulations, "client_weights", simulations.client_weights)
+def test_policies_come_from_the_run_config_alone() -> None:
+    """What `flwr run` gives the ServerApp is enough: the server package holds every policy,
+    and the policy gets its options from `client-policy-options`."""
     options = json.dumps({"candidates": [{"rank-weight": 0.5}, {"rank-weight": 2.0}]})
     config = FedrankConfig.from_run_config(
         {"client-policy": "adaptive", "client-policy-options": options}
     )
-    policy = client_policy.make_policy(config)
-    assert "simulations.client_weights" in sys.modules
+    policy = make_policy(config)
     assert type(policy).__name__ == "AdaptiveWeights" and policy.wants_validation
     assert policy.candidates == [{"rank-weight": 0.5}, {"rank-weight": 2.0}]
-    assert not client_policy.UniformPolicy.wants_validation
+    assert not UniformPolicy.wants_validation
     with pytest.raises(ConfigError, match="client-policy-options"):  # options are checked
-        client_policy.make_policy(config.replace(**{"client-policy-options": '{"scale": 1}'}))
+        make_policy(config.replace(**{"client-policy-options": '{"scale": 1}'}))
     with pytest.raises(ConfigError, match="'client-policy' 'bandit' is unknown"):
-        client_policy.make_policy(config.replace(**{"client-policy": "bandit"}))
+        make_policy(config.replace(**{"client-policy": "bandit"}))

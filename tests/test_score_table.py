@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import CheckpointError, ScoreTableError
-from common.example_sets import ExampleSets
-from common.score_table import ScoreTable
+from fedrank.common.errors import CheckpointError, ScoreTableError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.score_table import ScoreTable
 
 
 def make_sets(sizes=(3, 1, 4, 2), prefix="q", seed=0) -> ExampleSets:

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.errors import CheckpointError, ScoreTableError
-from common.example_sets import ExampleSets
-from common.records import score_table_from_record, score_table_to_record
-from common.score_table import META_FILE, ScoreTable, ScoreTableWriter
-from server.teacher_scoring import score_to_table
+from fedrank.common.errors import CheckpointError, ScoreTableError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.records import score_table_from_record, score_table_to_record
+from fedrank.common.score_table import META_FILE, ScoreTable, ScoreTableWriter
+from fedrank.server.teacher_scoring import score_to_table
 
 
 def random_table(num_sets: int = 300, seed: int = 0) -> ScoreTable:

@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import load_dataset
-from common.models import build_model
-from server.run_output import read_metrics
-from server.student_setup import fit_server_transform
-from simulations.derived_data import write_derived_fold
-from simulations.simulate import REFERENCE, compare, run_federations
+from fedrank.common.datasets import load_dataset
+from fedrank.common.models import build_model
+from fedrank.common.run_folder import read_metrics
+from fedrank.server.student_setup import fit_server_transform
+from fedrank.simulations.derived_data import write_derived_fold
+from fedrank.simulations.simulate import REFERENCE, compare, run_federations
 
 REPO = Path(__file__).resolve().parents[1]
 MQ2008_FOLD1 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from common.errors import FedrankError
-from simulations.report import find_runs
-from simulations.scenarios import load_scenario
-from simulations.sweep import main, run_sweep
+from fedrank.common.errors import FedrankError
+from fedrank.simulations.report import find_runs
+from fedrank.simulations.scenarios import load_scenario
+from fedrank.simulations.sweep import main, run_sweep
 
 
 @pytest.mark.slow

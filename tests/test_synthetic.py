@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from common.example_sets import ExampleSets
-from common.synthetic import (
+from fedrank.common.errors import ConfigError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.synthetic import (
     SyntheticConfig,
     SyntheticData,
     generate_synthetic,

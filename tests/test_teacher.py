@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.datasets import load_dataset
-from common.errors import CheckpointError, ConfigError
-from common.letor import read_letor_folder
-from common.models import TeacherModel, score_sets
-from common.score_table import ScoreTable
-from server.teacher import (
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import CheckpointError, ConfigError
+from fedrank.common.letor import read_letor_folder
+from fedrank.common.models import TeacherModel, score_sets
+from fedrank.common.score_table import ScoreTable
+from fedrank.server.teacher import (
     TeacherConfig,
     build_score_table,
     evaluate,
@@ -26,7 +26,7 @@ from server.teacher import (
     train_or_load_teacher,
     train_teacher,
 )
-from server.teacher_cli import main as teacher_main
+from fedrank.server.teacher_cli import main as teacher_main
 
 SMALL = "synthetic:num_sets=240,max_items=14"
 FAST = {"d_model": 16, "num_heads": 2, "num_layers": 1, "epochs": 4, "batch_size": 16}
@@ -238,7 +238,7 @@ def test_cli_writes_checkpoint_table_and_metrics(tmp_path: Path, capsys):
 def test_cli_user_errors(tmp_path: Path):
     with pytest.raises(ConfigError, match="'epochs'"):
         teacher_main(["--data", SMALL, "--out", str(tmp_path), "--epochs", "0", "-q"])
-    from common.cli import main as fedrank
+    from fedrank.cli import main as fedrank
 
     code = fedrank(["teacher", "--data", str(tmp_path / "missing"), "--out", str(tmp_path), "-q"])
     assert code == 2

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.cli import main as fedrank
-from common.datasets import load_dataset
-from server.run_output import read_metrics
-from server.teacher import concat_splits
-from simulations.simulate import run_federations
+from fedrank.cli import main as fedrank
+from fedrank.common.datasets import load_dataset
+from fedrank.common.run_folder import read_metrics
+from fedrank.server.teacher import concat_splits
+from fedrank.simulations.simulate import run_federations
 
 ROOT = Path(__file__).resolve().parents[1]
 MQ2008_FOLD1 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"

@@ -12,16 +12,16 @@ import pytest
 import torch
 from ir_measures import nDCG
 
-from client.export import rank_sets
-from client.trainer import TrainSettings, train_student
-from common.cli import main as fedrank
-from common.config import FedrankConfig
-from common.datasets import load_dataset
-from common.errors import DataFormatError
-from common.example_sets import ExampleSets
-from common.metrics import ndcg
-from common.models import StudentModel, score_sets
-from common.trec import qrels_lines, run_lines
+from fedrank.cli import main as fedrank
+from fedrank.client.export import rank_sets
+from fedrank.client.trainer import TrainSettings, train_student
+from fedrank.common.config import FedrankConfig
+from fedrank.common.datasets import load_dataset
+from fedrank.common.errors import DataFormatError
+from fedrank.common.example_sets import ExampleSets
+from fedrank.common.metrics import ndcg
+from fedrank.common.models import StudentModel, score_sets
+from fedrank.common.trec import qrels_lines, run_lines
 
 
 def test_qrels_command(tmp_path: Path, mq2008_dir: Path, capsys):

@@ -1,4 +1,4 @@
-"""Per-client and adaptive loss weights: :class:`~server.client_policy.ClientConfigPolicy`
+"""Per-client and adaptive loss weights: :class:`~fedrank.server.client_policy.ClientConfigPolicy`
 subclasses that the server asks, every round, for each sampled node's settings.
 
 Per-client settings are chosen by the client's ``client-key`` (the simulated partition id; a
@@ -52,31 +52,33 @@ the benchmark compares it with the best fixed weights::
 How a policy reaches the server: :func:`policy_config` turns the table into run-configuration
 keys (``client-policy`` and, when the configuration has it, ``client-policy-options`` holding
 the options as JSON). Importing this module registers the policies with
-:func:`server.client_policy.register_policy`.
+:func:`fedrank.server.client_policy.register_policy`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from common.config import CLIENT_KEYS, FedrankConfig
-from common.errors import ConfigError, FedrankError
-from server.client_policy import ClientConfigPolicy, register_policy
+from fedrank.common.config import CLIENT_KEYS, FedrankConfig
+from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.server.client_policy import ClientConfigPolicy, UniformPolicy
 
 __all__ = [
     "AdaptiveWeights",
     "PerClientWeights",
     "POLICY_NAMES",
+    "POLICIES",
     "check_policy_options",
     "make_client_policy",
+    "make_policy",
     "policy_config",
+    "register_policy",
 ]
 
 log = logging.getLogger("fedrank.client_weights")
@@ -369,35 +371,43 @@ def _options_from_config(name: str, config: FedrankConfig) -> dict[str, Any]:
     return {"policy": name, **options}
 
 
-def _factory(name: str) -> Any:
+def _factory(name: str) -> Callable[[FedrankConfig], ClientConfigPolicy]:
     return lambda config: make_client_policy(_options_from_config(name, config), config)
 
 
-def _has_options_key() -> bool:
-    return OPTIONS_KEY in set(FedrankConfig.keys())
+#: ``client-policy`` name -> factory taking the run's configuration
+POLICIES: dict[str, Callable[[FedrankConfig], ClientConfigPolicy]] = {
+    "uniform": lambda config: UniformPolicy(),
+    "per-client": _factory("per-client"),
+    "adaptive": _factory("adaptive"),
+}
+
+
+def register_policy(name: str, factory: Callable[[FedrankConfig], ClientConfigPolicy]) -> None:
+    """Make ``factory`` available as ``client-policy = name``."""
+    POLICIES[name] = factory
+
+
+def make_policy(config: FedrankConfig) -> ClientConfigPolicy:
+    """The policy named by ``client-policy``; ConfigError listing the valid names otherwise.
+
+    Factories take the run's configuration (``client-policy-options`` is in it, see
+    :meth:`~fedrank.common.config.FedrankConfig.policy_options`).
+    """
+    name = config.client_policy
+    if name not in POLICIES:
+        raise ConfigError(
+            f"'client-policy' {name!r} is unknown; valid: {', '.join(sorted(POLICIES))}"
+        )
+    return POLICIES[name](config)
 
 
 def policy_config(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """Run-configuration keys that select the policy of a ``[client-weights]`` table.
-
-    With a ``client-policy-options`` configuration key the options travel as JSON in the run
-    configuration. Without it the policy is registered in this process under a name carrying
-    a hash of its options (``per-client#1a2b3c4d``), which the in-process server of a
-    simulation finds.
-    """
+    """Run-configuration keys that select the policy of a ``[client-weights]`` table: its
+    name in ``client-policy`` and its options as JSON in ``client-policy-options``."""
     check_policy_options(spec)
     name = str(spec.get("policy", "per-client"))
-    options = {k: v for k, v in spec.items() if k != "policy"}
     if name == "uniform":
         return {"client-policy": "uniform"}
-    text = json.dumps(options, sort_keys=True)
-    if _has_options_key():
-        return {"client-policy": name, OPTIONS_KEY: text}
-    tagged = f"{name}#{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-    frozen = {"policy": name, **json.loads(text)}
-    register_policy(tagged, lambda config: make_client_policy(frozen, config))
-    return {"client-policy": tagged}
-
-
-for _name in ("per-client", "adaptive"):
-    register_policy(_name, _factory(_name))
+    options = {k: v for k, v in spec.items() if k != "policy"}
+    return {"client-policy": name, OPTIONS_KEY: json.dumps(options, sort_keys=True)}

@@ -24,9 +24,9 @@ Schemes (``partition(sets, num_partitions, scheme, seed, **options)``):
   law, default ``power=1.0``). Integer sizes use the largest-remainder rule, each at least
   ``min_size``; :func:`partition_sizes` returns them.
 
-Helpers for the other scenario knobs: :func:`label_availability` (label-scarce clients: which
-sets carry labels; all of them carry teacher scores) and :func:`restrict_features` (the
-feature columns a device may see).
+The other scenario knob: :func:`label_availability` (label-scarce clients: which sets carry
+labels; all of them carry teacher scores). The feature columns a device may see come from
+:func:`fedrank.common.features.restrict_features`.
 """
 
 from __future__ import annotations
@@ -35,9 +35,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from common.errors import ConfigError, FedrankError
-from common.example_sets import ExampleSets
-from common.features import restrict_features as restrict_features  # one implementation
+from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.common.example_sets import ExampleSets
 
 SCHEMES = ("iid", "dirichlet", "sizes")
 ATTRIBUTES = ("positive_rate", "cluster")
@@ -240,8 +239,8 @@ def partition(
     """Set positions held by each of ``num_partitions`` clients (see the module docstring).
 
     Each returned array is sorted; together they are a partition of ``range(sets.num_sets)``.
-    Raises :class:`~common.errors.ConfigError` for an unknown scheme or option and
-    :class:`~common.errors.FedrankError` when there are fewer sets than clients.
+    Raises :class:`~fedrank.common.errors.ConfigError` for an unknown scheme or option and
+    :class:`~fedrank.common.errors.FedrankError` when there are fewer sets than clients.
     """
     if scheme not in SCHEMES:
         raise ConfigError(f"unknown partition scheme {scheme!r}; valid: {list(SCHEMES)}")
