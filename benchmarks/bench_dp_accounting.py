@@ -42,7 +42,7 @@ DIM = 64
 
 
 def _reply(node: int, weights: np.ndarray) -> Message:
-    metrics = {**dict.fromkeys(TRAIN_METRICS.required, 1), "num-examples": 10}
+    metrics = {**dict.fromkeys(TRAIN_METRICS.required, 1), "num_examples": 10}
     content = RecordDict(
         {"arrays": ArrayRecord({"w": Array(weights)}), "metrics": MetricRecord(metrics)}
     )

@@ -75,7 +75,7 @@ def _share_table(label: str, rounds: list[dict], workers: int) -> None:
         wall = r["seconds"]
         slowest = r["seconds_slowest_client_train"]
         evals = r["seconds_server_eval"]
-        total_train = sum(c.get("train-seconds", 0.0) for c in r["clients_train"])
+        total_train = sum(c.get("train_seconds", 0.0) for c in r["clients_train"])
         share = max(wall - slowest - evals, 0.0) / wall
         parallel = min(workers, len(r["clients_train"]))
         waves = max(wall - total_train / parallel - evals, 0.0) / wall

@@ -54,7 +54,7 @@ def measure(
     out = {}
     for data, config in zip(datasets, configs, strict=True):
         rows = read_metrics(Path(config["out-dir"]) / "metrics.jsonl")
-        out[data] = [[float(c["update-norm"]) for c in r["clients_train"]] for r in rows[1:]]
+        out[data] = [[float(c["update_norm"]) for c in r["clients_train"]] for r in rows[1:]]
     return out
 
 

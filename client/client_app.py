@@ -321,12 +321,12 @@ def train(msg: Message, context: Context) -> Message:
         model, local.train, loss, run, teacher=teacher, label_mask=local.label_mask
     )
     if validate:  # the reward of adaptive client policies: local validation gain
-        values["val-ndcg@10-start"] = start
-        values["val-ndcg@10"] = _validation_ndcg(model, local.holdout)
+        values["val_ndcg@10_start"] = start
+        values["val_ndcg@10"] = _validation_ndcg(model, local.holdout)
     values.update(device.report(run))
     meta = context.state.config_records.get(STATE_META)
-    values["scores-received"] = int(meta["received"]) if meta is not None else 0
-    values["client-key"] = int(local.client_key)
+    values["scores_received"] = int(meta["received"]) if meta is not None else 0
+    values["client_key"] = int(local.client_key)
     metrics = TRAIN_METRICS.record(_numbers(values))
     content = RecordDict({"arrays": model_to_arrays(model), "metrics": metrics})
     return Message(content, reply_to=msg)
@@ -347,5 +347,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     if version != "none" and _held_version(context) == version:
         teacher = _aligned(context, version, sets)
     values = evaluate_model(model, sets, teacher=teacher, loss=settings.composite_loss())
-    values["on-train-sets"] = int(local.holdout is None)
+    values["on_train_sets"] = int(local.holdout is None)
     return Message(RecordDict({"metrics": EVALUATE_METRICS.record(_numbers(values))}), reply_to=msg)

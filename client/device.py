@@ -21,8 +21,8 @@ Device caps only ever lower what the server asks for; the server cannot raise th
 larger than ``max-parameters`` is refused on the device (error kind ``device-cap``), and the
 node reports the cap in its hello so the server leaves it out of a run whose student is too
 large. :meth:`DeviceSettings.report` gives the values actually used, for the client's training
-metrics (``device-threads``, ``device-batch-size``, ``device-max-steps``,
-``device-max-seconds``, ``device-memory-mb``, ``device-max-epochs``).
+metrics (``device_threads``, ``device_batch_size``, ``device_max_steps``,
+``device_max_seconds``, ``device_memory_mb``, ``device_max_epochs``).
 
 Unknown keys (a typo such as ``max-step``) are a :class:`~fedrank.common.errors.ConfigError` naming the
 key and the valid ones. The node checks its ``node_config`` when the server first says hello;
@@ -187,17 +187,17 @@ class DeviceSettings:
     def report(self, used: Any = None) -> dict[str, float | int]:
         """Metrics naming what the client used (``used``: the TrainSettings it trained with)."""
 
-        out: dict[str, float | int] = {"device-threads": int(torch.get_num_threads())}
+        out: dict[str, float | int] = {"device_threads": int(torch.get_num_threads())}
         if used is not None:
-            out["device-batch-size"] = int(used.batch_size)
-            out["device-max-steps"] = int(getattr(used, "max_steps", 0))
-            out["device-max-seconds"] = float(getattr(used, "max_seconds", self.max_seconds))
+            out["device_batch_size"] = int(used.batch_size)
+            out["device_max_steps"] = int(getattr(used, "max_steps", 0))
+            out["device_max_seconds"] = float(getattr(used, "max_seconds", self.max_seconds))
         else:
-            out["device-batch-size"] = int(self.batch_size)
-            out["device-max-steps"] = int(self.max_steps)
-            out["device-max-seconds"] = float(self.max_seconds)
-        out["device-memory-mb"] = float(self.memory_mb)
-        out["device-max-epochs"] = int(getattr(used, "epochs", 0)) if used else self.max_epochs
+            out["device_batch_size"] = int(self.batch_size)
+            out["device_max_steps"] = int(self.max_steps)
+            out["device_max_seconds"] = float(self.max_seconds)
+        out["device_memory_mb"] = float(self.memory_mb)
+        out["device_max_epochs"] = int(getattr(used, "epochs", 0)) if used else self.max_epochs
         return out
 
     def check_model(self, num_parameters: int) -> str | None:

@@ -10,7 +10,7 @@ The local budget works from a dozen sets to thousands per client: ``epochs`` pas
 fewer than ``min_steps`` steps (a client with 12 sets and batches of 16 would otherwise take one
 step per epoch and leave the model where it started); ``steps`` > 0 sets the count exactly.
 A device may cap it (``max_steps``, ``max_seconds``). A round whose training was too short to
-move the model is flagged in the metrics (``too-short`` = 1, see :data:`MIN_RELATIVE_UPDATE`).
+move the model is flagged in the metrics (``too_short`` = 1, see :data:`MIN_RELATIVE_UPDATE`).
 """
 
 from __future__ import annotations
@@ -115,11 +115,11 @@ def train_student(
     label_mask: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place for :func:`planned_steps` steps; returns the mean of each loss
-    term (``loss-<family>``, ``loss-total``), ``steps`` (taken), ``steps-planned`` (before a
-    device cap), ``relative-update`` (``||w_after - w_before|| / ||w_before||``),
-    ``too-short`` (1 when the round could not move the model, see
-    :data:`MIN_RELATIVE_UPDATE`), ``stopped-by-time``, ``num-examples`` (sets),
-    ``num-items`` and ``train-seconds``.
+    term (``loss_<family>``, ``loss_total``), ``steps`` (taken), ``steps_planned`` (before a
+    device cap), ``relative_update`` (``||w_after - w_before|| / ||w_before||``),
+    ``too_short`` (1 when the round could not move the model, see
+    :data:`MIN_RELATIVE_UPDATE`), ``stopped_by_time``, ``num_examples`` (sets),
+    ``num_items`` and ``train_seconds``.
 
     ``teacher`` is the flat teacher logits aligned with ``sets`` (``ScoreTable.align``);
     ``label_mask`` ``[sets.num_sets]`` bool marks the sets whose labels may be used.
@@ -178,19 +178,19 @@ def train_student(
                 timed_out = True
                 break
     torch.random.set_rng_state(generator_state)
-    out = {f"loss-{k.replace('_', '-')}": v / max(weight_total, 1) for k, v in sums.items()}
+    out = {f"loss_{k}": v / max(weight_total, 1) for k, v in sums.items()}
     relative = _relative_change(before, model) if before else 0.0
     short = step < min(settings.min_steps, planned_steps(settings, sets.num_sets, capped=False))
     out.update(
         {
             "steps": float(step),
-            "steps-planned": int(planned_steps(settings, sets.num_sets, capped=False)),
-            "relative-update": relative,
-            "too-short": int(short or relative < MIN_RELATIVE_UPDATE),
-            "stopped-by-time": int(timed_out),
-            "num-examples": int(sets.num_sets),
-            "num-items": int(sets.num_items),
-            "train-seconds": time.perf_counter() - start,
+            "steps_planned": int(planned_steps(settings, sets.num_sets, capped=False)),
+            "relative_update": relative,
+            "too_short": int(short or relative < MIN_RELATIVE_UPDATE),
+            "stopped_by_time": int(timed_out),
+            "num_examples": int(sets.num_sets),
+            "num_items": int(sets.num_items),
+            "train_seconds": time.perf_counter() - start,
         }
     )
     return out

@@ -7,8 +7,8 @@ a set without a relevant item counts 0, ties broken by item order):
 
 - :func:`evaluate_scores`: the full summary of flat scores (NDCG@1/5/10, MAP, MRR, precision,
   pairwise accuracy, AUC, log loss, ECE; with the teacher's scores the teacher-student
-  agreement; with the data's true relevance ``true-ndcg@10``; with a composite loss each
-  loss term), plus ``num-examples``;
+  agreement; with the data's true relevance ``true_ndcg@10``; with a composite loss each
+  loss term), plus ``num_examples``;
 - :func:`evaluate_model`: the same for a model's scores;
 - :func:`mean_ndcg`: mean NDCG@k only, in chunks (cheap enough for every epoch or round).
 """
@@ -39,7 +39,7 @@ def evaluate_scores(
 
     ``teacher``: the teacher's flat scores of the same items (adds ``kendall_tau``,
     ``spearman``, ``topk_overlap@10``); ``loss``: a :class:`~fedrank.common.losses.CompositeLoss`
-    whose terms are reported as ``loss-<family>`` when they can be computed (the teacher's
+    whose terms are reported as ``loss_<family>`` when they can be computed (the teacher's
     scores given, or not needed).
     """
     extra = {"s": np.asarray(scores, dtype=np.float32)}
@@ -55,12 +55,12 @@ def evaluate_scores(
         # synthetic data keeps the true relevance behind the clicks: rank quality against it
         # is what a user cares about (clicks are a noisy, position-biased view of it)
         true = ndcg(batch.extra["s"], batch.extra["r"], batch.mask, k=10)
-        out["true-ndcg@10"] = float(torch.nanmean(true))
+        out["true_ndcg@10"] = float(torch.nanmean(true))
     if loss is not None and (t is not None or not loss.needs_teacher):
         with torch.no_grad():
             _, values = loss(batch.extra["s"], batch.labels, t, batch.mask)
-        out.update({f"loss-{k.replace('_', '-')}": float(v) for k, v in values.items()})
-    out["num-examples"] = int(sets.num_sets)
+        out.update({f"loss_{k}": float(v) for k, v in values.items()})
+    out["num_examples"] = int(sets.num_sets)
     return out
 
 

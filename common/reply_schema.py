@@ -47,10 +47,12 @@ __all__ = [
     "TRAIN_METRICS",
     "TRAINER_METRICS",
     "error_kind",
+    "metric_key",
 ]
 
 # bump when a definition below changes: a node speaking another protocol is excluded at hello
-PROTOCOL = 2
+# (3: metric keys in snake_case)
+PROTOCOL = 3
 
 # counts and ids must stay exact in a float64 (MetricRecord) and small enough to sum safely
 MAX_COUNT = 2**40
@@ -91,30 +93,36 @@ def error_kind(code: int) -> str:
 
 
 # ---- metrics ---------------------------------------------------------------------------------
+def metric_key(key: str) -> str:
+    """A metric key in fedrank's one style, snake_case (``loss-total`` -> ``loss_total``);
+    configuration keys and record fields stay hyphenated, as Flower writes them."""
+    return key.replace("-", "_")
+
+
 # what fedrank.client.trainer.train_student reports besides the loss terms
 TRAINER_METRICS = (
     "steps",
-    "steps-planned",
-    "relative-update",
-    "too-short",
-    "stopped-by-time",
-    "num-examples",
-    "num-items",
-    "train-seconds",
+    "steps_planned",
+    "relative_update",
+    "too_short",
+    "stopped_by_time",
+    "num_examples",
+    "num_items",
+    "train_seconds",
 )
 # one value per loss family of the composite loss, plus their weighted total
-LOSS_METRICS = tuple(f"loss-{family.replace('_', '-')}" for family in LOSS_KEYS) + ("loss-total",)
+LOSS_METRICS = tuple(f"loss_{family}" for family in LOSS_KEYS) + ("loss_total",)
 # what the device used (fedrank.client.device.DeviceSettings.report)
 DEVICE_METRICS = (
-    "device-threads",
-    "device-batch-size",
-    "device-max-steps",
-    "device-max-seconds",
-    "device-memory-mb",
-    "device-max-epochs",
+    "device_threads",
+    "device_batch_size",
+    "device_max_steps",
+    "device_max_seconds",
+    "device_memory_mb",
+    "device_max_epochs",
 )
-NODE_METRICS = ("scores-received", "client-key")
-VALIDATION_METRICS = ("val-ndcg@10-start", "val-ndcg@10")
+NODE_METRICS = ("scores_received", "client_key")
+VALIDATION_METRICS = ("val_ndcg@10_start", "val_ndcg@10")
 # ranking metrics from the labels (fedrank.common.metrics.ranking_summary without a teacher)
 LABEL_METRICS = (
     "ndcg@1",
@@ -132,16 +140,16 @@ AGREEMENT_METRICS = ("kendall_tau", "spearman", "topk_overlap@10")
 # whole numbers: counts, flags and ids (NaN is refused for these)
 _INTEGERS = frozenset(
     {
-        "num-examples",
-        "num-items",
-        "stopped-by-time",
-        "scores-received",
-        "client-key",
-        "device-threads",
-        "device-batch-size",
-        "device-max-steps",
-        "device-max-epochs",
-        "on-train-sets",
+        "num_examples",
+        "num_items",
+        "stopped_by_time",
+        "scores_received",
+        "client_key",
+        "device_threads",
+        "device_batch_size",
+        "device_max_steps",
+        "device_max_epochs",
+        "on_train_sets",
     }
 )
 
@@ -163,7 +171,7 @@ class MetricSchema:
     message_type: str
     required: tuple[str, ...]
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    weight_key: str = "num-examples"
+    weight_key: str = "num_examples"
 
     def keys(self) -> tuple[str, ...]:
         """Every key a reply may hold."""
@@ -240,11 +248,11 @@ TRAIN_METRICS = MetricSchema(
 )
 EVALUATE_METRICS = MetricSchema(
     "evaluate",
-    required=LABEL_METRICS + ("num-examples", "on-train-sets"),
+    required=LABEL_METRICS + ("num_examples", "on_train_sets"),
     groups={
         "teacher": AGREEMENT_METRICS,  # the node holds the current teacher scores
         "loss": LOSS_METRICS,  # the loss could be computed (teacher held, or not needed)
-        "relevance": ("true-ndcg@10",),  # synthetic data keeps the true relevance
+        "relevance": ("true_ndcg@10",),  # synthetic data keeps the true relevance
     },
 )
 

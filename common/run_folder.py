@@ -9,7 +9,7 @@
 
 Metric keys are snake_case everywhere (``train_seconds``, ``loss_total``, ``num_examples``,
 ``bytes_to_clients``, ``log_loss``); configuration keys stay hyphenated, as Flower writes
-them. Folders written before that rule (keys such as ``loss-total`` or ``true-ndcg@10``) are
+them. Folders written before that rule (keys such as ``loss_total`` or ``true_ndcg@10``) are
 read with their metric keys renamed (:func:`metric_key`), so old and new runs compare.
 """
 
@@ -23,6 +23,7 @@ from typing import Any
 
 from fedrank.common.atomic_io import append_jsonl, atomic_write_json, atomic_write_text
 from fedrank.common.errors import DataFormatError
+from fedrank.common.reply_schema import metric_key
 
 __all__ = [
     "CONFIG_FILE",
@@ -45,7 +46,7 @@ _CONFIG_OBJECTS = frozenset({"config", "spec"})
 
 
 def metric_key(key: str) -> str:
-    """A metric key in the current style: ``loss-total`` -> ``loss_total``."""
+    """A metric key in the current style: ``loss_total`` -> ``loss_total``."""
     return key.replace("-", "_")
 
 

@@ -27,8 +27,8 @@ class ClientConfigPolicy:
     and the last metrics it reported under ``last-metrics``.
 
     ``wants_validation = True`` makes the server set ``report-validation`` in every training
-    ``ConfigRecord``: clients then add ``val-ndcg@10-start`` (the received global model on
-    their held-out sets) and ``val-ndcg@10`` (after local training) to their training reply.
+    ``ConfigRecord``: clients then add ``val_ndcg@10_start`` (the received global model on
+    their held-out sets) and ``val_ndcg@10`` (after local training) to their training reply.
     Off by default: it costs two evaluations per client and round.
     """
 

@@ -33,7 +33,7 @@ change theirs (non-stationary, not i.i.d.), and Exp3's regret bound ``sqrt(2 T K
 for such adversarial reward sequences, while it needs nothing but a metric the client already
 reports. The reward of a round is the client's *local validation gain*: NDCG@10 on its
 held-out sets after local training minus NDCG@10 of the global model it started from (metrics
-``val-ndcg@10`` and ``val-ndcg@10-start`` of the training reply), which isolates the effect of
+``val_ndcg@10`` and ``val_ndcg@10_start`` of the training reply), which isolates the effect of
 that client's weights from everyone else's. Gains are mapped to ``[0, 1]`` by
 ``0.5 + gain / (2 * scale)`` (clipped). Candidate ``a`` is drawn with probability proportional
 to ``exp(-eta * L_a)``, ``L_a`` the importance-weighted sum of past losses ``(1 - reward) / p_a``
@@ -67,6 +67,7 @@ import numpy as np
 
 from fedrank.common.config import CLIENT_KEYS, FedrankConfig
 from fedrank.common.errors import ConfigError, FedrankError
+from fedrank.common.reply_schema import metric_key
 from fedrank.server.client_policy import ClientConfigPolicy, UniformPolicy
 
 __all__ = [
@@ -189,7 +190,7 @@ class PerClientWeights(ClientConfigPolicy):
 class AdaptiveWeights(ClientConfigPolicy):
     """Exp3 per client over candidate settings, rewarded by the local validation gain."""
 
-    wants_validation = True  # clients report val-ndcg@10-start and val-ndcg@10
+    wants_validation = True  # clients report val_ndcg@10_start and val_ndcg@10
 
     def __init__(
         self, options: Mapping[str, Any], base: FedrankConfig | None = None, seed: int | None = None
@@ -201,8 +202,9 @@ class AdaptiveWeights(ClientConfigPolicy):
         self.eta = float(options.get("eta", math.sqrt(2.0 * math.log(k) / (max(rounds, 1) * k))))
         self.gamma = float(options.get("gamma", 0.0))
         self.scale = float(options.get("scale", 0.05))
-        self.reward_key = str(options.get("reward", "val-ndcg@10"))
-        self.start_key = str(options.get("start-metric", "val-ndcg@10-start"))
+        # metric names in the current style (older scenarios wrote 'val-ndcg@10')
+        self.reward_key = metric_key(str(options.get("reward", "val_ndcg@10")))
+        self.start_key = metric_key(str(options.get("start-metric", "val_ndcg@10_start")))
         self.seed = int(seed if seed is not None else (base.seed if base is not None else 0))
         self.losses: dict[int, list[float]] = {}  # node id -> estimated cumulative losses
         self.pending: dict[int, tuple[int, int, float]] = {}  # node id -> (round, arm, prob)

@@ -2,7 +2,7 @@
 aggregates them.
 
 - **Example weights are capped by what the server knows of the node.** A reply's weight is
-  ``min(num-examples it claims, the training sets it reported at hello, max-examples-per-node)``
+  ``min(num_examples it claims, the training sets it reported at hello, max-examples-per-node)``
   (the last defaults to the number of sets the server's teacher table holds for devices), so a
   node claiming 1e12 or 1e308 examples gets no more weight than it has sets. A node that lies
   at hello as well keeps its lie up to the per-run maximum; the robust strategies
@@ -103,7 +103,7 @@ def prepare_updates(
     *,
     arrays_key: str = "arrays",
     metrics_key: str = "metrics",
-    weight_key: str = "num-examples",
+    weight_key: str = "num_examples",
 ) -> tuple[list[Prepared], list[Rejection]]:
     """Apply the defences to ``(node, reply)`` pairs that passed screening.
 

@@ -33,7 +33,7 @@ def make_evaluate_fn(
         start = time.perf_counter()
         load_arrays(model, arrays)
         metrics = evaluate_model(model, sets, teacher=teacher)
-        metrics["eval-seconds"] = time.perf_counter() - start
+        metrics["eval_seconds"] = time.perf_counter() - start
         return MetricRecord({k: float(v) for k, v in metrics.items()})
 
     return evaluate_fn

@@ -97,7 +97,7 @@ class RoundReport:
             str(n): int(plan.weight_bytes.get(n, 0) + plan.score_bytes.get(n, 0))
             for n in plan.sampled
         }
-        slowest = max((float(r.get("train-seconds", 0.0)) for r in train.clients), default=0.0)
+        slowest = max((float(r.get("train_seconds", 0.0)) for r in train.clients), default=0.0)
         row: dict[str, Any] = {
             "round": self.round,
             **self.server,
@@ -112,7 +112,7 @@ class RoundReport:
             "seconds": self.seconds,
             "seconds_train_phase": self.seconds_train,
             "seconds_slowest_client_train": slowest,
-            "seconds_server_eval": self.server.get("eval-seconds", 0.0),
+            "seconds_server_eval": self.server.get("eval_seconds", 0.0),
             "train": {k: float(v) for k, v in train.metrics.items()},
             "clients_train": [
                 {k: _json_number(v) for k, v in r.items() if isinstance(v, (int, float, str))}
@@ -247,7 +247,7 @@ class Federation:
                 **client_settings,
                 "model-spec": json.dumps(self.student.spec),
                 "teacher-version": self.distributor.version or "none",
-                # clients add val-ndcg@10-start / val-ndcg@10 (two evaluations) when the
+                # clients add val_ndcg@10_start / val_ndcg@10 (two evaluations) when the
                 # policy rewards them (e.g. the adaptive weights)
                 "report-validation": bool(getattr(self.policy, "wants_validation", False)),
             }
@@ -373,7 +373,7 @@ class Federation:
             server["map"],
             server["log_loss"],
             server.get("kendall_tau", float("nan")),
-            row["train"].get("loss-total", float("nan")),
+            row["train"].get("loss_total", float("nan")),
             row["clients"],
             len(report.plan.sampled),
             f"{row['bytes_to_clients']:,}",
@@ -393,7 +393,7 @@ class Federation:
             for k, v in final.items()
             if isinstance(v, float) and not k.startswith(("seconds", "bytes"))
         }
-        student_metrics.pop("eval-seconds", None)
+        student_metrics.pop("eval_seconds", None)
         student_folder = save_student(
             self.student,
             Path(cfg.out_dir),
@@ -482,12 +482,12 @@ class Federation:
 
 def _warn_short_training(rnd: int, replies: Sequence[Mapping[str, Any]]) -> None:
     """Log a warning when clients report that their local training was too short to move the
-    model (``too-short`` from :func:`fedrank.client.trainer.train_student`)."""
-    short = [r for r in replies if r.get("too-short")]
+    model (``too_short`` from :func:`fedrank.client.trainer.train_student`)."""
+    short = [r for r in replies if r.get("too_short")]
     if not short:
         return
     steps = sorted({int(r.get("steps", 0)) for r in short})
-    updates = [float(r.get("relative-update", 0.0)) for r in short]
+    updates = [float(r.get("relative_update", 0.0)) for r in short]
     log.warning(
         "round %d: local training was too short to move the model on %d of %d clients "
         "(steps taken %s, relative weight change %.2g..%.2g): raise 'min-local-steps' or "

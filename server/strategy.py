@@ -85,15 +85,15 @@ log = logging.getLogger("fedrank.server")
 # reported per node but meaningless as an average
 NOT_AVERAGED = frozenset(
     {
-        "client-key",
-        "scores-received",
-        "on-train-sets",
-        "device-threads",
-        "device-batch-size",
-        "device-max-steps",
-        "device-max-seconds",
-        "device-memory-mb",
-        "device-max-epochs",
+        "client_key",
+        "scores_received",
+        "on_train_sets",
+        "device_threads",
+        "device_batch_size",
+        "device_max_steps",
+        "device_max_seconds",
+        "device_memory_mb",
+        "device_max_epochs",
     }
 )
 # error kinds after which the server asks the node again what it holds
@@ -335,7 +335,7 @@ class FedrankStrategyMixin:
         self._before_aggregation(len(prepared))
         arrays, _ = super().aggregate_train(server_round, [p.message for p in prepared])  # type: ignore[misc]
         metrics = weighted_metrics(
-            [p.metrics for p in prepared], [p.weight for p in prepared], "num-examples"
+            [p.metrics for p in prepared], [p.weight for p in prepared], "num_examples"
         )
         received = sum(p.nbytes for p in prepared)
         if arrays is not None:
@@ -360,7 +360,7 @@ class FedrankStrategyMixin:
                     "bytes": p.nbytes,
                     **p.metrics,
                     "weight": p.weight,
-                    "update-norm": p.norm,
+                    "update_norm": p.norm,
                     "clipped": int(p.clipped),
                 }
             )
@@ -448,12 +448,12 @@ class FedrankStrategyMixin:
         for msg in screened.valid:
             metrics = dict(msg.content["metrics"])
             cap = self._node_cap(screened.node(msg), "evaluate")
-            claimed = float(metrics["num-examples"])
+            claimed = float(metrics["num_examples"])
             weights.append(min(claimed, float(cap)) if cap else claimed)
             rows.append(metrics)
         averaged = None
         if any(w > 0 for w in weights):
-            averaged = weighted_metrics(rows, weights, "num-examples")
+            averaged = weighted_metrics(rows, weights, "num_examples")
         return EvaluationResult(averaged, evaluated, screened.rejected)
 
 
@@ -540,6 +540,7 @@ def build_strategy(
     common: dict[str, Any] = {
         "fraction_train": config.fraction_train,
         "fraction_evaluate": config.fraction_evaluate,
+        "weighted_by_key": "num_examples",
         "min_train_nodes": 1,
         "min_evaluate_nodes": 1 if config.fraction_evaluate > 0 else 0,
         "min_available_nodes": config.min_available_nodes,

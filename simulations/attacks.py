@@ -35,7 +35,7 @@ def poisoned_reply(reply: Message, msg: Message, scale: float, claim: int) -> Me
         if new.dtype.kind == "f":
             new = (old - scale * (new - old)).astype(new.dtype)
         arrays[key] = Array(np.array(new))
-    metrics = MetricRecord({**dict(reply.content["metrics"]), "num-examples": int(claim)})
+    metrics = MetricRecord({**dict(reply.content["metrics"]), "num_examples": int(claim)})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -177,13 +177,13 @@ def gap_closed(student: float, labels_only: float, reference: float) -> float:
 def format_table(rows: Sequence[tuple[str, Mapping[str, float], int, str]]) -> str:
     """A plain-text table: model, metrics, parameters, note.
 
-    ``true-ndcg@10`` (NDCG@10 against the true relevance behind the labels) is shown when the
-    data has it (synthetic data), ``gap closed`` when a row has ``gap-closed``.
+    ``true_ndcg@10`` (NDCG@10 against the true relevance behind the labels) is shown when the
+    data has it (synthetic data), ``gap closed`` when a row has ``gap_closed``.
     """
     metrics_shown = list(TABLE_METRICS)
-    if any("true-ndcg@10" in metrics for _, metrics, _, _ in rows):
-        metrics_shown.append("true-ndcg@10")
-    gaps = any("gap-closed" in metrics for _, metrics, _, _ in rows)
+    if any("true_ndcg@10" in metrics for _, metrics, _, _ in rows):
+        metrics_shown.append("true_ndcg@10")
+    gaps = any("gap_closed" in metrics for _, metrics, _, _ in rows)
     head = ["model", *metrics_shown, *(["gap closed"] if gaps else []), "params", ""]
     lines = [head]
     for name, metrics, params, note in rows:
@@ -192,7 +192,7 @@ def format_table(rows: Sequence[tuple[str, Mapping[str, float], int, str]]) -> s
             v = metrics.get(k)
             cells.append("-" if v is None else f"{v:.4f}")
         if gaps:
-            v = metrics.get("gap-closed")
+            v = metrics.get("gap_closed")
             cells.append("-" if v is None or math.isnan(v) else f"{v:.0%}")
         cells += [f"{params:,}", note]
         lines.append(cells)
@@ -261,7 +261,7 @@ def compare(
     labels_only = summaries["labels-only"]["student"]["metrics"]
     distill = dict(summaries["distill"]["student"]["metrics"])
     gap = gap_closed(distill["ndcg@10"], labels_only["ndcg@10"], reference["metrics"]["ndcg@10"])
-    distill["gap-closed"] = gap
+    distill["gap_closed"] = gap
     log_loss_change = distill["log_loss"] / labels_only["log_loss"] - 1.0
     rounds = summaries["distill"]["student"]["rounds"]
     rows = [

@@ -170,12 +170,12 @@ def chaos_mod(sleep_seconds: float) -> Callable:
         if kind == "nan":
             return _corrupt(reply, "nan", msg)
         if kind == "nan-metric":
-            return _with_metrics(reply, msg, **{"loss-total": float("nan")})
+            return _with_metrics(reply, msg, **{"loss_total": float("nan")})
         if kind == "lie":
-            return _with_metrics(reply, msg, **{"num-examples": 10**12})
+            return _with_metrics(reply, msg, **{"num_examples": 10**12})
         if kind == "poison":  # flipped and scaled, with its honest example count
             return poisoned_reply(
-                reply, msg, POISON_SCALE, int(reply.content["metrics"]["num-examples"])
+                reply, msg, POISON_SCALE, int(reply.content["metrics"]["num_examples"])
             )
         return reply
 

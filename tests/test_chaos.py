@@ -140,9 +140,9 @@ def test_every_round_finishes_and_each_failure_costs_its_node(runs: dict) -> Non
     assert len(deliveries) == 2  # the scores went to the restarted node again
     # the liar's claim of 1e12 examples is capped at the sets it reported at hello
     liar = [c for row in rows[1:] for c in row["clients_train"] if part[int(c["node"])] == 5]
-    assert liar and all(c["num-examples"] == 10**12 and c["weight"] < 1000 for c in liar)
+    assert liar and all(c["num_examples"] == 10**12 and c["weight"] < 1000 for c in liar)
     # a NaN loss metric is undefined on that node, not an error; the average stays finite
-    assert all(row["train"]["loss-total"] == row["train"]["loss-total"] for row in rows[1:])
+    assert all(row["train"]["loss_total"] == row["train"]["loss_total"] for row in rows[1:])
     # federated evaluation ran every round on the nodes the server had heard from, also on
     # nodes that did not train that round (no teacher scores: other metric keys)
     assert all(row["client_eval"]["clients"] >= CONFIG["min-replies"] for row in rows[1:])

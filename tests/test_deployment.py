@@ -193,7 +193,7 @@ def test_registered_nodes_train_two_rounds_over_tls(fleet: Fleet):
         assert row["clients"] == 2
         assert {int(c["node"]) for c in row["clients_train"]} == set(fleet.node_ids)
         assert 0.0 <= row["ndcg@10"] <= 1.0
-        assert all(c["num-examples"] > 0 for c in row["clients_train"])
+        assert all(c["num_examples"] > 0 for c in row["clients_train"])
     # teacher scores travel once per node (round 1), then the nodes use their cached copy
     assert rows[1]["bytes_scores_to_clients"] > 0 and rows[1]["score_deliveries"] == 2
     assert rows[2]["bytes_scores_to_clients"] == 0 and rows[2]["score_deliveries"] == 0
@@ -422,7 +422,7 @@ def test_device_settings_from_node_config():
     assert s.train_settings(TrainSettings(max_steps=3, batch_size=2)).max_steps == 3
     assert DeviceSettings(memory_mb=1).batch_size_for(64, max_items=100, num_features=46) < 64
     report = s.report(used)
-    assert report["device-batch-size"] == 4 and report["device-max-steps"] == 5
+    assert report["device_batch_size"] == 4 and report["device_max_steps"] == 5
     with pytest.raises(ConfigError, match="'max-step'.*did you mean 'max-steps'"):
         DeviceSettings.from_node_config({"data-path": "x", "max-step": 5})
     with pytest.raises(ConfigError, match="'threads' must be an integer >= 0"):

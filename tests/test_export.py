@@ -274,7 +274,10 @@ def test_safetensors_file_carries_the_whole_state_dict(tmp_path, student):
         ),
         ({"net__2__bias": None}, r"miss key 'net\.2\.bias'"),
         ({"extra": np.zeros(2, np.float32)}, r"unexpected key 'extra'"),
-        ({"net__2__weight": np.full((1, 16), np.inf, np.float32)}, r"'net\.2\.weight' holds 16 non-finite"),
+        (
+            {"net__2__weight": np.full((1, 16), np.inf, np.float32)},
+            r"'net\.2\.weight' holds 16 non-finite",
+        ),
         ({"feature_indices": np.arange(100, 116)}, r"weights the student cannot run with"),
     ],
     ids=["shape", "dtype", "missing", "unexpected", "inf", "indices"],

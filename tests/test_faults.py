@@ -61,7 +61,7 @@ def _meta(node: int, reply_to: str = "") -> Metadata:
 
 def _reply(node: int, weights: dict[str, np.ndarray] | None = None, examples=10, **kw) -> Message:
     weights = {k: np.array(v) for k, v in (weights or GLOBAL).items()}
-    metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": examples})
+    metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num_examples": examples})
     content = RecordDict({"arrays": _arrays(weights), "metrics": metrics})
     return Message(content, metadata=_meta(node, **kw))
 
@@ -129,7 +129,7 @@ def test_pickled_array_on_the_wire_is_never_unpickled(capsys):
     weights["net.0.bias"] = Array(
         dtype="object", shape=(1,), stype="numpy.ndarray", data=buf.getvalue()
     )
-    metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": 3})
+    metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num_examples": 3})
     content = RecordDict({"arrays": weights, "metrics": metrics})
     evil = Message(content, metadata=_meta(66))
     result = screen_replies(1, [_reply(1), evil], global_arrays=_arrays(GLOBAL))
@@ -144,7 +144,7 @@ def test_bad_example_count_is_rejected(examples):
         1, [_reply(1), _reply(2, examples=examples)], global_arrays=_arrays(GLOBAL)
     )
     assert result.failed_nodes == [2]
-    assert "num-examples" in result.rejected[0].reason
+    assert "num_examples" in result.rejected[0].reason
 
 
 def test_crashed_and_silent_nodes_are_named_and_the_round_goes_on(caplog):
@@ -202,19 +202,19 @@ def test_evaluate_replies_are_screened_too():
     from fedrank.common.reply_schema import EVALUATE_METRICS
 
     def reply(node: int, **values: float) -> Message:
-        metrics = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num-examples": 4}
-        metrics["on-train-sets"] = 0
+        metrics = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num_examples": 4}
+        metrics["on_train_sets"] = 0
         content = RecordDict({"metrics": MetricRecord({**metrics, **values})})
         return Message(content, metadata=_meta(node))
 
     ok = reply(1)
     undefined = reply(2, auc=float("nan"))  # no pair of differing labels on that node
     inf = reply(3, **{"ndcg@10": float("inf")})
-    extra = reply(4, **{"device-memory-mb": 64.0})
+    extra = reply(4, **{"device_memory_mb": 64.0})
     result = screen_replies(1, [ok, undefined, inf, extra], stage="evaluate")
     assert result.failed_nodes == [3, 4]
     assert "'ndcg@10' is infinite" in result.rejected[0].reason
-    assert "unexpected key 'device-memory-mb'" in result.rejected[1].reason
+    assert "unexpected key 'device_memory_mb'" in result.rejected[1].reason
 
 
 def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
@@ -252,7 +252,7 @@ def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
     cfg = FedrankConfig.from_run_config({"min-available-nodes": 1})
     strategy = build_strategy(cfg, make_policy(cfg))
     arrays = strategy.aggregate_round(TrainPlan(2, global_arrays, [], [], {}), good + bad).arrays
-    expected = aggregate_arrayrecords([m.content for m in good], "num-examples")
+    expected = aggregate_arrayrecords([m.content for m in good], "num_examples")
     for key in base:
         np.testing.assert_allclose(arrays[key].numpy(), expected[key].numpy(), rtol=1e-6)
         assert np.all(np.isfinite(arrays[key].numpy()))
@@ -315,13 +315,13 @@ def test_simulation_survives_crashed_slow_and_malicious_clients(tmp_path):
     for row in rows[1:]:
         assert np.isfinite(row["ndcg@10"])
     round2, round3 = rows[2], rows[3]
-    assert [c["client-key"] for c in round2["clients_train"]] == [0]
+    assert [c["client_key"] for c in round2["clients_train"]] == [0]
     reasons2 = " | ".join(r["reason"] for r in round2["rejected"])
     assert len(round2["rejected"]) == 3
     assert "injected crash" in reasons2 and "non-finite" in reasons2 and "has shape" in reasons2
     reasons3 = " | ".join(r["reason"] for r in round3["rejected"])
     assert "miss key" in reasons3 and "no reply" in reasons3
-    assert sorted(c["client-key"] for c in round3["clients_train"]) == [0, 3]
+    assert sorted(c["client_key"] for c in round3["clients_train"]) == [0, 3]
     assert all(isinstance(r["node"], int) for r in round2["rejected"] + round3["rejected"])
     log = proc.stdout + proc.stderr
     assert "rejected" in log and "injected crash" in log
@@ -620,8 +620,8 @@ def test_client_honours_and_reports_device_settings(tmp_path):
         )
         metrics = reply.content["metrics"]
         assert metrics["steps"] <= 2
-        assert metrics["device-threads"] == 1
-        assert metrics["device-batch-size"] == 3 and metrics["device-max-steps"] == 2
+        assert metrics["device_threads"] == 1
+        assert metrics["device_batch_size"] == 3 and metrics["device_max_steps"] == 2
         typo = _call_train({"data-path": str(data), "max-step": 2})
         assert typo.has_error() and "'max-step'" in typo.error.reason
         assert "did you mean 'max-steps'" in typo.error.reason

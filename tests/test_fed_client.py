@@ -171,23 +171,23 @@ def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
     reply = _send("train", content, context)
     metrics = reply.content["metrics"]
     local = load_local_data(NODE, settings)
-    assert metrics["num-examples"] == local.train.num_sets
-    assert metrics["steps"] == 3.0 and metrics["scores-received"] == 1
-    for key in ("loss-label", "loss-rank-label", "loss-rank", "loss-total"):
+    assert metrics["num_examples"] == local.train.num_sets
+    assert metrics["steps"] == 3.0 and metrics["scores_received"] == 1
+    for key in ("loss_label", "loss_rank_label", "loss_rank", "loss_total"):
         assert np.isfinite(metrics[key])
-    assert "val-ndcg@10" not in metrics  # only when the server asks (report-validation)
+    assert "val_ndcg@10" not in metrics  # only when the server asks (report-validation)
     new = reply.content["arrays"]
     assert isinstance(new, ArrayRecord) and set(new) == set(content["arrays"])
     assert not np.allclose(new["net.0.weight"].numpy(), content["arrays"]["net.0.weight"].numpy())
     evaluated = _send("evaluate", content, context).content["metrics"]
-    assert evaluated["num-examples"] == local.holdout.num_sets
+    assert evaluated["num_examples"] == local.holdout.num_sets
     assert 0.0 <= evaluated["ndcg@10"] <= 1.0 and "kendall_tau" in evaluated
 
 
 def test_label_only_training_needs_no_scores(settings: dict) -> None:
     labels_only = {**settings, "rank-weight": 0.0, "score-weight": 0.0}
     reply = _send("train", _train_content(labels_only, "none"), _context())
-    assert reply.content["metrics"]["loss-rank"] == 0.0
+    assert reply.content["metrics"]["loss_rank"] == 0.0
 
 
 def test_validation_metrics_when_the_server_asks(settings: dict) -> None:
@@ -202,9 +202,9 @@ def test_validation_metrics_when_the_server_asks(settings: dict) -> None:
     after = _send(
         "evaluate", {"arrays": reply.content["arrays"], "config": content["config"]}, _context()
     ).content["metrics"]
-    assert metrics["val-ndcg@10-start"] == pytest.approx(before["ndcg@10"], abs=1e-6)
-    assert metrics["val-ndcg@10"] == pytest.approx(after["ndcg@10"], abs=1e-6)
-    assert metrics["val-ndcg@10"] != metrics["val-ndcg@10-start"]
+    assert metrics["val_ndcg@10_start"] == pytest.approx(before["ndcg@10"], abs=1e-6)
+    assert metrics["val_ndcg@10"] == pytest.approx(after["ndcg@10"], abs=1e-6)
+    assert metrics["val_ndcg@10"] != metrics["val_ndcg@10_start"]
 
 
 def test_node_without_data_names_data_path(settings: dict) -> None:
@@ -235,6 +235,6 @@ def test_time_budget_stops_local_training(settings: dict) -> None:
     model = StudentModel(46, hidden=(8,))
     run = TrainSettings(epochs=50, batch_size=2, max_seconds=1e-9)
     out = train_student(model, local.train, cfg.composite_loss(), run)
-    assert out["steps"] == 1.0 and out["stopped-by-time"] == 1
+    assert out["steps"] == 1.0 and out["stopped_by_time"] == 1
     full = train_student(model, local.train, cfg.composite_loss(), TrainSettings(batch_size=64))
-    assert full["steps"] == float(-(-local.train.num_sets // 64)) and full["stopped-by-time"] == 0
+    assert full["steps"] == float(-(-local.train.num_sets // 64)) and full["stopped_by_time"] == 0

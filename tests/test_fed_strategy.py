@@ -61,12 +61,12 @@ def test_policy_overrides_are_client_keys_only() -> None:
 
 def test_metrics_are_weighted_by_example_count() -> None:
     records = [
-        RecordDict({"m": MetricRecord({"num-examples": 1, "loss": 1.0, "client-key": 0})}),
-        RecordDict({"m": MetricRecord({"num-examples": 3, "loss": 3.0, "client-key": 1})}),
+        RecordDict({"m": MetricRecord({"num_examples": 1, "loss": 1.0, "client_key": 0})}),
+        RecordDict({"m": MetricRecord({"num_examples": 3, "loss": 3.0, "client_key": 1})}),
     ]
-    out = aggregate_metrics(records, "num-examples")
-    assert out["loss"] == pytest.approx(2.5) and out["num-examples"] == 4
-    assert out["clients"] == 2 and "client-key" not in out
+    out = aggregate_metrics(records, "num_examples")
+    assert out["loss"] == pytest.approx(2.5) and out["num_examples"] == 4
+    assert out["clients"] == 2 and "client_key" not in out
 
 
 def test_integer_buffers_are_kept_not_averaged() -> None:
@@ -114,7 +114,7 @@ def _message(node: int, content: RecordDict | None = None, code: int = 0, reason
 def _metrics(examples: int) -> MetricRecord:
     from fedrank.common.reply_schema import TRAIN_METRICS
 
-    return MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num-examples": examples})
+    return MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num_examples": examples})
 
 
 def test_node_errors_are_read_by_code_and_cost_only_that_node() -> None:

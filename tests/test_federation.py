@@ -103,10 +103,10 @@ def test_global_student_improves_on_its_start(runs: dict) -> None:
     # client metrics are aggregated weighted by example count
     train = rows[1]["train"]
     clients = rows[1]["clients_train"]
-    n = [c["num-examples"] for c in clients]
-    expected = sum(c["loss-total"] * k for c, k in zip(clients, n, strict=True)) / sum(n)
-    assert train["loss-total"] == pytest.approx(expected)
-    assert train["num-examples"] == sum(n) == 471  # every training set is on one client
+    n = [c["num_examples"] for c in clients]
+    expected = sum(c["loss_total"] * k for c, k in zip(clients, n, strict=True)) / sum(n)
+    assert train["loss_total"] == pytest.approx(expected)
+    assert train["num_examples"] == sum(n) == 471  # every training set is on one client
 
 
 def test_targeted_clients_receive_exactly_their_sets_once(runs: dict) -> None:
@@ -120,7 +120,7 @@ def test_targeted_clients_receive_exactly_their_sets_once(runs: dict) -> None:
     rows = read_metrics(runs["root"] / "targeted" / "metrics.jsonl")
     assert rows[1]["bytes_scores_to_clients"] == sum(d["nbytes"] for d in deliveries)
     assert rows[2]["bytes_scores_to_clients"] == 0 and rows[2]["score_deliveries"] == 0
-    assert all(c["scores-received"] == 1 for c in rows[2]["clients_train"])
+    assert all(c["scores_received"] == 1 for c in rows[2]["clients_train"])
 
 
 def test_scores_are_sent_once_per_node_and_version(runs: dict) -> None:
@@ -129,7 +129,7 @@ def test_scores_are_sent_once_per_node_and_version(runs: dict) -> None:
         assert runs["summaries"][name]["federation"]["score_deliveries"] == []
     rows = read_metrics(runs["root"] / "full" / "metrics.jsonl")
     assert all(r["bytes_scores_to_clients"] == 0 for r in rows)
-    assert all(c["scores-received"] == 1 for r in rows[1:] for c in r["clients_train"])
+    assert all(c["scores_received"] == 1 for r in rows[1:] for c in r["clients_train"])
 
 
 def test_resume_gives_the_weights_of_an_uninterrupted_run(runs: dict) -> None:

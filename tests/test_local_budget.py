@@ -66,14 +66,14 @@ def test_a_dozen_sets_take_the_floor_and_move_the_model(small_client, one_torch_
     sets, columns = small_client
     out = _train(sets, columns, TrainSettings(epochs=2, min_steps=20, batch_size=16))
     assert set(TRAINER_METRICS) <= set(out)  # the list a reply schema derives from
-    assert out["steps"] == 20 and out["steps-planned"] == 20
-    assert out["relative-update"] > MIN_RELATIVE_UPDATE and out["too-short"] == 0
+    assert out["steps"] == 20 and out["steps_planned"] == 20
+    assert out["relative_update"] > MIN_RELATIVE_UPDATE and out["too_short"] == 0
 
 
 def test_long_sets_train_within_the_same_budget(one_torch_thread) -> None:
     data = generate_synthetic(SyntheticConfig(num_sets=12, min_items=300, max_items=300), seed=2)
     out = _train(data.sets, data.student_columns, TrainSettings(epochs=2, min_steps=20))
-    assert out["steps"] == 20 and out["num-items"] == 3600 and out["too-short"] == 0
+    assert out["steps"] == 20 and out["num_items"] == 3600 and out["too_short"] == 0
 
 
 def test_a_device_cap_below_the_floor_is_flagged(small_client, one_torch_thread) -> None:
@@ -82,14 +82,14 @@ def test_a_device_cap_below_the_floor_is_flagged(small_client, one_torch_thread)
         TrainSettings(epochs=2, min_steps=20, batch_size=16), sets
     )
     out = _train(sets, columns, capped)
-    assert out["steps"] == 2 and out["steps-planned"] == 20 and out["too-short"] == 1
+    assert out["steps"] == 2 and out["steps_planned"] == 20 and out["too_short"] == 1
 
 
 def test_a_round_that_does_not_move_the_weights_is_flagged(small_client, one_torch_thread) -> None:
     sets, columns = small_client
     out = _train(sets, columns, TrainSettings(min_steps=20, learning_rate=1e-9, optimizer="sgd"))
-    assert out["steps"] == 20 and out["relative-update"] < MIN_RELATIVE_UPDATE
-    assert out["too-short"] == 1
+    assert out["steps"] == 20 and out["relative_update"] < MIN_RELATIVE_UPDATE
+    assert out["too_short"] == 1
 
 
 def test_server_logs_a_warning_for_short_rounds(caplog: pytest.LogCaptureFixture) -> None:
@@ -97,11 +97,11 @@ def test_server_logs_a_warning_for_short_rounds(caplog: pytest.LogCaptureFixture
     log.propagate = True  # let caplog see the ServerApp's own handler's records
     try:
         with caplog.at_level(logging.WARNING, logger="fedrank"):
-            _warn_short_training(3, [{"too-short": 0, "steps": 20.0}])
+            _warn_short_training(3, [{"too_short": 0, "steps": 20.0}])
             assert not caplog.records
             replies = [
-                {"too-short": 1, "steps": 2.0, "relative-update": 0.0},
-                {"too-short": 0, "steps": 20.0, "relative-update": 0.2},
+                {"too_short": 1, "steps": 2.0, "relative_update": 0.0},
+                {"too_short": 0, "steps": 20.0, "relative_update": 0.2},
             ]
             _warn_short_training(3, replies)
     finally:

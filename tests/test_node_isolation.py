@@ -98,7 +98,7 @@ def _sent(node: int, kind: str = "train") -> Message:
 
 
 def _train_metrics(examples: float = 10, **values: float) -> dict:
-    return {**dict.fromkeys(TRAIN_METRICS.required, 1), "num-examples": examples, **values}
+    return {**dict.fromkeys(TRAIN_METRICS.required, 1), "num_examples": examples, **values}
 
 
 def _train_reply(node: int, weights: dict, **metrics: float) -> Message:
@@ -108,8 +108,8 @@ def _train_reply(node: int, weights: dict, **metrics: float) -> Message:
 
 
 def _eval_reply(node: int, **metrics: float) -> Message:
-    base = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num-examples": 10}
-    base["on-train-sets"] = 0
+    base = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num_examples": 10}
+    base["on_train_sets"] = 0
     content = RecordDict({"metrics": MetricRecord({**base, **metrics})})
     return Message(content, metadata=_meta(node, "evaluate"))
 
@@ -175,7 +175,7 @@ def test_replies_with_and_without_teacher_metrics_are_averaged_not_refused() -> 
 
 
 def test_a_reply_with_an_extra_or_missing_key_costs_only_its_node(student) -> None:
-    """A device that sets memory-mb used to add 'device-memory-mb' (an extra key: Flower's
+    """A device that sets memory-mb used to add 'device_memory_mb' (an extra key: Flower's
     InconsistentMessageReplies for the whole round). Now every device reports the same keys,
     and a reply that does not fit the schema is rejected with the key named."""
     strategy = _strategy(_registry({1: 20, 2: 20, 3: 20}))
@@ -183,28 +183,28 @@ def test_a_reply_with_an_extra_or_missing_key_costs_only_its_node(student) -> No
     good = _train_reply(1, _moved(student, 0.01), **_train_metrics())
     extra = _train_reply(2, _moved(student, 0.01, 1), **_train_metrics(), surprise=1.0)
     metrics = _train_metrics()
-    del metrics["loss-rank"]
+    del metrics["loss_rank"]
     missing = _train_reply(3, _moved(student, 0.01, 2), **metrics)
     result = strategy.aggregate_round(plan, [good, extra, missing])
     assert result.arrays is not None
     reasons = {r.node_id: r.reason for r in result.rejected}
     assert set(reasons) == {2, 3}
-    assert "unexpected key 'surprise'" in reasons[2] and "lack 'loss-rank'" in reasons[3]
-    assert "device-memory-mb" in TRAIN_METRICS.required  # always sent (0: no cap)
+    assert "unexpected key 'surprise'" in reasons[2] and "lack 'loss_rank'" in reasons[3]
+    assert "device_memory_mb" in TRAIN_METRICS.required  # always sent (0: no cap)
 
 
 def test_a_nan_metric_is_kept_as_undefined_and_skipped_in_the_average(student) -> None:
     """A NaN metric used to be dropped on the client (another key set: the round ended). Now
     it travels as NaN (undefined on that node) and the average skips it."""
-    record = TRAIN_METRICS.record(_train_metrics(**{"loss-label": float("nan")}))
-    assert math.isnan(record["loss-label"]) and set(record) == set(TRAIN_METRICS.required)
+    record = TRAIN_METRICS.record(_train_metrics(**{"loss_label": float("nan")}))
+    assert math.isnan(record["loss_label"]) and set(record) == set(TRAIN_METRICS.required)
     strategy = _strategy(_registry({1: 20, 2: 20}))
     replies = [
-        _train_reply(1, _moved(student, 0.01), **_train_metrics(**{"loss-label": 0.25})),
+        _train_reply(1, _moved(student, 0.01), **_train_metrics(**{"loss_label": 0.25})),
         _train_reply(2, _moved(student, 0.01, 1), **dict(record)),
     ]
     metrics = strategy.aggregate_round(_plan(1, student), replies).metrics
-    assert metrics["loss-label"] == pytest.approx(0.25) and metrics["clients"] == 2
+    assert metrics["loss_label"] == pytest.approx(0.25) and metrics["clients"] == 2
 
 
 def test_client_metrics_fit_the_schema_or_name_the_key() -> None:
@@ -213,7 +213,7 @@ def test_client_metrics_fit_the_schema_or_name_the_key() -> None:
     ):
         TRAIN_METRICS.record(_train_metrics(**{"steps-taken": 3}))
     with pytest.raises(ReplySchemaError, match="part of the 'validation' group"):
-        TRAIN_METRICS.record(_train_metrics(**{"val-ndcg@10": 0.5}))
+        TRAIN_METRICS.record(_train_metrics(**{"val_ndcg@10": 0.5}))
 
 
 # ---- node errors, hello and scores acknowledgements --------------------------------------------
@@ -329,17 +329,17 @@ def test_a_wrong_or_malformed_acknowledgement_costs_only_that_node() -> None:
 
 # ---- the adaptive policy ------------------------------------------------------------------------
 def test_a_nan_reward_is_ignored_and_state_is_keyed_by_node_id() -> None:
-    """Before: one NaN 'val-ndcg@10' made Exp3 raise 'Probabilities contain NaN' next round;
+    """Before: one NaN 'val_ndcg@10' made Exp3 raise 'Probabilities contain NaN' next round;
     and a node could write another node's state by claiming its client key."""
     options = {"candidates": [{"rank-weight": 0.0}, {"rank-weight": 1.0}]}
     policy = AdaptiveWeights(options, seed=0)
     policy.configure(1, 11, {"client-key": 0})
-    policy.observe(1, 11, {"val-ndcg@10-start": 0.5, "val-ndcg@10": float("nan")})
+    policy.observe(1, 11, {"val_ndcg@10_start": 0.5, "val_ndcg@10": float("nan")})
     assert np.allclose(policy.probabilities(11), 0.5)
     policy.configure(2, 11, {"client-key": 0})  # no 'Probabilities contain NaN'
     policy.configure(2, 12, {"client-key": 1})
     # node 12 claims node 11's client key in its reply: its reward goes to node 12's state
-    policy.observe(2, 12, {"client-key": 0, "val-ndcg@10-start": 0.0, "val-ndcg@10": 0.5})
+    policy.observe(2, 12, {"client_key": 0, "val_ndcg@10_start": 0.0, "val_ndcg@10": 0.5})
     assert set(policy.losses) == {12} and 11 in policy.pending
 
 
@@ -383,8 +383,8 @@ def test_device_caps_hold_whatever_the_server_asks(tmp_path) -> None:
         hello = _call("query.hello", node, {"config": config})
         assert hello.content["status"]["max-parameters"] == 10_000
         metrics = _call("train", node, content).content["metrics"]
-        per_epoch = -(-metrics["num-examples"] // 2)
-        assert metrics["device-max-epochs"] == 1 and metrics["steps"] == per_epoch  # not 50
+        per_epoch = -(-metrics["num_examples"] // 2)
+        assert metrics["device_max_epochs"] == 1 and metrics["steps"] == per_epoch  # not 50
         small = {**node, "max-parameters": 100}
         refused = _call("train", small, content)
         assert refused.error.code == NODE_ERROR_CODES["device-cap"]
@@ -499,7 +499,7 @@ def test_a_node_claiming_huge_example_counts_gets_no_more_than_it_holds(student,
     if claim == 1e12:  # capped to its 30 sets: one third of the weight, not all of it
         assert shift == pytest.approx(5.0 / 3, abs=0.05)
         assert [c["weight"] for c in result.clients if c["node"] == 3] == [30]
-        assert metrics["num-examples"] == 90
+        assert metrics["num_examples"] == 90
     else:  # refused: the honest average
         assert abs(shift) < 0.05 and [r.node_id for r in result.rejected] == [3]
 
@@ -529,7 +529,7 @@ def test_an_update_far_longer_than_the_rounds_median_is_clipped(student) -> None
     result = strategy.aggregate_round(
         _plan(1, student), replies + [_train_reply(5, evil, **_train_metrics())]
     )
-    norms = {c["node"]: c["update-norm"] for c in result.clients}
+    norms = {c["node"]: c["update_norm"] for c in result.clients}
     median = float(np.median(list(norms.values())))
     clipped = [c["node"] for c in result.clients if c["clipped"]]
     assert clipped == [5] and norms[5] > 3 * median

@@ -199,7 +199,7 @@ def play(policy: AdaptiveWeights, rounds: int, gains: list[float], clients: int 
             policy.observe(
                 rnd,
                 1000 + key,
-                {"client-key": key, "val-ndcg@10-start": start, "val-ndcg@10": start + gain},
+                {"client_key": key, "val_ndcg@10_start": start, "val_ndcg@10": start + gain},
             )
     return chosen
 
@@ -220,7 +220,7 @@ def test_exp3_learns_each_clients_best_candidate_and_is_seeded() -> None:
 def test_exp3_without_validation_metrics_stays_uniform() -> None:
     policy = AdaptiveWeights(ADAPTIVE, seed=0)
     policy.configure(1, 9, {"client-key": 0})
-    policy.observe(1, 9, {"client-key": 0, "loss-total": 1.0})
+    policy.observe(1, 9, {"client_key": 0, "loss_total": 1.0})
     assert np.allclose(policy.probabilities(9), 1 / 3)
     # the learning rate of Exp3 for K = 3 candidates over the run's rounds
     rounds = FedrankConfig.from_run_config({"num-server-rounds": 10})
@@ -294,7 +294,7 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
         assert config["report-validation"] is True  # the policy wants validation metrics
         assert (config["pair-weight"], config["weight-ranks"]) == ("log_discount", "both")
         reply = real.train(msg, context)
-        for key in ("val-ndcg@10-start", "val-ndcg@10"):
+        for key in ("val_ndcg@10_start", "val_ndcg@10"):
             assert 0.0 <= reply.content["metrics"][key] <= 1.0
         # replies have a fixed metric schema: what the client saw goes to a file instead
         seen = tmp_path / f"seen-{pid}-{int(config['server-round'])}.json"
@@ -320,13 +320,13 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     replies = rows[-1]["clients_train"]
     assert len(replies) == 2
     # the server's key is the partition id
-    assert sorted(int(r["client-key"]) for r in replies) == [0, 1]
+    assert sorted(int(r["client_key"]) for r in replies) == [0, 1]
     last = rows[-1]["round"]
     for pid, want in expected.items():
         assert json.loads((tmp_path / f"seen-{pid}-{last}.json").read_text()) == want
     # the policy saw the validation metrics of both clients
-    assert sorted(int(m["client-key"]) for m in observed) == [0, 1]
-    assert all("val-ndcg@10" in m and "val-ndcg@10-start" in m for m in observed)
+    assert sorted(int(m["client_key"]) for m in observed) == [0, 1]
+    assert all("val_ndcg@10" in m and "val_ndcg@10_start" in m for m in observed)
     # device-features = "3": the student reads 3 seeded columns of the data
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     num_features = summary["data"]["num_features"]

@@ -65,9 +65,9 @@ def test_default_student_reaches_the_teacher(runs: dict, name: str) -> None:
     rows = read_metrics(runs["root"] / name / "metrics.jsonl")
     clients = rows[1]["clients_train"]
     # the floor: every client trained at least min-local-steps steps and moved the model
-    assert all(c["steps"] >= 20 and c["too-short"] == 0 for c in clients)
+    assert all(c["steps"] >= 20 and c["too_short"] == 0 for c in clients)
     if name == "small":
-        assert all(c["num-examples"] <= 15 for c in clients)
+        assert all(c["num_examples"] <= 15 for c in clients)
 
 
 def test_saved_student_carries_the_servers_transform(runs: dict) -> None:
