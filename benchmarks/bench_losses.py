@@ -87,7 +87,7 @@ def show(times: dict[str, tuple[float, float]]) -> None:
 
 
 def fwd_bwd(name: str, batch: dict[str, torch.Tensor], **options) -> Callable[[], torch.Tensor]:
-    target = batch["labels"] if L.LOSS_TARGETS[name] == "labels" else batch["teacher"]
+    target = batch["labels"] if L.LOSSES[name].target == "labels" else batch["teacher"]
 
     def run() -> torch.Tensor:
         s = batch["scores"].clone().requires_grad_(True)

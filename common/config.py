@@ -13,7 +13,6 @@ evaluate ``ConfigRecord``; a device needs nothing but ``data-path`` in its own `
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -24,17 +23,19 @@ from typing import Any
 from fedrank.common.errors import ConfigError
 from fedrank.common.features import restrict_features
 from fedrank.common.losses import (
-    FAMILY_LOSSES,
-    LOSS_TARGETS,
     LOSSES,
+    PAIR_WEIGHTS,
+    WEIGHT_RANKS,
     CompositeLoss,
     LossTerm,
     WeightSchedule,
+    losses_of,
 )
 
 __all__ = [
     "CHOICES",
     "CLIENT_KEYS",
+    "DP_STRATEGIES",
     "FedrankConfig",
     "LOSS_KEYS",
     "to_key",
@@ -60,11 +61,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "partition_scheme": ("iid", "dirichlet", "sizes"),
     "eval_split": ("test", "vali"),
     "partition_attribute": ("positive_rate", "cluster"),
-    "pair_weight": ("none", "inverse_rank", "log_discount", "rank_gap"),
-    "weight_ranks": ("teacher", "student", "both"),
+    "pair_weight": PAIR_WEIGHTS,
+    "weight_ranks": WEIGHT_RANKS,
     "teacher_kind": ("set-transformer", "lightgbm", "imported"),
 }
 
+# strategies whose aggregate is a plain average of the (clipped) updates: what DP's
+# accounting covers (fedrank.server.privacy)
+DP_STRATEGIES = ("fedavg", "fedprox")
 # loss family -> (key of the loss name, key of the weight)
 LOSS_KEYS: dict[str, tuple[str, str]] = {
     "label": ("label_loss", "label_weight"),
@@ -256,40 +260,36 @@ class FedrankConfig:
             raise ConfigError(f"'student-hidden' widths must be >= 1, got {self.student_hidden!r}")
         return widths
 
-    def loss_terms(self) -> list[Any]:
-        """The :class:`~fedrank.common.losses.LossTerm` list of the composite loss (zero weights kept,
-        so each term's value is still logged)."""
-
+    def loss_terms(self) -> list[LossTerm]:
+        """The :class:`~fedrank.common.losses.LossTerm` list of the composite loss (zero weights
+        kept, so each term's value is still logged). ``temperature`` goes to every teacher loss
+        that takes one; ``pair-weight`` and ``weight-ranks`` to every pairwise loss."""
         terms = []
         weighted = self.pair_weight != "none"
         takers: list[str] = []
         for family, (loss_field, weight_field) in LOSS_KEYS.items():
             loss = getattr(self, loss_field)
             weight = getattr(self, weight_field)
-            if loss not in FAMILY_LOSSES[family]:
+            if loss not in losses_of(family):
                 raise ConfigError(
                     f"{to_key(loss_field)!r}: unknown loss {loss!r} for the {family} term; "
-                    f"valid: {', '.join(FAMILY_LOSSES[family])}"
+                    f"valid: {', '.join(losses_of(family))}"
                 )
             try:
                 WeightSchedule.parse(weight, context=to_key(weight_field))
             except ConfigError as err:
                 raise ConfigError(f"{to_key(weight_field)!r}: {err}") from None
+            info = LOSSES[loss]
             options: dict[str, Any] = {}
-            takes_temperature = "temperature" in inspect.signature(LOSSES[loss]).parameters
-            if LOSS_TARGETS[loss] == "teacher" and takes_temperature:
+            if info.target == "teacher" and info.takes("temperature"):
                 options["temperature"] = float(self.temperature)
-            if weighted and "pair_weight" in inspect.signature(LOSSES[loss]).parameters:
+            if weighted and info.pairwise:
                 options["pair_weight"] = self.pair_weight
                 options["weight_ranks"] = self.weight_ranks
                 takers.append(f"{to_key(loss_field)} = {loss}")
             terms.append(LossTerm(family, loss, weight, options))
         if weighted and not takers:
-            pairwise = [
-                name
-                for name, fn in LOSSES.items()
-                if "pair_weight" in inspect.signature(fn).parameters
-            ]
+            pairwise = [name for name, info in LOSSES.items() if info.pairwise]
             raise ConfigError(
                 f"'pair-weight' {self.pair_weight!r} needs a loss that takes pair weights, but "
                 f"'rank-loss' {self.rank_loss!r} and 'rank-label-loss' {self.rank_label_loss!r} "
@@ -435,7 +435,7 @@ class FedrankConfig:
         for name in ("num_malicious_nodes", "num_nodes_to_select"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
-        if self.dp_noise_multiplier > 0 and self.strategy not in ("fedavg", "fedprox"):
+        if self.dp_noise_multiplier > 0 and self.strategy not in DP_STRATEGIES:
             raise ConfigError(
                 f"'strategy' {self.strategy!r} cannot run with differential privacy "
                 f"('dp-noise-multiplier' {self.dp_noise_multiplier:g}): DP's accounting covers "

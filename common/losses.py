@@ -3,7 +3,7 @@
 Every loss has the same signature ``fn(scores, target, mask, **options) -> Tensor[B]``:
 
 - ``scores``: student logits ``s`` ``[B, N]`` (float);
-- ``target``: labels ``y`` or teacher logits ``t`` ``[B, N]`` (see ``LOSS_TARGETS``);
+- ``target``: labels ``y`` or teacher logits ``t`` ``[B, N]`` (``LOSSES[name].target``);
 - ``mask``: bool ``[B, N]``, True for real items. Whatever is stored at masked positions
   (including ``inf`` or ``NaN``) changes neither the value nor the gradient;
 - the result is one value per set (``[B]``); combine sets with ``reduce_sets``.
@@ -17,12 +17,21 @@ signal (most sets of click data have no click). Nothing is cached between calls.
 
 Pair weights (LambdaRank style) are available for the pairwise losses
 (``label_pairwise_logistic``, ``rank_l2``, ``rank_pairwise_ce``, ``rank_conditional``)
-through the options ``pair_weight``, ``weight_ranks``, ``alpha`` and ``weight_combine``; see
-``pair_weights``.
+through the options ``pair_weight``, ``weight_ranks``, ``alpha`` and ``weight_combine``
+(:data:`PAIR_OPTIONS`; see ``pair_weights``). Each pairwise loss is a thin function over one
+helper, :func:`_pairwise`, which takes the pair weighting as one argument.
+
+Losses register themselves (:func:`register`): :data:`LOSSES` maps each name to a
+:class:`LossInfo` (the function, its target ``labels`` or ``teacher``, the composite-loss
+families it serves, its options). Every option means the same in every loss that takes it
+(:data:`OPTIONS`); the temperature of every teacher loss is ``temperature``. Each public loss
+has a runnable example in its docstring (the tests run them).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -37,9 +46,11 @@ from fedrank.common.errors import ConfigError, ScoreTableError
 
 __all__ = [
     "FAMILIES",
-    "FAMILY_LOSSES",
     "LOSSES",
-    "LOSS_TARGETS",
+    "LossInfo",
+    "OPTIONS",
+    "PAIR_OPTIONS",
+    "PairWeighting",
     "PAIR_WEIGHTS",
     "CompositeLoss",
     "LossTerm",
@@ -47,6 +58,8 @@ __all__ = [
     "label_pairwise_logistic",
     "label_sigmoid_ce",
     "label_softmax",
+    "losses_of",
+    "needs_teacher_ranks",
     "pair_weights",
     "rank_conditional",
     "rank_l2",
@@ -55,6 +68,7 @@ __all__ = [
     "rank_spearman",
     "ranks",
     "reduce_sets",
+    "register",
     "score_l2",
     "score_sigmoid_ce",
 ]
@@ -62,6 +76,21 @@ __all__ = [
 PAIR_WEIGHTS = ("none", "inverse_rank", "log_discount", "rank_gap")
 WEIGHT_RANKS = ("teacher", "student", "both")
 WEIGHT_COMBINE = ("max", "mean")
+#: every loss option and what it accepts: a tuple of choices, or ``">0"`` / ``">=0"`` for a
+#: finite number (``None`` allowed where it is the default). One meaning per option name.
+OPTIONS: dict[str, tuple[Any, ...] | str] = {
+    "graded": ("binarize", "scale", "raw"),
+    "uniform_sets": ("zero", "keep"),
+    "max_grade": ">0",
+    "ties": ("zero", "half"),
+    "variant": ("standard", "disjoint"),
+    "form": (None, "list", "pair"),
+    "temperature": ">0",
+    "pair_weight": (None, *PAIR_WEIGHTS),
+    "weight_ranks": WEIGHT_RANKS,
+    "weight_combine": WEIGHT_COMBINE,
+    "alpha": ">=0",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +115,17 @@ def _choice(loss: str, key: str, value: Any, valid: Sequence[Any]) -> Any:
             + ", ".join(repr(v) for v in valid)
         )
     return value
+
+
+def _option(loss: str, key: str, value: Any) -> Any:
+    """``value`` of option ``key`` checked against :data:`OPTIONS` (ConfigError naming the loss
+    and the option otherwise)."""
+    valid = OPTIONS[key]
+    if isinstance(valid, str):
+        if value is None and key == "max_grade":
+            return value
+        return _positive(loss, key, value, allow_zero=valid == ">=0")
+    return _choice(loss, key, value, valid)
 
 
 def _positive(loss: str, key: str, value: Any, allow_zero: bool = False) -> float:
@@ -195,10 +235,10 @@ def pair_weights(
     """
     if pair_weight is None or pair_weight == "none":
         return None
-    _choice(loss, "pair_weight", pair_weight, PAIR_WEIGHTS)
-    _choice(loss, "weight_ranks", weight_ranks, WEIGHT_RANKS)
-    _choice(loss, "weight_combine", weight_combine, WEIGHT_COMBINE)
-    alpha = _positive(loss, "alpha", alpha, allow_zero=True)
+    _option(loss, "pair_weight", pair_weight)
+    _option(loss, "weight_ranks", weight_ranks)
+    _option(loss, "weight_combine", weight_combine)
+    alpha = _option(loss, "alpha", alpha)
     with torch.no_grad():
         sources = []
         if weight_ranks in ("teacher", "both"):
@@ -220,30 +260,143 @@ def pair_weights(
         return torch.where(_pair_mask(mask), w, 0.0)
 
 
-def _pair_coef(
+@dataclass(frozen=True)
+class PairWeighting:
+    """How the pairs of a pairwise loss are weighted (the options ``pair_weight``,
+    ``weight_ranks``, ``alpha``, ``weight_combine`` of :func:`pair_weights`), plus the teacher
+    logits a label loss ranks by. One argument of :func:`_pairwise`."""
+
+    pair_weight: str | None = None
+    weight_ranks: str = "teacher"
+    alpha: float = 1.0
+    weight_combine: str = "max"
+    teacher: Tensor | None = None
+
+    @property
+    def weighted(self) -> bool:
+        return self.pair_weight is not None and self.pair_weight != "none"
+
+    def coefficients(self, loss: str, scores: Tensor, mask: Tensor) -> Tensor:
+        """``[B, N, N]``: the pair weights, or 1, on valid ordered pairs; 0 elsewhere."""
+        w = pair_weights(
+            mask,
+            pair_weight=self.pair_weight,
+            student=scores,
+            teacher=self.teacher,
+            weight_ranks=self.weight_ranks,
+            alpha=self.alpha,
+            weight_combine=self.weight_combine,
+            loss=loss,
+        )
+        if w is None:
+            return _pair_mask(mask).to(scores.dtype)
+        return w.to(scores.dtype)
+
+
+#: the options every pairwise loss takes (through :func:`_pair_weighted`), with defaults
+PAIR_OPTIONS: dict[str, Any] = {
+    "pair_weight": None,
+    "weight_ranks": "teacher",
+    "alpha": 1.0,
+    "weight_combine": "max",
+}
+
+
+def _pairwise(
     loss: str,
     scores: Tensor,
     mask: Tensor,
-    teacher: Tensor | None,
-    pair_weight: str | None,
-    weight_ranks: str,
-    alpha: float,
-    weight_combine: str,
+    weighting: PairWeighting,
+    pair_loss: Callable[[Tensor], Tensor],
+    pair_target: Tensor | None = None,
 ) -> Tensor:
-    """Pair coefficients ``[B, N, N]``: the pair weights, or 1, on valid pairs; 0 elsewhere."""
-    w = pair_weights(
-        mask,
-        pair_weight=pair_weight,
-        student=scores,
-        teacher=teacher,
-        weight_ranks=weight_ranks,
-        alpha=alpha,
-        weight_combine=weight_combine,
-        loss=loss,
-    )
-    if w is None:
-        return _pair_mask(mask).to(scores.dtype)
-    return w.to(scores.dtype)
+    """The one pairwise sum: ``sum_(i,j) w_ij * c_ij * pair_loss(s)_ij`` over the valid
+    ordered pairs of each set, ``w`` from ``weighting`` (1 when unweighted), ``c`` the
+    ``pair_target`` coefficients (no gradient; 1 when None) and ``pair_loss`` the ``[B, N, N]``
+    loss of each pair from the clean scores. Returns ``[B]``."""
+    coef = weighting.coefficients(loss, scores, mask)
+    if pair_target is not None:
+        coef = coef * pair_target
+    return (coef * pair_loss(_clean(scores, mask))).sum((-2, -1))
+
+
+def _pair_weighted(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A pairwise loss ``fn(scores, target, mask, *, weighting, **options)`` with the pair
+    options of :data:`PAIR_OPTIONS` (and ``teacher=`` for label losses ranked by the teacher)
+    in place of ``weighting``: the options are defined once for every pairwise loss."""
+
+    @functools.wraps(fn)
+    def loss(
+        scores: Tensor,
+        target: Tensor,
+        mask: Tensor,
+        *,
+        pair_weight: str | None = None,
+        weight_ranks: str = "teacher",
+        alpha: float = 1.0,
+        weight_combine: str = "max",
+        teacher: Tensor | None = None,
+        **options: Any,
+    ) -> Tensor:
+        weighting = PairWeighting(pair_weight, weight_ranks, alpha, weight_combine, teacher)
+        return fn(scores, target, mask, weighting=weighting, **options)
+
+    own = [p for p in inspect.signature(fn).parameters.values() if p.name != "weighting"]
+    pair = [
+        inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+        for k, v in PAIR_OPTIONS.items()
+    ]
+    loss.__signature__ = inspect.Signature(own + pair)  # type: ignore[attr-defined]
+    del loss.__wrapped__  # the signature above is the loss's own
+    return loss
+
+
+@dataclass(frozen=True)
+class LossInfo:
+    """A registered loss: its function and what :func:`register` recorded about it."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    target: str  # "labels" or "teacher"
+    families: tuple[str, ...]  # the composite-loss families it may serve in
+    options: tuple[str, ...]  # its keyword options (PAIR_OPTIONS included for pairwise ones)
+    aliases: Mapping[str, str] = field(default_factory=dict)  # old option name -> new one
+
+    def __call__(self, scores: Tensor, target: Tensor, mask: Tensor, **options: Any) -> Tensor:
+        return self.fn(scores, target, mask, **options)
+
+    @property
+    def pairwise(self) -> bool:
+        """Takes pair weights."""
+        return "pair_weight" in self.options
+
+    def takes(self, option: str) -> bool:
+        return option in self.options
+
+
+#: every loss, by name, in definition order (filled by :func:`register`)
+LOSSES: dict[str, LossInfo] = {}
+
+
+def register(
+    target: str, *families: str, aliases: Mapping[str, str] | None = None
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register a loss whose ``target`` is ``"labels"`` or ``"teacher"``, usable in the
+    composite-loss ``families``; its options are read from its signature once, here."""
+
+    def wrap(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        params = list(inspect.signature(fn).parameters.values())[3:]
+        options = tuple(p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "teacher")
+        info = LossInfo(fn.__name__, fn, target, tuple(families), options, dict(aliases or {}))
+        LOSSES[info.name] = info
+        return fn
+
+    return wrap
+
+
+def losses_of(family: str) -> tuple[str, ...]:
+    """The names of the losses a family may use, in definition order."""
+    return tuple(name for name, info in LOSSES.items() if family in info.families)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +404,7 @@ def _pair_coef(
 # ---------------------------------------------------------------------------------------------
 
 
+@register("labels", "label")
 def label_sigmoid_ce(
     scores: Tensor,
     target: Tensor,
@@ -277,8 +431,8 @@ def label_sigmoid_ce(
     """
     name = "label_sigmoid_ce"
     _check_inputs(name, scores, target, mask)
-    _choice(name, "graded", graded, ("binarize", "scale", "raw"))
-    _choice(name, "uniform_sets", uniform_sets, ("zero", "keep"))
+    _option(name, "graded", graded)
+    _option(name, "uniform_sets", uniform_sets)
     n = _count(mask)
     if graded == "binarize":
         y = ((target > 0) & mask).to(scores.dtype)
@@ -290,7 +444,7 @@ def label_sigmoid_ce(
             if max_grade is None:
                 top = float(y.max()) if y.numel() else 1.0
                 max_grade = max(top, 1.0)
-            max_grade = _positive(name, "max_grade", max_grade)
+            max_grade = _option(name, "max_grade", max_grade)
             y = (y / max_grade).clamp(0.0, 1.0)
         differs = _differs(y, mask)
     # masked items: s = -huge, y = 0 -> softplus(s) - y s = 0 exactly, with zero gradient
@@ -302,42 +456,43 @@ def label_sigmoid_ce(
     return value
 
 
+@register("labels", "rank_label")
+@_pair_weighted
 def label_pairwise_logistic(
     scores: Tensor,
     target: Tensor,
     mask: Tensor,
     *,
     ties: str = "zero",
-    pair_weight: str | None = None,
-    weight_ranks: str = "teacher",
-    alpha: float = 1.0,
-    weight_combine: str = "max",
-    teacher: Tensor | None = None,
+    weighting: PairWeighting,
 ) -> Tensor:
     """Pairwise logistic loss with labels (eq. 8).
 
     ``L = sum_(i,j) w_ij * -y_ij log sigmoid(s_i - s_j)``, ``y_ij = 1`` if ``y_i > y_j`` else
     0; ``ties="half"`` sets ``y_ij = 0.5`` for equal labels. ``w_ij`` = 1 or the pair weights
     (see ``pair_weights``; teacher ranks need ``teacher=`` logits).
+
+    >>> s = torch.tensor([[0.2, 0.1, -0.4, 1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    >>> round(float(label_pairwise_logistic(s, y, y > -1)[0]), 6)
+    1.643456
     """
     name = "label_pairwise_logistic"
     _check_inputs(name, scores, target, mask)
-    _choice(name, "ties", ties, ("zero", "half"))
-    coef = _pair_coef(name, scores, mask, teacher, pair_weight, weight_ranks, alpha, weight_combine)
+    _option(name, "ties", ties)
     y = _clean(target.to(scores.dtype), mask)
     with torch.no_grad():
         dy = _pair_diff(y)
         y_pair = (dy > 0).to(scores.dtype)
         if ties == "half":
             y_pair = y_pair.add_((dy == 0).to(scores.dtype), alpha=0.5)
-        del dy
-        coef = coef.mul_(y_pair)
-        del y_pair
-    s = _clean(scores, mask)
-    value = -(coef * F.logsigmoid(_pair_diff(s))).sum((-2, -1))
+    value = _pairwise(
+        name, scores, mask, weighting, lambda s: -F.logsigmoid(_pair_diff(s)), pair_target=y_pair
+    )
     return _gate(value, _differs(y, mask))
 
 
+@register("labels", "label", "rank_label")
 def label_softmax(
     scores: Tensor,
     target: Tensor,
@@ -352,10 +507,15 @@ def label_softmax(
     ``"disjoint"`` (eq. 10): ``L = -sum_i yhat_i log sum_(j: y_j = y_i) softmax(s)_j``, the
     softmax mass of all items with the same label as ``i`` (computed with log-sum-exp).
     Sets without a positive label give 0.
+
+    >>> s = torch.tensor([[0.2, 0.1, -0.4, 1.0]], dtype=torch.float64)
+    >>> y = torch.tensor([[1.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    >>> round(float(label_softmax(s, y, y > -1)[0]), 6)
+    1.143125
     """
     name = "label_softmax"
     _check_inputs(name, scores, target, mask)
-    _choice(name, "variant", variant, ("standard", "disjoint"))
+    _option(name, "variant", variant)
     pos = _clean(target.to(scores.dtype).clamp(min=0.0), mask)
     total = pos.sum(-1, keepdim=True)
     # labels differ <=> not every valid item has the largest label (masked items are 0 <= it)
@@ -380,6 +540,7 @@ def label_softmax(
 # ---------------------------------------------------------------------------------------------
 
 
+@register("teacher", "score")
 def score_l2(scores: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Squared error to the teacher logits (eq. 4): ``L = sum_i (t_i - s_i)^2`` over every
     valid item (a one-item set included).
@@ -393,6 +554,7 @@ def score_l2(scores: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return d.square().sum(-1)
 
 
+@register("teacher", "score")
 def score_sigmoid_ce(scores: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     """Sigmoid cross entropy to the teacher's probabilities (eq. 5-7).
 
@@ -416,16 +578,15 @@ def score_sigmoid_ce(scores: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@register("teacher", "rank")
+@_pair_weighted
 def rank_l2(
     scores: Tensor,
     target: Tensor,
     mask: Tensor,
     *,
     form: str | None = None,
-    pair_weight: str | None = None,
-    weight_ranks: str = "teacher",
-    alpha: float = 1.0,
-    weight_combine: str = "max",
+    weighting: PairWeighting,
 ) -> Tensor:
     """Pairwise squared error of score differences (eq. 12, 15, 16).
 
@@ -435,82 +596,105 @@ def rank_l2(
     cancellation-free form); ``form="pair"`` the O(N^2) sum. Both are equal. With pair weights
     the pair form is used (``form="list"`` is then an error).
     Gradient: ``dL/ds_k = -(4 N d_k - 4 sum_i d_i)``.
+
+    >>> s = torch.tensor([[0.2, 0.1, -0.4, 1.0]], dtype=torch.float64)
+    >>> t = torch.tensor([[1.5, -0.5, 0.3, 2.0]], dtype=torch.float64)
+    >>> round(float(rank_l2(s, t, t > -9)[0]), 6), round(float(rank_l2(s, t, t < 2)[0]), 6)
+    (16.8, 11.32)
     """
     name = "rank_l2"
     _check_inputs(name, scores, target, mask)
-    weighted = pair_weight is not None and pair_weight != "none"
     if form is None:
-        form = "pair" if weighted else "list"
-    _choice(name, "form", form, ("list", "pair"))
-    if weighted and form == "list":
+        form = "pair" if weighting.weighted else "list"
+    _option(name, "form", form)
+    if weighting.weighted and form == "list":
         raise ConfigError(f"loss {name}: pair weights need form='pair' (got form='list')")
     n = _count(mask)
-    d = _clean(target.to(scores.dtype) - scores, mask)
+    t = _clean(target.to(scores.dtype), mask)
     if form == "list":
+        d = _clean(target.to(scores.dtype) - scores, mask)
         nf = n.to(scores.dtype)
         mean = d.sum(-1, keepdim=True) / nf.clamp(min=1.0).unsqueeze(-1)
         dev = (d - mean) * mask.to(scores.dtype)  # d is clean (finite): a product is safe
         value = 2.0 * nf * dev.square().sum(-1)
     else:
-        coef = _pair_coef(
-            name, scores, mask, target, pair_weight, weight_ranks, alpha, weight_combine
-        )
-        value = (coef * _pair_diff(d).square()).sum((-2, -1))
+        weighting = dataclasses.replace(weighting, teacher=target)
+        dt = _pair_diff(t)
+        value = _pairwise(name, scores, mask, weighting, lambda s: (dt - _pair_diff(s)).square())
     return _gate(value, n >= 2)
 
 
+@register("teacher", "rank")
+@_pair_weighted
 def rank_pairwise_ce(
     scores: Tensor,
     target: Tensor,
     mask: Tensor,
     *,
     temperature: float = 1.0,
-    pair_weight: str | None = None,
-    weight_ranks: str = "teacher",
-    alpha: float = 1.0,
-    weight_combine: str = "max",
+    weighting: PairWeighting,
 ) -> Tensor:
     """Pairwise cross entropy to the teacher's pair probabilities (eq. 19, 24).
 
     ``L = g^2 * sum_(i,j) w_ij * -sigmoid((t_i - t_j)/g) log sigmoid((s_i - s_j)/g)`` with
     temperature ``g`` (default 1). For ``g -> inf``, ``L(s) - L(t)`` tends to ``rank_l2 / 16``.
+
+    >>> s = torch.tensor([[0.2, 0.1, -0.4, 1.0]], dtype=torch.float64)
+    >>> t = torch.tensor([[1.5, -0.5, 0.3, 2.0]], dtype=torch.float64)
+    >>> round(float(rank_pairwise_ce(s, t, t > -9)[0]), 6)
+    3.570982
     """
     name = "rank_pairwise_ce"
     _check_inputs(name, scores, target, mask)
-    g = _positive(name, "temperature", temperature)
-    coef = _pair_coef(name, scores, mask, target, pair_weight, weight_ranks, alpha, weight_combine)
+    g = _option(name, "temperature", temperature)
     t = _clean(target.to(scores.dtype), mask)
-    coef = coef * torch.sigmoid(_pair_diff(t / g))
-    s = _clean(scores, mask)
-    value = -(g * g) * (coef * F.logsigmoid(_pair_diff(s / g))).sum((-2, -1))
+    weighting = dataclasses.replace(weighting, teacher=target)
+    value = _pairwise(
+        name,
+        scores,
+        mask,
+        weighting,
+        lambda s: -(g * g) * F.logsigmoid(_pair_diff(s / g)),
+        pair_target=torch.sigmoid(_pair_diff(t / g)),
+    )
     return _gate(value, _count(mask) >= 2)
 
 
+@register("teacher", "rank")
+@_pair_weighted
 def rank_conditional(
     scores: Tensor,
     target: Tensor,
     mask: Tensor,
     *,
-    pair_weight: str | None = None,
-    weight_ranks: str = "teacher",
-    alpha: float = 1.0,
-    weight_combine: str = "max",
+    weighting: PairWeighting,
 ) -> Tensor:
     """Conditional pairwise loss (eq. 20, 21, as reconstructed).
 
     With ``q = sigmoid(t)``: ``L = sum_(i,j: q_i > q_j) w_ij (q_i - q_j) softplus(-(s_i - s_j))``
     (the pair's expected label difference times its logistic loss).
+
+    >>> s = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    >>> t = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
+    >>> round(float(rank_conditional(s, t, t > -9)[0]), 6)  # (q_1 - q_2) log 2
+    0.320315
     """
     name = "rank_conditional"
     _check_inputs(name, scores, target, mask)
-    coef = _pair_coef(name, scores, mask, target, pair_weight, weight_ranks, alpha, weight_combine)
     q = torch.sigmoid(_clean(target.to(scores.dtype), mask))
-    coef = coef * _pair_diff(q).clamp(min=0.0)
-    s = _clean(scores, mask)
-    value = (coef * F.softplus(-_pair_diff(s))).sum((-2, -1))
+    weighting = dataclasses.replace(weighting, teacher=target)
+    value = _pairwise(
+        name,
+        scores,
+        mask,
+        weighting,
+        lambda s: F.softplus(-_pair_diff(s)),
+        pair_target=_pair_diff(q).clamp(min=0.0),
+    )
     return _gate(value, _count(mask) >= 2)
 
 
+@register("teacher", "rank")
 def rank_softmax_ce(
     scores: Tensor,
     target: Tensor,
@@ -522,10 +706,15 @@ def rank_softmax_ce(
 
     ``L = g^2 * (-sum_i softmax(t/g)_i log softmax(s/g)_i)`` over the valid items, temperature
     ``g`` (default 1).
+
+    >>> s = torch.tensor([[0.2, 0.1, -0.4, 1.0]], dtype=torch.float64)
+    >>> t = torch.tensor([[1.5, -0.5, 0.3, 2.0]], dtype=torch.float64)
+    >>> [round(float(rank_softmax_ce(s, t, t > -9, temperature=g)[0]), 6) for g in (1.0, 2.0)]
+    [1.178575, 5.311825]
     """
     name = "rank_softmax_ce"
     _check_inputs(name, scores, target, mask)
-    g = _positive(name, "temperature", temperature)
+    g = _option(name, "temperature", temperature)
     fill = _neg_fill(scores.dtype)
     t = torch.where(mask, target.to(scores.dtype) / g, fill)
     s = torch.where(mask, scores / g, fill)
@@ -535,55 +724,35 @@ def rank_softmax_ce(
     return _gate(value, _count(mask) >= 2)
 
 
+@register("teacher", "rank", aliases={"tau": "temperature"})
 def rank_spearman(
     scores: Tensor,
     target: Tensor,
     mask: Tensor,
     *,
-    tau: float = 1.0,
+    temperature: float = 1.0,
 ) -> Tensor:
     """Squared error between the teacher's ranks and the student's soft ranks (eq. 26).
 
     ``L = sum_i (u_i - r_i)^2``, ``u`` the teacher's 1-based ranks (descending, ties by item
-    order, no gradient), ``r_i = 1 + sum_(j != i) sigmoid((s_j - s_i) / tau)`` the student's
-    differentiable soft ranks, smoothing ``tau`` (default 1).
+    order, no gradient), ``r_i = 1 + sum_(j != i) sigmoid((s_j - s_i) / g)`` the student's
+    differentiable soft ranks, temperature ``g`` (default 1; the option was called ``tau``,
+    which a :class:`LossTerm` still accepts).
+
+    >>> s = torch.tensor([[2.0, -2.0]], dtype=torch.float64)
+    >>> t = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    >>> round(float(rank_spearman(s, t, t > -9)[0]), 6)  # soft ranks 1.018, 1.982
+    0.000647
     """
     name = "rank_spearman"
     _check_inputs(name, scores, target, mask)
-    tau = _positive(name, "tau", tau)
+    g = _option(name, "temperature", temperature)
     u = ranks(target.to(scores.dtype), mask)
     s = _clean(scores, mask)
-    soft = torch.sigmoid(_pair_diff(s / tau).transpose(-2, -1))  # (i, j) -> sigmoid(s_j - s_i)
+    soft = torch.sigmoid(_pair_diff(s / g).transpose(-2, -1))  # (i, j) -> sigmoid(s_j - s_i)
     r = 1.0 + torch.where(_pair_mask(mask), soft, 0.0).sum(-1)
     value = _clean(u - r, mask).square().sum(-1)
     return _gate(value, _count(mask) >= 2)
-
-
-LOSSES: dict[str, Callable[..., Tensor]] = {
-    "label_sigmoid_ce": label_sigmoid_ce,
-    "score_l2": score_l2,
-    "score_sigmoid_ce": score_sigmoid_ce,
-    "label_pairwise_logistic": label_pairwise_logistic,
-    "label_softmax": label_softmax,
-    "rank_l2": rank_l2,
-    "rank_pairwise_ce": rank_pairwise_ce,
-    "rank_conditional": rank_conditional,
-    "rank_softmax_ce": rank_softmax_ce,
-    "rank_spearman": rank_spearman,
-}
-
-LOSS_TARGETS: dict[str, str] = {
-    "label_sigmoid_ce": "labels",
-    "score_l2": "teacher",
-    "score_sigmoid_ce": "teacher",
-    "label_pairwise_logistic": "labels",
-    "label_softmax": "labels",
-    "rank_l2": "teacher",
-    "rank_pairwise_ce": "teacher",
-    "rank_conditional": "teacher",
-    "rank_softmax_ce": "teacher",
-    "rank_spearman": "teacher",
-}
 
 
 def reduce_sets(per_set: Tensor, mask: Tensor, reduction: str = "mean") -> Tensor:
@@ -608,13 +777,6 @@ def _reduce(per_set: Tensor, present: Tensor, reduction: str) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 FAMILIES = ("label", "score", "rank_label", "rank")
-
-FAMILY_LOSSES: dict[str, tuple[str, ...]] = {
-    "label": ("label_sigmoid_ce", "label_softmax"),
-    "score": ("score_l2", "score_sigmoid_ce"),
-    "rank_label": ("label_pairwise_logistic", "label_softmax"),
-    "rank": ("rank_l2", "rank_pairwise_ce", "rank_conditional", "rank_softmax_ce", "rank_spearman"),
-}
 
 
 def _weight_number(spec: Any, text: str, context: str) -> float:
@@ -711,13 +873,10 @@ class WeightSchedule:
         return f"{self.kind}:{self.start:g}:{self.end:g}:{self.steps}"
 
 
-def _option_names(fn: Callable[..., Tensor]) -> list[str]:
-    params = list(inspect.signature(fn).parameters.values())[3:]
-    return [p.name for p in params]
-
-
-def _needs_teacher_ranks(loss: str, options: Mapping[str, Any]) -> bool:
-    if LOSS_TARGETS[loss] != "labels" or "weight_ranks" not in _option_names(LOSSES[loss]):
+def needs_teacher_ranks(loss: str, options: Mapping[str, Any]) -> bool:
+    """A label loss whose pair weights rank items by the teacher (it needs ``teacher=``)."""
+    info = LOSSES[loss]
+    if info.target != "labels" or not info.pairwise:
         return False
     pw = options.get("pair_weight")
     return pw not in (None, "none") and options.get("weight_ranks", "teacher") != "student"
@@ -726,8 +885,8 @@ def _needs_teacher_ranks(loss: str, options: Mapping[str, Any]) -> bool:
 @dataclass
 class LossTerm:
     """One term of the composite loss: ``family`` (see ``FAMILIES``), ``loss`` (a name in
-    ``FAMILY_LOSSES[family]``), ``weight`` (number, schedule string or ``WeightSchedule``) and
-    ``options`` passed to the loss function."""
+    ``losses_of(family)``), ``weight`` (number, schedule string or ``WeightSchedule``) and
+    ``options`` passed to the loss function, each checked here against :data:`OPTIONS`."""
 
     family: str
     loss: str
@@ -744,36 +903,36 @@ class LossTerm:
                 f"loss {self.loss!r} (family {self.family}) is unknown; valid losses: "
                 + ", ".join(LOSSES)
             )
-        allowed = FAMILY_LOSSES[self.family]
-        if self.loss not in allowed:
+        info = LOSSES[self.loss]
+        if self.family not in info.families:
             raise ConfigError(
                 f"loss {self.loss!r} is not allowed in family {self.family!r}; valid for "
-                f"{self.family}: {', '.join(allowed)}"
+                f"{self.family}: {', '.join(losses_of(self.family))}"
             )
         self.schedule = WeightSchedule.parse(self.weight, context=f"loss term {self.family}")
-        self.options = dict(self.options or {})
-        valid = _option_names(LOSSES[self.loss])
-        unknown = sorted(k for k in self.options if k not in valid or k == "teacher")
+        self.options = {info.aliases.get(k, k): v for k, v in dict(self.options or {}).items()}
+        unknown = sorted(k for k in self.options if not info.takes(k))
         if unknown:
-            shown = [k for k in valid if k != "teacher"]
             raise ConfigError(
                 f"loss {self.loss}: unknown option(s) {', '.join(unknown)}; valid options: "
-                + (", ".join(shown) or "none")
+                + (", ".join(info.options) or "none")
             )
-        # surface bad option values now, not in the middle of training
-        probe = torch.tensor([[0.5, -0.5]], dtype=torch.float64)
-        extra = {"teacher": probe} if self.needs_teacher_ranks else {}
-        LOSSES[self.loss](probe, torch.tensor([[1.0, 0.0]]), probe > -1, **self.options, **extra)
+        # bad option values fail now, not in the middle of training
+        for key, value in self.options.items():
+            _option(self.loss, key, value)
+        weighted = self.options.get("pair_weight") not in (None, "none")
+        if weighted and self.options.get("form") == "list":
+            raise ConfigError(f"loss {self.loss}: pair weights need form='pair' (got form='list')")
 
     @property
     def target(self) -> str:
         """``"labels"`` or ``"teacher"``."""
-        return LOSS_TARGETS[self.loss]
+        return LOSSES[self.loss].target
 
     @property
     def needs_teacher_ranks(self) -> bool:
         """A label loss whose pair weights rank items by the teacher."""
-        return _needs_teacher_ranks(self.loss, self.options)
+        return needs_teacher_ranks(self.loss, self.options)
 
     @property
     def uses_teacher(self) -> bool:
@@ -879,7 +1038,7 @@ class CompositeLoss:
             if term.needs_teacher_ranks:
                 options["teacher"] = teacher
             with torch.set_grad_enabled(torch.is_grad_enabled() and w != 0):
-                per_set = LOSSES[term.loss](scores, target, term_mask, **options)
+                per_set = LOSSES[term.loss].fn(scores, target, term_mask, **options)
             scale = 1.0 / denominator(term_present)
             values[key] = float(per_set.detach().sum()) * scale
             if w != 0:

@@ -10,7 +10,7 @@
 Metric keys are snake_case everywhere (``train_seconds``, ``loss_total``, ``num_examples``,
 ``bytes_to_clients``, ``log_loss``); configuration keys stay hyphenated, as Flower writes
 them. Folders written before that rule (keys such as ``loss_total`` or ``true_ndcg@10``) are
-read with their metric keys renamed (:func:`metric_key`), so old and new runs compare.
+read with their metric keys renamed (:func:`~fedrank.common.reply_schema.metric_key`), so old and new runs compare.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ __all__ = [
     "PLOT_FILE",
     "SUMMARY_FILE",
     "RunFolder",
-    "metric_key",
     "read_json_object",
     "read_metrics",
     "read_summary",
@@ -43,11 +42,6 @@ SUMMARY_FILE = "summary.json"
 PLOT_FILE = "ndcg10.png"
 # objects of a summary whose keys are configuration keys, not metric keys
 _CONFIG_OBJECTS = frozenset({"config", "spec"})
-
-
-def metric_key(key: str) -> str:
-    """A metric key in the current style: ``loss_total`` -> ``loss_total``."""
-    return key.replace("-", "_")
 
 
 def _migrate(value: Any, parent: str = "") -> Any:

@@ -53,7 +53,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
-from fedrank.common.config import FedrankConfig
+from fedrank.common.config import DP_STRATEGIES, FedrankConfig
 from fedrank.common.errors import ConfigError
 from fedrank.server.strategy import TrainPlan, TrainResult
 
@@ -66,8 +66,6 @@ __all__ = [
     "wrap_strategy",
 ]
 
-# strategies whose aggregate is a plain average of the (clipped) updates
-DP_STRATEGIES = ("fedavg", "fedprox")
 # Renyi orders searched when converting to (epsilon, delta)
 ORDERS = tuple([1.0 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [128.0, 256.0])
 

@@ -3,6 +3,7 @@ the composite loss and its configuration errors."""
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import numpy as np
@@ -48,7 +49,7 @@ CASES: list[tuple[str, dict]] = [
     ("rank_softmax_ce", {}),
     ("rank_softmax_ce", {"temperature": 0.5}),
     ("rank_spearman", {}),
-    ("rank_spearman", {"tau": 0.3}),
+    ("rank_spearman", {"temperature": 0.3}),
 ]
 # every weighting option, each on a different pairwise loss (plus one repeat)
 _PAIRWISE = ("label_pairwise_logistic", "rank_l2", "rank_pairwise_ce", "rank_conditional")
@@ -65,7 +66,7 @@ def t64(rows) -> torch.Tensor:
 
 def call(name: str, scores, target, mask, teacher=None, **options) -> torch.Tensor:
     """Call a loss; label losses with teacher-rank weights get ``teacher``."""
-    if L.LOSS_TARGETS[name] == "labels" and L._needs_teacher_ranks(name, options):
+    if L.LOSSES[name].target == "labels" and L.needs_teacher_ranks(name, options):
         options["teacher"] = teacher
     return L.LOSSES[name](scores, target, mask, **options)
 
@@ -189,7 +190,7 @@ def bf_loss(name, s, target, teacher, opts) -> torch.Tensor:
             total = total - g * g * ex[i] / sum(ex) * (s[i] / g - lse)
         return total
     if name == "rank_spearman":
-        tau = opts.get("tau", 1.0)
+        tau = opts.get("temperature", 1.0)
         u = bf_ranks(target)
         for i in range(n):
             r = 1.0
@@ -283,7 +284,7 @@ def test_reference_rank_l2_masked(form):
 def test_matches_brute_force(name, options, batch):
     sizes, pad, seed, ties = batch
     s, t, y, mask = ragged_batch(sizes, pad, seed, ties=ties)
-    target = y if L.LOSS_TARGETS[name] == "labels" else t
+    target = y if L.LOSSES[name].target == "labels" else t
     scores = s.clone().requires_grad_(True)
     value = call(name, scores, target, mask, teacher=t, **options)
     value.sum().backward()
@@ -291,7 +292,7 @@ def test_matches_brute_force(name, options, batch):
         idx = mask[b].nonzero().flatten().tolist()
         s_set = [s[b, i].clone().requires_grad_(True) for i in idx]
         tv = [float(target[b, i]) for i in idx]
-        teacher = [float(t[b, i]) for i in idx] if L.LOSS_TARGETS[name] == "labels" else None
+        teacher = [float(t[b, i]) for i in idx] if L.LOSSES[name].target == "labels" else None
         expected = bf_loss(name, s_set, tv, teacher, options)
         assert value[b].item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-9)
         if expected.requires_grad:
@@ -314,7 +315,7 @@ def test_matches_brute_force(name, options, batch):
 def test_padding_invariance(name, options, batch):
     sizes, pad, seed, ties = batch
     s, t, y, mask = ragged_batch(sizes, pad + 1, seed, ties=ties, dtype=torch.float32)
-    target = y if L.LOSS_TARGETS[name] == "labels" else t
+    target = y if L.LOSSES[name].target == "labels" else t
     scores = s.clone().requires_grad_(True)
     value = call(name, scores, target, mask, teacher=t, **options)
     value.sum().backward()
@@ -406,7 +407,7 @@ def test_degenerate_sets_follow_design(name, options):
     t = t64([[1.0, nan, 3.0], [-4.0, 2.0, 1.0], [0.5, 1.5, -2.0]])
     y = t64([[1.0, 0.0, nan], [1.0, 2.0, 0.0], [2.0, 2.0, 2.0]])
     mask = torch.tensor([[False, False, False], [True, False, False], [True, True, True]])
-    labels = L.LOSS_TARGETS[name] == "labels"
+    labels = L.LOSSES[name].target == "labels"
     target = y if labels else t
     scores = s.clone().requires_grad_(True)
     value = call(name, scores, target, mask, teacher=t, **options)
@@ -433,7 +434,7 @@ def test_one_item_and_all_equal_sets_match_design_for_every_loss():
     y = t64([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     mask = torch.tensor([[True, False, False], [True, True, True]])
     for name in L.LOSSES:
-        labels = L.LOSS_TARGETS[name] == "labels"
+        labels = L.LOSSES[name].target == "labels"
         value = call(name, s, y if labels else t, mask, teacher=t)
         single = design_value(name, [0.7], [0.0 if labels else -0.4], {})
         assert value[0].item() == pytest.approx(single, abs=1e-12), name
@@ -457,7 +458,7 @@ def test_huge_logits_stay_finite(name, options):
     mask = torch.ones(3, 8, dtype=torch.bool)
     mask[2, 5:] = False
     scores = s.clone().requires_grad_(True)
-    target = y if L.LOSS_TARGETS[name] == "labels" else t
+    target = y if L.LOSSES[name].target == "labels" else t
     value = call(name, scores, target, mask, teacher=t, **options)
     value.sum().backward()
     assert torch.isfinite(value).all(), value
@@ -546,7 +547,7 @@ def test_label_loss_teacher_ranks_need_teacher():
         ("rank_l2", {"form": "list", "pair_weight": "inverse_rank"}),
         ("rank_pairwise_ce", {"temperature": 0.0}),
         ("rank_softmax_ce", {"temperature": float("inf")}),
-        ("rank_spearman", {"tau": -1.0}),
+        ("rank_spearman", {"temperature": -1.0}),
         ("rank_conditional", {"pair_weight": "dcg"}),
         ("rank_conditional", {"pair_weight": "rank_gap", "weight_ranks": "oracle"}),
         ("label_softmax", {"variant": "grouped"}),
@@ -560,9 +561,36 @@ def test_bad_option_values_raise_config_error(name, options):
         L.LOSSES[name](s, t, mask, **options)
 
 
+def test_every_public_loss_has_a_runnable_example():
+    """Each registered loss shows a short example in its docstring, and it gives what it says
+    (the DESIGN.md reference values where they apply)."""
+    found = {
+        test.name.rsplit(".", 1)[-1]: test
+        for test in doctest.DocTestFinder().find(L)
+        if test.examples
+    }
+    assert set(L.LOSSES) <= set(found)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    for name in L.LOSSES:
+        runner.run(found[name])
+    assert runner.failures == 0 and runner.tries >= 2 * len(L.LOSSES)
+
+
 def test_registry_and_reduce_sets():
-    assert set(L.LOSSES) == set(L.LOSS_TARGETS) and len(L.LOSSES) == 10
-    assert {v for v in L.LOSS_TARGETS.values()} == {"labels", "teacher"}
+    assert len(L.LOSSES) == 10 and all(name == info.name for name, info in L.LOSSES.items())
+    assert {info.target for info in L.LOSSES.values()} == {"labels", "teacher"}
+    assert L.losses_of("rank_label") == ("label_pairwise_logistic", "label_softmax")
+    pairwise = {name for name, info in L.LOSSES.items() if info.pairwise}
+    assert pairwise == {
+        "label_pairwise_logistic",
+        "rank_l2",
+        "rank_pairwise_ce",
+        "rank_conditional",
+    }
+    # every teacher loss with a temperature calls it `temperature`; tau is an old alias
+    assert L.LOSSES["rank_spearman"].takes("temperature")
+    term = L.LossTerm("rank", "rank_spearman", 1.0, {"tau": 0.5})
+    assert term.options == {"temperature": 0.5}
     per_set = t64([2.0, 100.0, 4.0])
     mask = torch.tensor([[True, False], [False, False], [True, True]])
     assert L.reduce_sets(per_set, mask).item() == 3.0
