@@ -291,9 +291,9 @@ def run_federations(
     out: Path,
 ) -> dict[tuple[str, str], Path]:
     """Every federated method of a unit in one start of the simulation runtime (a separate
-    process, see ``fedrank.simulations.sweep``); returns the run folders."""
+    process, see ``fedrank.simulations.run_batch``); returns the run folders."""
     from fedrank.common.config import FedrankConfig
-    from fedrank.simulations.sweep import summary_complete
+    from fedrank.simulations.run_batch import summary_complete
 
     dirs: dict[tuple[str, str], Path] = {}
     todo: list[Path] = []
@@ -323,7 +323,7 @@ def run_federations(
         t0 = time.perf_counter()
         log_path = out / "logs" / f"{unit_name(data, seed)}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "fedrank.simulations.sweep", "--worker", *map(os.fspath, todo)]
+        cmd = [sys.executable, "-m", "fedrank.simulations.run_batch", *map(os.fspath, todo)]
         env = {**os.environ, "PYTHONPATH": os.fspath(ROOT)}
         with open(log_path, "ab") as log:
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)

@@ -36,14 +36,13 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from flwr.simulation import run_simulation  # noqa: E402
 
 from fedrank.common.atomic_io import atomic_path, atomic_write_json  # noqa: E402
 from fedrank.common.config import FedrankConfig  # noqa: E402
 from fedrank.common.run_folder import read_metrics  # noqa: E402
 from fedrank.server.server_app import make_server_app  # noqa: E402
 from fedrank.simulations.attacks import poisoned_client_app  # noqa: E402
-from fedrank.simulations.simulate import SIMULATION_ENV  # noqa: E402
+from fedrank.simulations.runtime import RayOptions, start_simulation  # noqa: E402
 
 CLIENTS = 10
 POISONERS = (0, 1)
@@ -111,22 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         config = {**base, **overrides, "out-dir": str(out / f"arm-{i}")}
         FedrankConfig.from_run_config(config)  # a bad key fails before the runtime starts
         configs.append(config)
-    for key, value in SIMULATION_ENV.items():
-        os.environ.setdefault(key, value)
-    run_simulation(
-        server_app=make_server_app(configs),
-        client_app=poisoned_client_app(POISONERS, scale=SCALE, claim=CLAIM),
-        num_supernodes=CLIENTS,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": os.cpu_count() or 1,
-                "num_gpus": 0,
-                "include_dashboard": False,
-                "logging_level": "error",
-                "log_to_driver": False,
-            },
-        },
+    start_simulation(
+        make_server_app(configs),
+        poisoned_client_app(POISONERS, scale=SCALE, claim=CLAIM),
+        CLIENTS,
+        ray=RayOptions(num_cpus=os.cpu_count() or 1),
     )
     series, results = {}, []
     for (name, overrides), config in zip(ARMS.items(), configs, strict=True):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -47,6 +46,7 @@ from fedrank.server.server_app import make_server_app
 from fedrank.server.teacher import TeacherConfig, train_or_load_teacher
 from fedrank.simulations.central import train_central_student
 from fedrank.simulations.report import plot_comparison
+from fedrank.simulations.runtime import RayOptions, add_ray_arguments, ray_options, start_simulation
 
 __all__ = [
     "run_federation",
@@ -75,18 +75,6 @@ DEFAULT_CLIENTS = 20
 DEVICE_DATA = "synthetic:num_sets=1000"
 REFERENCE = "central student, all labels"
 
-SIMULATION_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "RAY_DEDUP_LOGS": "0",
-}
-
-
-def _quiet_flower(verbose: bool) -> None:
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
-
 
 def run_federations(
     configs: Sequence[Mapping[str, Any]],
@@ -94,16 +82,15 @@ def run_federations(
     num_clients: int,
     verbose: bool = False,
     num_cpus: int | None = None,
+    ray: RayOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Run the federations ``configs`` (config dicts, each with its own ``out-dir``) one after
     the other in ONE start of Flower's simulation runtime with ``num_clients`` simulated
-    clients; returns their summaries.
+    clients (on a Ray started here with ``num_cpus`` CPUs, or where ``ray`` says); returns
+    their summaries.
 
     Every config is validated first, so a bad key fails before the runtime starts.
     """
-
-    from flwr.simulation import run_simulation
-
     if num_clients < 1:
         raise ConfigError(f"--clients must be >= 1, got {num_clients}")
     resolved = []
@@ -118,27 +105,9 @@ def run_federations(
                 "clients are simulated"
             )
         resolved.append(cfg.to_dict())
-    for key, value in SIMULATION_ENV.items():
-        os.environ.setdefault(key, value)
-    _quiet_flower(verbose)
-    cpus = num_cpus or os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
-            "num_cpus": cpus,
-            "num_gpus": 0,
-            "logging_level": "info" if verbose else "error",
-            "log_to_driver": verbose,
-            "include_dashboard": False,
-        },
-    }
-    run_simulation(
-        server_app=make_server_app(resolved),
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    if ray is None:
+        ray = RayOptions(num_cpus=num_cpus)
+    start_simulation(make_server_app(resolved), client_app, num_clients, ray=ray, verbose=verbose)
     summaries = []
     for config in resolved:
         path = Path(config["out-dir"]) / "summary.json"
@@ -153,13 +122,17 @@ def run_federation(
     *,
     num_clients: int,
     verbose: bool = False,
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """One federation with ``config`` (keys of ``[tool.flwr.app.config]``) and
     ``num_clients`` simulated clients in Flower's simulation runtime; writes ``config.json``,
     ``metrics.jsonl``, ``summary.json`` and ``ndcg10.png`` into ``out_dir`` and returns the
     summary."""
     return run_federations(
-        [{**dict(config), "out-dir": os.fspath(out_dir)}], num_clients=num_clients, verbose=verbose
+        [{**dict(config), "out-dir": os.fspath(out_dir)}],
+        num_clients=num_clients,
+        verbose=verbose,
+        ray=ray,
     )[0]
 
 
@@ -238,6 +211,7 @@ def compare(
     *,
     num_clients: int,
     verbose: bool = False,
+    ray: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Labels-only vs rank-distillation federations (same clients, same seed, one teacher),
     next to the teacher and the central all-labels reference."""
@@ -252,7 +226,7 @@ def compare(
     summaries = dict(
         zip(
             runs,
-            run_federations(list(runs.values()), num_clients=num_clients, verbose=verbose),
+            run_federations(list(runs.values()), num_clients=num_clients, verbose=verbose, ray=ray),
             strict=True,
         )
     )
@@ -398,13 +372,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help='any [tool.flwr.app.config] key, e.g. --set score-mode="broadcast"',
     )
+    add_ray_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     args = parser.parse_args(list(argv) if argv is not None else None)
+    ray = ray_options(args)
     config = {**DEVICE_SCENARIO, "data-path": args.data, **_parse_set(args.set)}
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
     if args.only == "compare":
-        summary = compare(config, args.out, num_clients=args.clients, verbose=args.verbose)
+        summary = compare(config, args.out, num_clients=args.clients, verbose=args.verbose, ray=ray)
         print(f"\n{summary['data']['name']}: {summary['scenario']}")
         print(summary["table"])
         print(
@@ -415,7 +391,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         overrides = LABELS_ONLY if args.only == "labels-only" else DISTILL
         summary = run_federation(
-            {**config, **overrides}, args.out, num_clients=args.clients, verbose=args.verbose
+            {**config, **overrides},
+            args.out,
+            num_clients=args.clients,
+            verbose=args.verbose,
+            ray=ray,
         )
         rows = [
             (

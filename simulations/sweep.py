@@ -1,583 +1,359 @@
-"""``fedrank sweep``: tune loss weights over a scenario, one federation per configuration.
+"""``fedrank sweep``: tune a scenario's loss weights; an Optuna study that workers share.
 
-    fedrank sweep SCENARIO --grid            # every point of the scenario's [sweep.space]
-    fedrank sweep SCENARIO --random 20       # 20 random points (seeded by --sweep-seed)
-    fedrank sweep SCENARIO --optuna 30       # 30 trials of Optuna's TPE (pip install optuna)
+    fedrank sweep SCENARIO --grid                 # every point of the scenario's [sweep.space]
+    fedrank sweep SCENARIO --random 20            # 20 random points
+    fedrank sweep SCENARIO --tpe 30               # 30 trials of Optuna's TPE sampler
+    fedrank sweep SCENARIO --grid --workers 2     # two worker processes on this machine
+    fedrank sweep SCENARIO --grid --storage URL --study NAME   # the same on every machine
 
-Each configuration runs once per seed of the scenario (``--seeds`` overrides). Runs are
-separate processes, each its own start of Flower's simulation runtime, at most ``--jobs``
-(default: the machine's cores) at a time; a progress line is printed as each one starts and
-finishes. A run's folder is ``OUT/runs/<hash>``, the hash of its full configuration, and a run
-whose folder already holds a ``summary.json`` is not run again, so an interrupted sweep resumes
-where it stopped when given the same command (a run cut short mid-way continues from its last
-round checkpoint). Runs share one teacher cache (``OUT/teacher``), so the teacher is trained
-once per data and seed. At the end ``OUT/report.*`` and the plots are written (see
-:mod:`fedrank.simulations.report`) and the best configuration is printed.
+A sweep is an Optuna study (:mod:`fedrank.simulations.study_store`): by default in
+``OUT/study.db`` (SQLite) under the scenario's name; ``--storage`` takes any SQLAlchemy URL
+(``postgresql://...``) or ``journal:PATH`` (Optuna's journal file), and the same command on
+another machine with the same storage and ``--study`` joins the study: its workers take the
+trials nobody has taken. ``--workers N`` starts N worker processes here; each starts Flower's
+simulation runtime once and runs trial after trial in it (:mod:`fedrank.simulations.sweep_app`),
+with the machine's cores shared between them. Progress lines come as trials start and finish.
 
-The search space is the scenario's ``[sweep.space]``: each key is a configuration key with a
-list of values or a range ``{ low, high, log, int, steps }`` (``steps`` points for ``--grid``;
-ranges are sampled for ``--random``/``--optuna``). Without one, the default space covers the
-weights of the four loss families and the distillation temperature (:data:`DEFAULT_SPACE`).
+A trial is one point of the search space; the scenario's seeds (``--seeds``) are its repeats,
+and its value is the mean of the metric over them (the spread is reported next to it). An
+interrupted sweep (Ctrl-C) puts its running trials back; the same command resumes the study
+without running a finished trial again (a trial of a worker killed outright is failed by its
+missing heartbeat after a few seconds and queued again). A failed trial keeps its error.
+
+At the end ``OUT/trials.csv``, ``OUT/trials.md`` and ``OUT/trials.png`` show every trial of the
+study, ``OUT/report.*`` and its plots the runs of this machine
+(:mod:`fedrank.simulations.report`), and the best point is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-import math
 import os
+import signal
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+import optuna
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial, TrialState
 
-import fedrank.server.client_weights as client_weights
-from fedrank.common.atomic_io import append_jsonl, atomic_write_json
-from fedrank.common.errors import ConfigError, FedrankError
-from fedrank.simulations.report import find_runs, write_report
-from fedrank.simulations.scenarios import list_scenarios, load_scenario
-from fedrank.simulations.search_space import SearchSpace
-from fedrank.simulations.simulate import _parse_set, run_federations
+from fedrank.common.atomic_io import atomic_path, atomic_write_text
+from fedrank.common.errors import ConfigError
+from fedrank.simulations.report import find_runs, to_csv, to_markdown, write_report
+from fedrank.simulations.runtime import add_ray_arguments, ray_options
+from fedrank.simulations.scenarios import Scenario, list_scenarios, load_scenario
+from fedrank.simulations.simulate import _parse_set
+from fedrank.simulations.study_store import (
+    SweepSpec,
+    default_storage,
+    describe_trial,
+    open_storage,
+    open_study,
+    trial_rows,
+    worker_name,
+)
+from fedrank.simulations.sweep_app import _retried, next_step, point_label
 
-__all__ = [
-    "PlannedRun",
-    "SweepResult",
-    "main",
-    "plan_runs",
-    "run_hash",
-    "run_sweep",
-]
+__all__ = ["SweepResult", "main", "make_spec", "run_sweep"]
 
-# keys that do not change what a run computes, so they are not part of its hash
-UNHASHED = ("out-dir", "teacher-cache-dir", "resume")
-
-
-# ---- planning ------------------------------------------------------------------------------------
-def run_hash(config: Mapping[str, Any]) -> str:
-    """12 hex digits identifying what a run computes (its configuration minus output paths)."""
-    body = {k: v for k, v in sorted(config.items()) if k not in UNHASHED}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+STAGGER_SECONDS = 5.0  # between worker starts here: runtimes starting together slow each other
+MAX_RESTARTS = 3  # a worker whose runtime failed is started again at most this often
 
 
-@dataclass
-class PlannedRun:
-    """One federation of a sweep: a point of the space and a seed."""
-
-    params: dict[str, Any]
-    seed: int
-    config: dict[str, Any]
-    dir: Path
-    label: str
-
-    @property
-    def id(self) -> str:
-        return self.dir.name
-
-    def done(self) -> bool:
-        return summary_complete(self.dir)
-
-
-def summary_complete(run_dir: Path) -> bool:
-    """True when ``run_dir/summary.json`` is a finished run's summary."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return False
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and "student" in data
-
-
-def point_label(params: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items()) or "base"
-
-
-def plan_runs(
-    scenario: Any,
-    points: Sequence[Mapping[str, Any]],
-    out_dir: Path,
-    *,
-    seeds: Sequence[int] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-) -> tuple[list[PlannedRun], list[tuple[dict[str, Any], str]]]:
-    """The runs of ``points`` x seeds and the points skipped as invalid (with the reason)."""
-    runs: list[PlannedRun] = []
-    skipped: list[tuple[dict[str, Any], str]] = []
-    teacher_dir = os.fspath(out_dir / "teacher")
-    for point in points:
-        for seed in seeds or scenario.seeds:
-            try:
-                config = scenario.run_config(seed, {**dict(overrides or {}), **dict(point)})
-            except ConfigError as err:
-                if seed == (seeds or scenario.seeds)[0]:
-                    skipped.append((dict(point), str(err)))
-                break
-            run_dir = out_dir / "runs" / run_hash(config)
-            config = {**config, "out-dir": os.fspath(run_dir), "teacher-cache-dir": teacher_dir}
-            label = f"{point_label(point)} seed={seed}"
-            runs.append(PlannedRun(dict(point), int(seed), config, run_dir, label))
-    return runs, skipped
-
-
-# ---- running ------------------------------------------------------------------------------------
 @dataclass
 class SweepResult:
-    """What a sweep did."""
+    """What a sweep's study holds after this command."""
 
     out_dir: Path
-    runs: list[PlannedRun]
-    finished: list[PlannedRun] = field(default_factory=list)
-    resumed: list[PlannedRun] = field(default_factory=list)
-    failed: list[PlannedRun] = field(default_factory=list)
-    skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+    storage: str
+    study: str
+    trials: list[FrozenTrial] = field(default_factory=list)
+    finished_before: int = 0  # trials finished when this command started
+    seconds: float = 0.0
     best: dict[str, Any] | None = None
 
+    def count(self, state: TrialState) -> int:
+        return sum(1 for t in self.trials if t.state == state)
 
-def _write_meta(run: PlannedRun, scenario: Any, clients: int, threads: int) -> None:
-    run.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        run.dir / "sweep.json",
-        {
-            "label": run.label,
-            "params": run.params,
-            "seed": run.seed,
-            "clients": clients,
-            "threads": threads,
-            "scenario": scenario.name,
-            "client-weights": scenario.client_weights,
-            "config": {**run.config, "resume": True},
-        },
+    @property
+    def finished_here(self) -> int:
+        """Trials that finished while this command ran (by any worker of the study)."""
+        retried = _retried(self.trials)
+        done = [t for t in self.trials if t.state.is_finished() and t.number not in retried]
+        return len(done) - self.finished_before
+
+    @property
+    def completed(self) -> int:
+        return self.count(TrialState.COMPLETE)
+
+    @property
+    def failed(self) -> list[FrozenTrial]:
+        """Failed trials that were not queued again (their error is in ``user_attrs``)."""
+        retried = _retried(self.trials)
+        return [t for t in self.trials if t.state == TrialState.FAIL and t.number not in retried]
+
+
+def make_spec(
+    scenario: Scenario,
+    mode: str,
+    *,
+    n: int = 0,
+    max_trials: int | None = None,
+    seeds: Sequence[int] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    sweep_seed: int = 0,
+) -> SweepSpec:
+    """The study's :class:`SweepSpec` (validates the space and, for a grid, its size)."""
+    spec = SweepSpec(
+        scenario=scenario.to_dict(),
+        mode=mode,
+        trials=max(1, n),
+        seeds=[int(s) for s in (seeds or scenario.sweep.get("seeds", scenario.seeds))],
+        overrides=dict(overrides or {}),
+        sweep_seed=int(sweep_seed),
+        metric=str(scenario.sweep.get("metric", "ndcg@10")),
+        direction=str(scenario.sweep.get("direction", "maximize")),
     )
+    if mode == "grid":
+        size = len(spec.space().grid())
+        spec = SweepSpec(**{**spec.__dict__, "trials": min(size, max_trials or size)})
+    elif max_trials:
+        spec = SweepSpec(**{**spec.__dict__, "trials": min(spec.trials, max_trials)})
+    return spec
 
 
-def _final_metrics(run_dir: Path) -> dict[str, Any]:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-        return dict(summary["student"]["metrics"])
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
-        return {}
+# ---- worker processes ---------------------------------------------------------------------------
+class Workers:
+    """Worker processes of this machine, one per slot, each logging to ``OUT/logs``."""
 
+    def __init__(self, command: list[str], slots: int, logs: Path, one_trial: bool) -> None:
+        self.command = command
+        self.slots: list[subprocess.Popen | None] = [None] * slots
+        self.restarts = [0] * slots
+        self.retired: set[int] = set()
+        self.logs = logs
+        self.one_trial = one_trial
+        self.last_start = -float("inf")
+        logs.mkdir(parents=True, exist_ok=True)
 
-def _last_error(log_path: Path) -> str:
-    """The last line of a worker's log that names an error (or its last line)."""
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines()]
-    except OSError:
-        return "no log"
-    lines = [ln for ln in lines if ln]
-    for line in reversed(lines):
-        if "Error" in line or "error:" in line:
-            return line[-300:]
-    return lines[-1][-300:] if lines else "empty log"
-
-
-class _Pool:
-    """At most ``jobs`` worker processes; each runs a batch of run folders."""
-
-    def __init__(self, jobs: int, verbose: bool, total: int) -> None:
-        self.jobs = jobs
-        self.verbose = verbose
-        self.total = total
-        self.count = 0
-        self.active: list[tuple[subprocess.Popen, list[PlannedRun], float, Any]] = []
-        self.started = 0
-        self.stagger = 10.0  # seconds between process starts
-        self.last_start = -math.inf
-
-    def _line(self, text: str) -> None:
-        print(text, flush=True)
-
-    def start(self, batch: list[PlannedRun]) -> None:
-        while len(self.active) >= self.jobs:
-            self.wait_one()
-        log_path = batch[0].dir / "log.txt"
-        log = open(log_path, "ab")  # noqa: SIM115 - closed when the process ends
-        cmd = [
-            sys.executable,
-            "-m",
-            "fedrank.simulations.sweep",
-            "--worker",
-            *[os.fspath(r.dir) for r in batch],
-        ]
-        if self.verbose:
-            cmd.append("--verbose")
-        root = Path(__file__).resolve().parents[1]
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([os.fspath(root), os.environ.get("PYTHONPATH", "")]),
-        }
-        wait = self.last_start + self.stagger - time.monotonic()
-        if wait > 0:  # runtimes that start at the same moment slow each other's startup
-            time.sleep(wait)
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    def start(self, slot: int) -> None:
+        with open(self.logs / f"worker-{slot}.log", "ab") as log:
+            self.slots[slot] = subprocess.Popen(
+                self.command + (["--max-trials", "1"] if self.one_trial else []),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.last_start = time.monotonic()
-        for run in batch:
-            self.started += 1
-            self._line(f"[{self.started:>3}/{self.total}] start  {run.id}  {run.label}")
-        self.active.append((proc, batch, time.monotonic(), log))
 
-    def wait_one(self) -> list[tuple[PlannedRun, bool]]:
-        while True:
-            for i, (proc, batch, started, log) in enumerate(self.active):
-                if proc.poll() is not None:
-                    del self.active[i]
-                    log.close()
-                    return self._finish(proc, batch, started)
-            time.sleep(0.2)
+    def tend(self, study: optuna.Study, spec: SweepSpec) -> bool:
+        """Start or restart workers where needed; False when none runs and none will."""
+        busy = False
+        for slot, proc in enumerate(self.slots):
+            if proc is not None and proc.poll() is None:
+                busy = True
+                continue
+            if proc is not None:  # it ended
+                self.slots[slot] = None
+                if proc.returncode != 0:
+                    self.restarts[slot] += 1
+                    if self.restarts[slot] > MAX_RESTARTS:
+                        log = self.logs / f"worker-{slot}.log"
+                        print(f"worker {slot} keeps failing; see {log}", file=sys.stderr)
+                        self.retired.add(slot)
+                elif not self.one_trial:
+                    self.retired.add(slot)  # it ran until the study had nothing left for it
+            if slot in self.retired or next_step(study, spec) == "done":
+                continue
+            busy = True
+            if time.monotonic() - self.last_start >= STAGGER_SECONDS:
+                self.start(slot)
+        return busy
 
-    def _finish(self, proc: subprocess.Popen, batch: list[PlannedRun], started: float) -> list:
-        seconds = time.monotonic() - started
-        out = []
-        for run in batch:
-            self.count += 1
-            ok = run.done()
-            if ok:
-                m = _final_metrics(run.dir)
-                text = "  ".join(
-                    f"{k} {m[k]:.4f}"
-                    for k in ("ndcg@10", "log_loss")
-                    if isinstance(m.get(k), float)
-                )
-                self._line(
-                    f"[{self.count:>3}/{self.total}] done   {run.id}  {text}  ({seconds:.0f}s)"
-                )
-            else:
-                self._line(
-                    f"[{self.count:>3}/{self.total}] FAILED {run.id} (exit {proc.returncode}): "
-                    f"{_last_error(batch[0].dir / 'log.txt')}; see {batch[0].dir / 'log.txt'}"
-                )
-            out.append((run, ok))
-        return out
-
-    def drain(self) -> list[tuple[PlannedRun, bool]]:
-        out = []
-        while self.active:
-            out += self.wait_one()
-        return out
-
-    def kill(self) -> None:
-        for proc, _, _, _log in self.active:
-            proc.terminate()
-        for proc, _, _, log in self.active:
+    def interrupt(self, grace: float = 30.0) -> None:
+        """SIGINT to each worker (they put their trials back), then SIGKILL after ``grace``."""
+        procs = [p for p in self.slots if p is not None and p.poll() is None]
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + grace
+        for proc in procs:
             try:
-                proc.wait(timeout=20)
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-            log.close()
-        self.active = []
+                proc.wait()
 
 
-def execute(
-    runs: Sequence[PlannedRun],
-    scenario: Any,
-    *,
-    clients: int,
-    jobs: int,
-    batch: int = 1,
-    verbose: bool = False,
-    progress_total: int | None = None,
-    result: SweepResult | None = None,
-) -> SweepResult:
-    """Run the runs not yet done (``jobs`` processes at a time); fills ``result``."""
-    result = result or SweepResult(Path("."), list(runs))
-    todo = []
-    for run in runs:
-        if run.done():
-            result.resumed.append(run)
-        else:
-            todo.append(run)
-    total = progress_total or len(runs)
-    pool = _Pool(max(1, jobs), verbose, total)
-    pool.count = len(result.resumed) + len(result.finished) + len(result.failed)
-    pool.started = pool.count
-    if result.resumed and pool.count == len(result.resumed):
-        print(f"resuming: {len(result.resumed)} of {len(runs)} run(s) already done", flush=True)
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // max(1, min(jobs, len(todo) or 1)))
-    try:
-        for i in range(0, len(todo), max(1, batch)):
-            chunk = todo[i : i + max(1, batch)]
-            for run in chunk:
-                _write_meta(run, scenario, clients, threads)
-            pool.start(chunk)
-            while len(pool.active) >= pool.jobs:
-                _collect(pool.wait_one(), result)
-        _collect(pool.drain(), result)
-    except KeyboardInterrupt:
-        pool.kill()
-        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
-        raise
-    return result
+class Progress:
+    """Progress lines as trials start and finish."""
+
+    def __init__(self, study: optuna.Study, spec: SweepSpec) -> None:
+        self.spec = spec
+        self.started: set[int] = set()
+        self.finished: set[int] = set()
+        trials = study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state.is_finished():
+                self.started.add(t.number)
+                self.finished.add(t.number)
+        self.before = len(self.finished - _retried(trials))
+
+    def update(self, study: optuna.Study) -> None:
+        trials = study.get_trials(deepcopy=False)
+        retried = _retried(trials)
+        total = self.spec.trials
+        done = len([t for t in trials if t.state.is_finished() and t.number not in retried])
+        for t in trials:
+            if t.number not in self.started and t.state == TrialState.RUNNING:
+                self.started.add(t.number)
+                label = point_label({k: v for k, v in t.params.items()})
+                print(
+                    f"[{done:>3}/{total}] start  trial {t.number}  {label}  "
+                    f"({t.user_attrs.get('worker', '?')})",
+                    flush=True,
+                )
+            if t.number not in self.finished and t.state.is_finished():
+                self.finished.add(t.number)
+                self.started.add(t.number)
+                seconds = (
+                    (t.datetime_complete - t.datetime_start).total_seconds()
+                    if t.datetime_complete and t.datetime_start
+                    else 0.0
+                )
+                again = " (queued again)" if t.number in retried else ""
+                print(
+                    f"[{done:>3}/{total}] done   trial {t.number}  "
+                    f"{describe_trial(t, self.spec.metric)}{again}  ({seconds:.0f}s)",
+                    flush=True,
+                )
 
 
-def _collect(outcomes: list[tuple[PlannedRun, bool]], result: SweepResult) -> None:
-    for run, ok in outcomes:
-        (result.finished if ok else result.failed).append(run)
-
-
-def _objective(runs: Sequence[PlannedRun], metric: str) -> float | None:
-    values = [_final_metrics(r.dir).get(metric) for r in runs]
-    values = [float(v) for v in values if isinstance(v, (int, float))]
-    return float(np.mean(values)) if values and len(values) == len(runs) else None
-
-
-def best_point(
-    runs: Sequence[PlannedRun], metric: str = "ndcg@10", direction: str = "maximize"
-) -> dict[str, Any] | None:
-    """The point with the best mean ``metric`` over its seeds (only points whose runs all
-    finished)."""
-    groups: dict[str, list[PlannedRun]] = {}
-    for run in runs:
-        groups.setdefault(json.dumps(run.params, sort_keys=True), []).append(run)
-    best = None
-    for members in groups.values():
-        value = _objective(members, metric)
-        if value is None:
-            continue
-        better = best is None or (
-            value > best["value"] if direction == "maximize" else value < best["value"]
-        )
-        if better:
-            best = {"params": members[0].params, "value": value, "runs": len(members)}
-    return best
-
-
-def _optuna_sweep(
-    scenario: Any,
-    space: SearchSpace,
-    n: int,
-    out_dir: Path,
-    *,
-    seeds: Sequence[int] | None,
-    overrides: Mapping[str, Any],
-    clients: int,
-    jobs: int,
-    batch: int,
-    verbose: bool,
-    sweep_seed: int,
-    metric: str,
-    direction: str,
-    result: SweepResult,
-) -> None:
-    try:
-        import optuna
-    except ImportError:
-        raise FedrankError(
-            "--optuna needs the optuna package: pip install optuna (or use --grid / --random)"
-        ) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=sweep_seed)
-    study = optuna.create_study(direction=direction, sampler=sampler)
-    distributions = {p.name: p.distribution() for p in space.params}
-    # replay trials finished by an earlier, interrupted invocation (recorded in trials.jsonl)
-    trials_path = out_dir / "trials.jsonl"
-    done_points: list[dict[str, Any]] = []
-    if trials_path.is_file():
-        for line in trials_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                done_points.append(json.loads(line)["params"])
-    told = 0
-    for point in done_points[:n]:
-        runs, _ = plan_runs(scenario, [point], out_dir, seeds=seeds, overrides=overrides)
-        value = _objective(runs, metric) if runs and all(r.done() for r in runs) else None
-        if value is None:
-            continue
-        study.add_trial(
-            optuna.trial.create_trial(params=point, distributions=distributions, value=value)
-        )
-        result.runs += runs
-        result.resumed += runs
-        told += 1
-    if told:
-        print(f"resuming: {told} of {n} trial(s) already done", flush=True)
-    per_trial = len(seeds or scenario.seeds)
-    total = n * per_trial
-
-    while told < n:
-        wave = min(max(1, jobs), n - told)
-        trials = [study.ask() for _ in range(wave)]
-        points = [{p.name: p.suggest(t) for p in space.params} for t in trials]
-        wave_runs = []
-        for trial, point in zip(trials, points, strict=True):
-            runs, skipped = plan_runs(scenario, [point], out_dir, seeds=seeds, overrides=overrides)
-            if skipped:
-                result.skipped += skipped
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                continue
-            wave_runs.append((trial, point, runs))
-        all_runs = [r for _, _, rs in wave_runs for r in rs]
-        result.runs += all_runs
-        execute(
-            all_runs,
-            scenario,
-            clients=clients,
-            jobs=jobs,
-            batch=batch,
-            verbose=verbose,
-            progress_total=total,
-            result=result,
-        )
-        for trial, point, runs in wave_runs:
-            value = _objective(runs, metric)
-            if value is None:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            else:
-                study.tell(trial, value)
-                append_jsonl(trials_path, {"params": point, "value": value})
-        told += wave
-
-
+# ---- the sweep ----------------------------------------------------------------------------------
 def run_sweep(
-    scenario: Any,
+    scenario: Scenario,
     mode: str,
     out_dir: str | os.PathLike[str],
     *,
     n: int = 0,
+    max_trials: int | None = None,
     seeds: Sequence[int] | None = None,
     overrides: Mapping[str, Any] | None = None,
     clients: int | None = None,
-    jobs: int | None = None,
-    batch: int = 1,
+    workers: int = 1,
+    storage: str | None = None,
+    study_name: str | None = None,
     sweep_seed: int = 0,
+    one_run_per_process: bool = False,
+    worker_args: Sequence[str] = (),
     verbose: bool = False,
     report: bool = True,
 ) -> SweepResult:
-    """Run a sweep of ``scenario`` (``mode`` is ``grid``, ``random`` or ``optuna``)."""
-    out = Path(out_dir)
+    """Create or join the study of ``scenario`` (``mode``: grid, random or tpe) and run its
+    trials with ``workers`` processes here until it has none left (see the module docstring).
+
+    ``one_run_per_process``: every trial in a new process with its own runtime start (how
+    sweeps ran before; kept to measure the difference). ``worker_args``: extra options for
+    the workers (the Ray options)."""
+    t0 = time.perf_counter()
+    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if clients is not None:
         scenario = scenario.replace(clients=int(clients))
-    overrides = dict(overrides or {})
-    space = SearchSpace.parse(scenario.sweep["space"]) if "space" in scenario.sweep else None
-    space = space or SearchSpace.default()
-    metric = str(scenario.sweep.get("metric", "ndcg@10"))
-    direction = str(scenario.sweep.get("direction", "maximize"))
-    seeds = list(seeds) if seeds else list(scenario.sweep.get("seeds", scenario.seeds))
-    jobs = max(1, min(int(jobs or os.cpu_count() or 1), os.cpu_count() or 1))
-    atomic_write_json(
-        out / "sweep.json",
-        {
-            "scenario": scenario.to_dict(),
-            "mode": mode,
-            "n": n,
-            "seeds": seeds,
-            "overrides": overrides,
-            "space": space.names,
-            "sweep_seed": sweep_seed,
-            "metric": metric,
-            "direction": direction,
-        },
+    spec = make_spec(
+        scenario,
+        mode,
+        n=n,
+        max_trials=max_trials,
+        seeds=seeds,
+        overrides=overrides,
+        sweep_seed=sweep_seed,
     )
-    result = SweepResult(out, [])
-    if mode == "optuna":
-        _optuna_sweep(
-            scenario,
-            space,
-            n,
-            out,
-            seeds=seeds,
-            overrides=overrides,
-            clients=scenario.clients,
-            jobs=jobs,
-            batch=batch,
-            verbose=verbose,
-            sweep_seed=sweep_seed,
-            metric=metric,
-            direction=direction,
-            result=result,
-        )
-    else:
-        if mode == "grid":
-            points = space.grid()
-        elif mode == "random":
-            points = space.sample(n, seed=sweep_seed)
-        else:
-            raise ConfigError(f"unknown sweep mode {mode!r}; valid: grid, random, optuna")
-        runs, skipped = plan_runs(scenario, points, out, seeds=seeds, overrides=overrides)
-        result.runs, result.skipped = runs, skipped
-        for point, reason in skipped:
-            print(f"skipped {point_label(point)}: {reason}", flush=True)
-        print(
-            f"sweep {scenario.name}: {len(points) - len(skipped)} configuration(s) x "
-            f"{len(seeds)} seed(s) = {len(runs)} run(s), {jobs} at a time, {scenario.clients} "
-            f"clients each; output {out}",
-            flush=True,
-        )
-        execute(
-            runs,
-            scenario,
-            clients=scenario.clients,
-            jobs=jobs,
-            batch=batch,
-            verbose=verbose,
-            result=result,
-        )
-    result.best = best_point(result.runs, metric, direction)
-    if report and any(r.done() for r in result.runs):
-        write_report(find_runs([out / "runs"]), out)
+    url = storage or default_storage(out)
+    name = study_name or scenario.name
+    study, spec = open_study(open_storage(url), name, spec, worker_name())
+    progress = Progress(study, spec)
+    if progress.before:
+        print(f"resuming study {name!r}: {progress.before} of {spec.trials} trial(s) finished")
+    workers = max(1, int(workers))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    print(
+        f"sweep {scenario.name} ({mode}): {spec.trials} trial(s) x {len(spec.seeds)} seed(s), "
+        f"{workers} worker(s) here, {scenario.clients} clients each; study {name!r} in {url}",
+        flush=True,
+    )
+    command = [sys.executable, "-m", "fedrank.simulations.sweep_app"]
+    command += ["--storage", url, "--study", name, "--out", str(out), "--threads", str(threads)]
+    command += [*worker_args, *(["--verbose"] if verbose else [])]
+    pool = Workers(command, workers, out / "logs", one_run_per_process)
+    try:
+        while pool.tend(study, spec):
+            progress.update(study)
+            time.sleep(1.0)
+        progress.update(study)
+    except KeyboardInterrupt:
+        pool.interrupt()
+        progress.update(study)
+        print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
+        raise
+    result = SweepResult(out, url, name, study.get_trials(), progress.before)
+    result.seconds = time.perf_counter() - t0
+    result.best = best_trial(study)
+    if report:
+        write_trials(study, spec, out)
+        runs = find_runs([out / "runs"]) if (out / "runs").is_dir() else []
+        if any(r.complete for r in runs):
+            write_report(runs, out)
     return result
 
 
-# ---- worker (one process: one start of the simulation runtime) ----------------------------------
-def _runtime_crashed(err: BaseException) -> bool:
-    """True for a failure of the simulation runtime itself (e.g. Ray timing out at startup on
-    a busy machine), which is worth one more try; a fedrank error in a run is not."""
-    return isinstance(err, RuntimeError) and "Ending simulation" in str(err)
-
-
-def _worker(run_dirs: Sequence[str], verbose: bool, attempts: int = 3) -> int:
-    """Run the federations of ``run_dirs`` in one start of the simulation runtime.
-
-    The process ends with ``os._exit``: after a crash of the runtime the ServerApp thread may
-    still be waiting for nodes, and it must not keep the process (and the sweep) alive.
-    """
-
-    code = 1
+def best_trial(study: optuna.Study) -> dict[str, Any] | None:
+    """The best completed trial: its point, mean, spread and seeds."""
     try:
-        dirs = [Path(d) for d in run_dirs]
-        metas = [json.loads((d / "sweep.json").read_text(encoding="utf-8")) for d in dirs]
-        for meta in metas:
-            if meta.get("client-weights"):
-                client_weights.policy_config(meta["client-weights"])  # register in this process
-        threads = int(metas[0].get("threads", 1))
-
-        torch.set_num_threads(threads)
-        for attempt in range(1, attempts + 1):
-            todo = [
-                m["config"] for d, m in zip(dirs, metas, strict=True) if not summary_complete(d)
-            ]
-            if not todo:
-                code = 0
-                break
-            try:
-                run_federations(
-                    todo, num_clients=int(metas[0]["clients"]), verbose=verbose, num_cpus=threads
-                )
-                code = 0
-                break
-            except Exception as err:  # noqa: BLE001 - reported in the log, decided below
-                traceback.print_exc()
-                if attempt == attempts or not _runtime_crashed(err):
-                    break
-                print(f"simulation runtime failed (attempt {attempt}); retrying", flush=True)
-                time.sleep(5.0 * attempt)
-    except BaseException:  # noqa: BLE001 - the log gets the traceback, the exit code says it
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        best = study.best_trial
+    except ValueError:  # no completed trial
+        return None
+    return {
+        "trial": best.number,
+        "params": dict(best.params),
+        "value": float(best.value),
+        "std": float(best.user_attrs.get("std", 0.0)),
+        "runs": len(best.user_attrs.get("values", {})),
+    }
 
 
+def write_trials(study: optuna.Study, spec: SweepSpec, out: Path) -> None:
+    """``trials.csv``, ``trials.md`` and ``trials.png`` (completed trials, mean ± spread)."""
+    header, rows = trial_rows(study, spec)
+    atomic_write_text(out / "trials.csv", to_csv(header, rows))
+    atomic_write_text(out / "trials.md", to_markdown(header, rows).rstrip("\n") + "\n")
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    if not done:
+        return
+    done.sort(key=lambda t: t.value, reverse=spec.direction == "maximize")
+    fig = Figure(figsize=(7, 0.3 * len(done) + 1.5))
+    ax = fig.subplots()
+    ys = list(range(len(done)))[::-1]
+    ax.errorbar(
+        [t.value for t in done],
+        ys,
+        xerr=[t.user_attrs.get("std", 0.0) for t in done],
+        fmt="o",
+        capsize=3,
+    )
+    ax.set_yticks(ys, [f"#{t.number} {point_label(t.params)}"[:70] for t in done], fontsize=7)
+    ax.set_xlabel(f"{spec.metric}: mean over {len(spec.seeds)} seed(s), bars: ± std")
+    ax.set_title(f"{spec.name}: {len(done)} trial(s), best on top")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(out / "trials.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+# ---- the command --------------------------------------------------------------------------------
 def _parse_seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.replace(" ", "").split(",") if s]
@@ -588,34 +364,38 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] == "--worker":
-        verbose = "--verbose" in args_list
-        return _worker([a for a in args_list[1:] if a != "--verbose"], verbose)
+def _ray_worker_args(args: argparse.Namespace) -> list[str]:
+    ray_options(args)  # checks them here, before any worker starts
+    out = ["--client-cpus", str(args.client_cpus)]
+    if args.ray_address:
+        out += ["--ray-address", args.ray_address]
+    if args.client_memory:
+        out += ["--client-memory", args.client_memory]
+    return out
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedrank sweep",
-        description="Sweep loss weights over a scenario; each configuration is one federated "
-        "simulation per seed. Built-in scenarios: " + ", ".join(list_scenarios()),
+        description="Tune a scenario's loss weights: an Optuna study whose trials are "
+        "federated simulations (one per seed). Built-in scenarios: " + ", ".join(list_scenarios()),
     )
     parser.add_argument("scenario", help="built-in scenario name or path to a .toml file")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--grid", action="store_true", help="every point of the space")
     mode.add_argument("--random", type=int, metavar="N", help="N random points")
-    mode.add_argument("--optuna", type=int, metavar="N", help="N Optuna (TPE) trials")
+    mode.add_argument("--tpe", type=int, metavar="N", help="N trials of Optuna's TPE sampler")
+    parser.add_argument("--max-trials", type=int, help="stop the study after this many trials")
     parser.add_argument("--out", help="sweep folder (default runs/sweep-SCENARIO)")
-    parser.add_argument("--jobs", type=int, help="parallel runs (default: the machine's cores)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes here (1)")
     parser.add_argument(
-        "--batch",
-        type=int,
-        default=1,
-        help="runs per process (one runtime start serves them; default 1)",
+        "--storage", metavar="URL", help="the study's storage (default sqlite:///OUT/study.db)"
     )
+    parser.add_argument("--study", metavar="NAME", help="the study's name (default: scenario)")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the scenario's)")
     parser.add_argument("--clients", type=int, help="override the scenario's client count")
     parser.add_argument("--rounds", type=int, help="override num-server-rounds")
-    parser.add_argument("--data", help="override data-path (e.g. ../shared/data/MQ2008/Fold1)")
+    parser.add_argument("--data", help="override data-path (e.g. a LETOR fold folder)")
     parser.add_argument(
         "--set",
         action="append",
@@ -623,61 +403,80 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override any configuration key",
     )
-    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of --random / --optuna")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
-    parser.add_argument("--verbose", action="store_true", help="Flower's logs in each run's log")
-    args = parser.parse_args(args_list)
-    if args.random is not None and args.random < 1 or args.optuna is not None and args.optuna < 1:
-        raise ConfigError("--random / --optuna need N >= 1")
+    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the samplers")
+    parser.add_argument(
+        "--one-run-per-process",
+        action="store_true",
+        help="start a new process (and simulation runtime) for every trial; slower, kept "
+        "for comparisons",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the points, run nothing")
+    add_ray_arguments(parser)
+    parser.add_argument("--verbose", action="store_true", help="Flower's logs in workers' logs")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    for flag, value in (("--random", args.random), ("--tpe", args.tpe)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} needs N >= 1, got {value}")
+    if args.max_trials is not None and args.max_trials < 1:
+        raise ConfigError(f"--max-trials needs N >= 1, got {args.max_trials}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers needs N >= 1, got {args.workers}")
     scenario = load_scenario(args.scenario)
+    if args.clients is not None:
+        if args.clients < 1:
+            raise ConfigError(f"--clients must be >= 1, got {args.clients}")
+        scenario = scenario.replace(clients=args.clients)
     overrides = _parse_set(args.set)
     if args.rounds is not None:
         overrides["num-server-rounds"] = args.rounds
     if args.data is not None:
         overrides["data-path"] = args.data
     seeds = _parse_seeds(args.seeds) if args.seeds else None
-    mode_name = "grid" if args.grid else "random" if args.random is not None else "optuna"
-    n = args.random or args.optuna or 0
+    mode_name = "grid" if args.grid else "random" if args.random is not None else "tpe"
+    n = args.random or args.tpe or 0
     out = Path(args.out or f"runs/sweep-{scenario.name}")
+    worker_args = _ray_worker_args(args)
     if args.dry_run:
-        sc = scenario.replace(clients=args.clients) if args.clients else scenario
-        space = (
-            SearchSpace.parse(sc.sweep["space"]) if "space" in sc.sweep else SearchSpace.default()
+        spec = make_spec(scenario, mode_name, n=n, max_trials=args.max_trials, seeds=seeds)
+        if mode_name == "grid":
+            for point in spec.space().grid()[: spec.trials]:
+                print(point_label(point))
+        print(
+            f"{mode_name}: {spec.trials} trial(s) x {len(spec.seeds)} seed(s) over "
+            f"{', '.join(spec.space().names)}"
         )
-        if mode_name == "optuna":
-            print(f"optuna: {n} trials over {', '.join(space.names)}")
-            return 0
-        points = space.grid() if args.grid else space.sample(n, seed=args.sweep_seed)
-        runs, skipped = plan_runs(sc, points, out, seeds=seeds, overrides=overrides)
-        for run in runs:
-            print(f"{run.id}  {'done' if run.done() else 'todo'}  {run.label}")
-        print(f"{len(runs)} run(s); {len(skipped)} configuration(s) skipped as invalid")
         return 0
     result = run_sweep(
         scenario,
         mode_name,
         out,
         n=n,
+        max_trials=args.max_trials,
         seeds=seeds,
         overrides=overrides,
-        clients=args.clients,
-        jobs=args.jobs,
-        batch=args.batch,
+        workers=args.workers,
+        storage=args.storage,
+        study_name=args.study,
         sweep_seed=args.sweep_seed,
+        one_run_per_process=args.one_run_per_process,
+        worker_args=worker_args,
         verbose=args.verbose,
     )
     print(
-        f"\n{len(result.finished)} run(s) finished, {len(result.resumed)} reused, "
-        f"{len(result.failed)} failed, {len(result.skipped)} configuration(s) skipped"
+        f"\nstudy {result.study!r}: {result.completed} trial(s) complete, "
+        f"{len(result.failed)} failed, {result.count(TrialState.PRUNED)} skipped; "
+        f"{result.finished_here} finished by this command in {result.seconds:.0f}s"
     )
+    for trial in result.failed:
+        print(f"  trial {trial.number} failed: {trial.user_attrs.get('error', '?')}")
     if result.best is not None:
-        metric = scenario.sweep.get("metric", "ndcg@10")
+        best = result.best
         print(
-            f"best: {point_label(result.best['params'])}  mean {metric} "
-            f"{result.best['value']:.4f} over {result.best['runs']} seed(s)"
+            f"best: trial {best['trial']}  {point_label(best['params'])}  "
+            f"{scenario.sweep.get('metric', 'ndcg@10')} {best['value']:.4f} ± {best['std']:.4f} "
+            f"over {best['runs']} seed(s)"
         )
-    if (out / "report.md").is_file():
-        print(f"report: {out / 'report.md'}")
+    print(f"trials: {out / 'trials.md'}")
     return 1 if result.failed else 0
 
 

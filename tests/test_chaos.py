@@ -71,17 +71,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         f"""
         import sys
         sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
-        from flwr.simulation import run_simulation
         from fault_clients import chaos_client_app
         from fedrank.server.server_app import make_server_app
-        run_simulation(
-            server_app=make_server_app({configs!r}),
-            client_app=chaos_client_app(sleep_seconds={ROUND_TIMEOUT + 5.0!r}),
-            num_supernodes=10,
-            backend_config={{
-                "client_resources": {{"num_cpus": 1, "num_gpus": 0.0}},
-                "init_args": {{"num_cpus": 2, "num_gpus": 0, "include_dashboard": False}},
-            }},
+        from fedrank.simulations.runtime import RayOptions, start_simulation
+        start_simulation(
+            make_server_app({configs!r}),
+            chaos_client_app(sleep_seconds={ROUND_TIMEOUT + 5.0!r}),
+            10,
+            ray=RayOptions(num_cpus=2),
         )
         """
     )

@@ -291,19 +291,16 @@ def test_simulation_survives_crashed_slow_and_malicious_clients(tmp_path):
         f"""
         import json, sys
         sys.path[:0] = [{str(REPO)!r}, {str(TESTS)!r}]
-        from flwr.simulation import run_simulation
         from fault_clients import faulty_client_app
         from fedrank.server.server_app import make_server_app
+        from fedrank.simulations.runtime import RayOptions, start_simulation
         config = {{**{SIM_CONFIG!r}, "out-dir": {str(out)!r}, "min-available-nodes": 4}}
         faults = {{tuple(k): v for k, v in json.loads({encoded!r})}}
-        run_simulation(
-            server_app=make_server_app([config]),
-            client_app=faulty_client_app(faults, sleep_seconds={slow!r}),
-            num_supernodes=4,
-            backend_config={{
-                "client_resources": {{"num_cpus": 1, "num_gpus": 0.0}},
-                "init_args": {{"num_cpus": 4, "num_gpus": 0, "include_dashboard": False}},
-            }},
+        start_simulation(
+            make_server_app([config]),
+            faulty_client_app(faults, sleep_seconds={slow!r}),
+            4,
+            ray=RayOptions(num_cpus=4),
         )
         """
     )

@@ -24,7 +24,8 @@ from fedrank.server.client_weights import (
 )
 from fedrank.simulations.scenarios import list_scenarios, load_scenario, parse_scenario
 from fedrank.simulations.search_space import SearchSpace
-from fedrank.simulations.sweep import plan_runs, run_hash
+from fedrank.simulations.sweep import make_spec
+from fedrank.simulations.sweep_app import TrialRunner, run_hash
 
 
 def write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
@@ -62,14 +63,16 @@ def test_a_run_is_reproducible_from_scenario_and_seed(tmp_path: Path) -> None:
     assert a.run_config(1) == b.run_config(1)
     assert run_hash(a.run_config(1)) == run_hash(b.run_config(1))
     assert run_hash(a.run_config(1)) != run_hash(a.run_config(2))
-    runs, skipped = plan_runs(a, [{"rank-weight": 2.0}], tmp_path, seeds=[0, 1])
-    assert not skipped and [r.seed for r in runs] == [0, 1]
+    spec = make_spec(a, "grid", seeds=[0, 1])
+    runs = TrialRunner(spec, a, tmp_path, "test").configs({"rank-weight": 2.0})
+    assert [r["seed"] for r in runs] == [0, 1]
     assert all(
-        float(r.config["rank-weight"]) == 2.0 and r.dir.parent == tmp_path / "runs" for r in runs
+        float(r["rank-weight"]) == 2.0 and Path(r["out-dir"]).parent == tmp_path / "runs"
+        for r in runs
     )
     # output folders do not change the hash: the same run found from another sweep folder
-    again, _ = plan_runs(a, [{"rank-weight": 2.0}], tmp_path / "elsewhere", seeds=[0, 1])
-    assert [r.id for r in runs] == [r.id for r in again]
+    again = TrialRunner(spec, a, tmp_path / "elsewhere", "test").configs({"rank-weight": 2.0})
+    assert [Path(r["out-dir"]).name for r in runs] == [Path(r["out-dir"]).name for r in again]
 
 
 def test_scenario_mistakes_name_the_file_and_key(tmp_path: Path) -> None:
@@ -126,8 +129,10 @@ def test_search_space_grid_ranges_and_sampling() -> None:
 def test_invalid_points_are_skipped_not_run(tmp_path: Path) -> None:
     scenario = load_scenario("tiny")
     points = [{"label-weight": 0.0, "rank-label-weight": 0.0, "rank-weight": 0.0}, {}]
-    runs, skipped = plan_runs(scenario, points, tmp_path)
-    assert len(runs) == 1 and len(skipped) == 1 and "are 0" in skipped[0][1]
+    runner = TrialRunner(make_spec(scenario, "grid"), scenario, tmp_path, "test")
+    assert len(runner.configs(points[1])) == 1
+    with pytest.raises(ConfigError, match="are 0"):
+        runner.configs(points[0])
 
 
 # ---- per-client weights -----------------------------------------------------------------------
@@ -232,11 +237,10 @@ def test_exp3_without_validation_metrics_stays_uniform() -> None:
 def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     """A ClientApp that runs the real handlers, after asserting on the client what it got."""
     from flwr.clientapp import ClientApp
-    from flwr.simulation import run_simulation
 
     import fedrank.client.client_app as real
     from fedrank.server.server_app import make_server_app
-    from fedrank.simulations.simulate import SIMULATION_ENV
+    from fedrank.simulations.runtime import RayOptions, start_simulation
 
     spec = {
         "policy": "per-client",
@@ -305,17 +309,7 @@ def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     def evaluate(msg, context):  # noqa: ANN001, ANN202
         return real.evaluate(msg, context)
 
-    for key, value in SIMULATION_ENV.items():
-        os.environ.setdefault(key, value)
-    run_simulation(
-        server_app=make_server_app([config]),
-        client_app=app,
-        num_supernodes=2,
-        backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False},
-        },
-    )
+    start_simulation(make_server_app([config]), app, 2, ray=RayOptions(num_cpus=2))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     replies = rows[-1]["clients_train"]
     assert len(replies) == 2

@@ -1,75 +1,297 @@
-"""A tiny sweep through Flower's simulation runtime: 2 configurations, 2 clients, 1 round."""
+"""Sweeps: an Optuna study in a store that workers share, resume and join.
+
+The fast tests drive the study logic on real SQLite and journal stores without the simulation
+runtime; the slow ones run real sweeps of tiny scenarios through Flower's simulation runtime.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 
-from fedrank.common.errors import FedrankError
+from fedrank.common.errors import ConfigError, FedrankError
 from fedrank.simulations.report import find_runs
 from fedrank.simulations.scenarios import load_scenario
-from fedrank.simulations.sweep import main, run_sweep
+from fedrank.simulations.study_store import default_storage, open_storage, open_study
+from fedrank.simulations.sweep import main, make_spec, run_sweep
+from fedrank.simulations.sweep_app import next_step, release_trials
+
+REPO = Path(__file__).resolve().parents[1]
+
+# six grid points, two clients, one round of two local steps: seconds per trial
+SIX_POINTS = """
+description = "six-point grid for tests"
+clients = 2
+seeds = [0]
+[config]
+data-path = "synthetic:num_sets=120,min_items=8,max_items=12"
+num-server-rounds = 1
+local-epochs = 0
+local-steps = 2
+batch-size = 8
+student-hidden = "8"
+teacher-epochs = 1
+teacher-d-model = 8
+teacher-heads = 1
+teacher-layers = 1
+fraction-evaluate = 0.0
+[sweep]
+[sweep.space]
+rank-weight = [0.0, 0.5, 1.0]
+temperature = [1.0, 2.0]
+"""
+
+
+def _study(tmp_path: Path, mode: str = "grid", n: int = 0, **kw) -> tuple[optuna.Study, object]:  # noqa: ANN003
+    spec = make_spec(load_scenario("tiny"), mode, n=n, **kw)
+    return open_study(open_storage(default_storage(tmp_path)), "s", spec, "test:1")
+
+
+# ---- the study, without the runtime -----------------------------------------------------------
+def test_spec_sizes_samplers_and_a_different_sweep_on_the_same_study(tmp_path: Path) -> None:
+    tiny = load_scenario("tiny")  # space: rank-weight in [0.0, 1.0]
+    assert make_spec(tiny, "grid").trials == 2
+    assert make_spec(tiny, "grid", max_trials=1).trials == 1
+    assert make_spec(tiny, "tpe", n=7).trials == 7
+    assert make_spec(tiny, "random", n=7, max_trials=3).trials == 3
+    spec = make_spec(tiny, "grid", seeds=[3, 4])
+    assert spec.seeds == [3, 4]
+    assert isinstance(spec.sampler("a"), optuna.samplers.GridSampler)
+    assert isinstance(make_spec(tiny, "random", n=2).sampler("a"), optuna.samplers.RandomSampler)
+    assert isinstance(make_spec(tiny, "tpe", n=2).sampler("a"), optuna.samplers.TPESampler)
+
+    study, stored = _study(tmp_path)
+    assert stored == make_spec(tiny, "grid")
+    # a worker needs only the storage and the name: the spec comes from the study
+    _, loaded = open_study(open_storage(default_storage(tmp_path)), "s", None, "test:2")
+    assert loaded == stored
+    with pytest.raises(ConfigError, match="different sweep.*seeds"):
+        _study(tmp_path, seeds=[5])
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_study(open_storage(default_storage(tmp_path)), "other", None, "test:2")
+
+
+def test_storage_urls(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="SQLAlchemy URL"):
+        open_storage(str(tmp_path / "study.db"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_storage(f"journal:{tmp_path / 'missing' / 'j.log'}")
+    with pytest.raises(FedrankError, match="cannot open"):
+        open_storage("sqlite:////nonexistent-folder/x/study.db")
+    # a journal file: the same study API, shared through one file
+    journal = f"journal:{tmp_path / 'study.log'}"
+    spec = make_spec(load_scenario("tiny"), "random", n=2)
+    study, _ = open_study(open_storage(journal), "j", spec, "test:1")
+    trial = study.ask()
+    study.tell(trial, 0.5)
+    again, _ = open_study(open_storage(journal), "j", None, "test:2")
+    assert [t.value for t in again.get_trials()] == [0.5]
+    # the default store opens with Optuna's own API (what optuna-dashboard does)
+    _study(tmp_path)
+    names = optuna.get_all_study_names(storage=default_storage(tmp_path))
+    assert names == ["s"]
+
+
+def test_next_step_grid_resume_and_released_trials(tmp_path: Path) -> None:
+    study, spec = _study(tmp_path)  # a grid of two points
+
+    def objective(value: float):  # noqa: ANN202 - a trial as a worker runs it, minus the runs
+        def run(trial: optuna.Trial) -> float:
+            trial.set_user_attr("worker", "w:1")
+            spec.suggest(trial)
+            return value
+
+        return run
+
+    assert next_step(study, spec) == "run"
+    elsewhere = study.ask()  # a trial running on another worker
+    elsewhere.set_user_attr("worker", "w:2")
+    spec.suggest(elsewhere)
+    assert next_step(study, spec) == "run"  # one grid point is still free
+    study.optimize(objective(0.7), n_trials=1)
+    assert next_step(study, spec) == "wait"  # the other point runs elsewhere
+    # worker 2 is interrupted: its trial fails with the reason and is queued again
+    assert release_trials(study, "w:2", "interrupted") == [0]
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["error"] == "interrupted"
+    assert trials[2].state == TrialState.WAITING and trials[2].params == trials[0].params
+    assert next_step(study, spec) == "run"
+    # the next worker takes the queued copy: the same grid cell, not the finished one
+    study.optimize(objective(0.6), n_trials=1)
+    trials = study.get_trials()
+    assert trials[2].state == TrialState.COMPLETE and trials[2].params == trials[0].params
+    assert trials[2].params != trials[1].params
+    assert next_step(study, spec) == "done"
+
+
+def test_next_step_counts_the_budget_of_random_and_tpe(tmp_path: Path) -> None:
+    study, spec = _study(tmp_path, "tpe", n=2)
+    for value in (0.1, 0.2):
+        assert next_step(study, spec) == "run"
+        trial = study.ask()
+        spec.suggest(trial)
+        study.tell(trial, value)
+    assert next_step(study, spec) == "done"
+
+
+def test_sweep_cli_mistakes_are_clear(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit):
+        main(["tiny"])  # a mode is required
+    with pytest.raises(FedrankError, match="--seeds"):
+        main(["tiny", "--grid", "--seeds", "a,b", "--dry-run"])
+    with pytest.raises(FedrankError, match="--tpe needs N >= 1"):
+        main(["tiny", "--tpe", "0", "--dry-run"])
+    with pytest.raises(FedrankError, match="memory"):
+        main(["tiny", "--grid", "--client-memory", "lots", "--dry-run"])
+    with pytest.raises(FedrankError, match="SQLAlchemy URL"):
+        main(["tiny", "--grid", "--storage", "study.db", "--out", str(tmp_path / "o")])
+    capsys.readouterr()
+    assert main(["tiny", "--grid", "--seeds", "0,1", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [
+        "rank-weight=0.0",
+        "rank-weight=1.0",
+        "grid: 2 trial(s) x 2 seed(s) over rank-weight",
+    ]
+
+
+# ---- real sweeps ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tiny_sweep_runs_reports_and_resumes(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    out = tmp_path / "sweep"
+    scenario = load_scenario("tiny")  # rank-weight in [0.0, 1.0]; 2 clients, 1 round
+    # one worker, one start of the simulation runtime, both trials; seeds 0 and 1 are repeats
+    result = run_sweep(scenario, "grid", out, seeds=[0, 1])
+    printed = capsys.readouterr().out
+    assert result.completed == 2 and not result.failed and result.finished_here == 2
+    assert "start  trial 0" in printed and "[  2/2] done" in printed  # progress lines
+    for trial in result.trials:
+        assert set(trial.user_attrs["values"]) == {"0", "1"}
+        values = list(trial.user_attrs["values"].values())
+        assert trial.value == pytest.approx(sum(values) / 2)
+        assert trial.user_attrs["std"] >= 0.0
+    assert len({t.user_attrs["worker"] for t in result.trials}) == 1  # one runtime start
+
+    runs = find_runs([out / "runs"])
+    assert len(runs) == 4 and all(r.complete and r.last_round == 1 for r in runs)
+    assert sorted({float(r.config["rank-weight"]) for r in runs}) == [0.0, 1.0]
+    assert len(list((out / "teacher").glob("teacher-*"))) <= 2  # one per seed, shared
+    trials_md = (out / "trials.md").read_text().splitlines()
+    assert trials_md[0].startswith("| trial | state | rank-weight | ndcg@10 mean | ndcg@10 std")
+    assert len(trials_md) == 4
+    for png in ("trials.png", "ndcg_per_round.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.best is not None and result.best["runs"] == 2
+
+    # the same command again: the study is done, nothing runs
+    again = run_sweep(scenario, "grid", out, seeds=[0, 1])
+    assert again.finished_here == 0 and again.completed == 2
+    assert "resuming study 'tiny': 2 of 2" in capsys.readouterr().out
+
+
+def _sweep_command(scenario: Path, out: Path, storage: str, workers: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fedrank.cli",
+        "sweep",
+        str(scenario),
+        "--grid",
+        "--workers",
+        str(workers),
+        "--out",
+        str(out),
+        "--storage",
+        storage,
+        "--study",
+        "six",
+    ]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO)}
 
 
 @pytest.mark.slow
-def test_tiny_sweep_runs_reports_both_rows_and_resumes(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    out = tmp_path / "sweep"
-    scenario = load_scenario("tiny")  # space: rank-weight in [0.0, 1.0]; 2 clients, 1 round
-    # one worker process serves both runs: one start of the simulation runtime
-    result = run_sweep(scenario, "grid", out, jobs=1, batch=2)
-    assert not result.failed and len(result.finished) == 2
-    printed = capsys.readouterr().out
-    assert "[  1/2] start" in printed and "[  2/2] done" in printed  # progress lines
+def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path: Path) -> None:
+    scenario = tmp_path / "six.toml"
+    scenario.write_text(SIX_POINTS, encoding="utf-8")
+    storage = default_storage(tmp_path / "a")
+    (tmp_path / "a").mkdir()
 
-    runs = find_runs([out])
-    assert len(runs) == 2 and all(r.complete for r in runs)
-    weights = sorted(float(r.config["rank-weight"]) for r in runs)
-    assert weights == [0.0, 1.0]
-    for run in runs:
-        assert run.last_round == 1
-        assert (run.path / "sweep.json").is_file()
-        assert json.loads((run.path / "config.json").read_text())["num-server-rounds"] == 1
-        # the folder name is the hash of the configuration
-        meta = json.loads((run.path / "sweep.json").read_text())
-        assert meta["params"] == {"rank-weight": float(run.config["rank-weight"])}
-    # the two runs share one teacher, trained once
-    assert len(list((out / "teacher").glob("teacher-*"))) == 1
-
-    # the report has both rows
-    table = (out / "report.md").read_text().splitlines()
-    rows = [line for line in table[2:] if line.startswith("| rank-weight=")]
-    assert len(rows) == 2
-    assert {r.split("|")[1].strip() for r in rows} == {
-        "rank-weight=0.0 seed=0",
-        "rank-weight=1.0 seed=0",
+    # 1. two workers share the store; interrupted once both took trials and one has finished
+    first = subprocess.Popen(
+        _sweep_command(scenario, tmp_path / "a", storage, 2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    finished: list[optuna.trial.FrozenTrial] = []
+    while time.monotonic() < deadline and first.poll() is None:
+        time.sleep(1.0)
+        try:
+            study = optuna.load_study(study_name="six", storage=storage)
+        except KeyError:
+            continue
+        finished = study.get_trials(states=(TrialState.COMPLETE,))
+        takers = {t.user_attrs.get("worker") for t in study.get_trials()} - {None}
+        if finished and len(takers) == 2:
+            break
+    first.send_signal(signal.SIGINT)
+    log, _ = first.communicate(timeout=120)
+    assert finished, log.decode(errors="replace")[-4000:]
+    assert first.returncode != 0 and b"run the same command again to resume" in log
+    study = optuna.load_study(study_name="six", storage=storage)
+    before = {t.number: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert not study.get_trials(states=(TrialState.RUNNING,))  # interrupted trials went back
+    workers = {t.user_attrs["worker"] for t in study.get_trials() if "worker" in t.user_attrs}
+    assert len(workers) == 2  # two worker processes took trials
+    mtimes = {
+        run: (tmp_path / "a" / "runs" / run / "summary.json").stat().st_mtime_ns
+        for t in before.values()
+        for run in t.user_attrs["runs"]
     }
-    csv_lines = (out / "report.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("run,rank-weight,ndcg@10") and len(csv_lines) == 3
-    for png in ("ndcg_per_round.png", "ndcg_vs_log_loss.png"):
-        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert result.best is not None and result.best["runs"] == 1
 
-    # run again: both runs are found complete and reused, nothing is started
-    again = run_sweep(scenario, "grid", out, jobs=1, batch=2)
-    assert len(again.resumed) == 2 and not again.finished and not again.failed
-    assert "resuming: 2 of 2" in capsys.readouterr().out
+    # 2. resumed here, and joined at the same time by a second process (its own folder, as on
+    # another machine) with the same store and study
+    resume = subprocess.Popen(
+        _sweep_command(scenario, tmp_path / "a", storage, 1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
+    join = subprocess.Popen(
+        _sweep_command(scenario, tmp_path / "b", storage, 1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+    )
+    out_resume, _ = resume.communicate(timeout=600)
+    out_join, _ = join.communicate(timeout=600)
+    text = (out_resume + out_join).decode(errors="replace")
+    assert resume.returncode == 0 and join.returncode == 0, text[-4000:]
 
-
-def test_sweep_cli_mistakes_are_clear(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    with pytest.raises(SystemExit):
-        main(["tiny"])  # a mode is required
-    monkeypatch.setitem(sys.modules, "optuna", None)  # optuna not installed
-    with pytest.raises(FedrankError, match="pip install optuna"):
-        main(["tiny", "--optuna", "2", "--out", str(tmp_path / "o")])
-    with pytest.raises(FedrankError, match="--seeds"):
-        main(["tiny", "--grid", "--seeds", "a,b", "--dry-run"])
-
-
-def test_dry_run_lists_the_planned_runs(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    assert main(["tiny", "--grid", "--seeds", "0,1", "--out", str(tmp_path), "--dry-run"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("4 run(s)")
-    assert sum("todo" in line for line in lines) == 4
+    study = optuna.load_study(study_name="six", storage=storage)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    points = [json.dumps(t.params, sort_keys=True) for t in complete]
+    assert len(points) == 6 and len(set(points)) == 6  # every grid point once, none repeated
+    for number, trial in before.items():  # finished trials stay as they were, not run again
+        assert study.get_trials()[number].state == TrialState.COMPLETE
+        assert study.get_trials()[number].value == trial.value
+    for run, mtime in mtimes.items():
+        assert (tmp_path / "a" / "runs" / run / "summary.json").stat().st_mtime_ns == mtime
+    # the joining process added trials: runs in its own folder, recorded in the shared study
+    joined = [r for r in find_runs([tmp_path / "b" / "runs"]) if r.complete]
+    assert joined, text[-4000:]
+    assert "resuming study 'six'" in out_resume.decode()
