@@ -220,6 +220,8 @@ def describe_trial(trial: FrozenTrial, metric: str) -> str:
         return f"{metric} {trial.value:.4f} ± {std:.4f} over {len(attrs.get('values', {}))} seed(s)"
     if trial.state == TrialState.PRUNED:
         return f"skipped: {attrs.get('skipped', 'pruned')}"
+    if attrs.get("released"):
+        return f"put back ({attrs.get('error', 'interrupted')}): runs again"
     return f"FAILED: {attrs.get('error', trial.system_attrs.get('fail_reason', 'no reason'))}"
 
 

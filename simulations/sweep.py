@@ -61,7 +61,7 @@ from fedrank.simulations.sweep_app import _retried, next_step, point_label
 
 __all__ = ["SweepResult", "main", "make_spec", "run_sweep"]
 
-STAGGER_SECONDS = 5.0  # between worker starts here: runtimes starting together slow each other
+STAGGER_SECONDS = 10.0  # between worker starts here: runtimes starting together slow each other
 MAX_RESTARTS = 3  # a worker whose runtime failed is started again at most this often
 
 
@@ -208,7 +208,8 @@ class Progress:
         total = self.spec.trials
         done = len([t for t in trials if t.state.is_finished() and t.number not in retried])
         for t in trials:
-            if t.number not in self.started and t.state == TrialState.RUNNING:
+            has_point = bool(t.params) and "worker" in t.user_attrs
+            if t.number not in self.started and t.state == TrialState.RUNNING and has_point:
                 self.started.add(t.number)
                 label = point_label({k: v for k, v in t.params.items()})
                 print(
@@ -224,10 +225,9 @@ class Progress:
                     if t.datetime_complete and t.datetime_start
                     else 0.0
                 )
-                again = " (queued again)" if t.number in retried else ""
                 print(
                     f"[{done:>3}/{total}] done   trial {t.number}  "
-                    f"{describe_trial(t, self.spec.metric)}{again}  ({seconds:.0f}s)",
+                    f"{describe_trial(t, self.spec.metric)}  ({seconds:.0f}s)",
                     flush=True,
                 )
 

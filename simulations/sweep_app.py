@@ -192,6 +192,7 @@ def release_trials(study: optuna.Study, worker: str, reason: str) -> list[int]:
         if trial.user_attrs.get("worker") != worker:
             continue
         storage.set_trial_user_attr(trial._trial_id, "error", reason)  # noqa: SLF001
+        storage.set_trial_user_attr(trial._trial_id, "released", True)  # noqa: SLF001
         try:
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)  # noqa: SLF001
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -212,6 +213,10 @@ def make_sweep_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         runner.grid = grid
+        # no trial is taken before the simulated nodes are up: a runtime that fails to start
+        # (Ray timing out on a busy machine) costs no trial
+        while len(list(grid.get_node_ids())) < runner.scenario.clients:
+            time.sleep(0.5)
         while not max_trials or count["trials"] < max_trials:
             step = next_step(study, runner.spec)
             if step == "done":
