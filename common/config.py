@@ -4,8 +4,8 @@
 (hyphenated, as Flower writes them) and their defaults; the dataclass fields are the same names
 in snake_case. :meth:`FedrankConfig.from_run_config` validates a mapping of keys (a Flower
 ``run_config``, ``--run-config`` overrides or a dict from Python) and raises
-:class:`~fedrank.common.errors.ConfigError` naming the key for any unknown key or bad value, so a bad
-configuration fails before the first round.
+:class:`~fedrank.common.errors.ConfigError` naming the key for any unknown key or bad value, so a
+bad configuration fails before the first round.
 
 The server sends the client-side keys (:data:`CLIENT_KEYS`) to every client in its train and
 evaluate ``ConfigRecord``; a device needs nothing but ``data-path`` in its own ``node_config``.

@@ -10,7 +10,8 @@
 Metric keys are snake_case everywhere (``train_seconds``, ``loss_total``, ``num_examples``,
 ``bytes_to_clients``, ``log_loss``); configuration keys stay hyphenated, as Flower writes
 them. Folders written before that rule (keys such as ``loss_total`` or ``true_ndcg@10``) are
-read with their metric keys renamed (:func:`~fedrank.common.reply_schema.metric_key`), so old and new runs compare.
+read with their metric keys renamed (:func:`~fedrank.common.reply_schema.metric_key`), so old and
+new runs compare.
 """
 
 from __future__ import annotations

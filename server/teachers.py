@@ -7,8 +7,8 @@
   an ``.npz`` table), or a TREC run / CSV / Parquet score file imported on the spot
   (:mod:`fedrank.server.imported_scores`).
 
-Each gives a :class:`~fedrank.server.teacher.TeacherBundle` whose table covers every set of every split;
-:func:`teacher_parameters` sizes the teacher for reports whatever its kind.
+Each gives a :class:`~fedrank.server.teacher.TeacherBundle` whose table covers every set of every
+split; :func:`teacher_parameters` sizes the teacher for reports whatever its kind.
 """
 
 from __future__ import annotations
