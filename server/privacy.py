@@ -55,7 +55,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, comp
 
 from fedrank.common.config import DP_STRATEGIES, FedrankConfig
 from fedrank.common.errors import ConfigError
-from fedrank.server.strategy import TrainPlan, TrainResult
+from fedrank.server.strategy import RoundEntryPoints, TrainPlan, TrainResult
 
 __all__ = [
     "DPSettings",
@@ -121,7 +121,7 @@ class DPSettings:
         return self.noise_multiplier > 0
 
 
-class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+class FedrankDPFixedClipping(RoundEntryPoints, DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed-clipping DP wrapper with equal client weights, integer
     buffers kept, and the cumulative budget after every round (see the module docstring)."""
 
@@ -158,20 +158,6 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             rng = random.Random(f"fedrank-dp-{server_round}")
             plan = plan.only(rng.sample(plan.messages, self.num_sampled_clients))
         return plan
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower's entry point: :meth:`configure_round`'s messages."""
-        self._plan = self.configure_round(server_round, arrays, config, grid)
-        return self._plan.messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's entry point: :meth:`aggregate_round` of the last plan."""
-        result = self.aggregate_round(self._plan, replies)
-        return result.arrays, MetricRecord(result.metrics)
 
     def aggregate_round(self, plan: TrainPlan, replies: Iterable[Message]) -> TrainResult:
         """Clip each usable update to ``dp-clipping-norm``, average them with equal weights
