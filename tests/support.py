@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,16 @@ def instruction_metadata(node: int, kind: str = "train", message_id: str = "") -
         ttl=3600,
         message_type=kind,
     )
+
+
+def write_letor(path: Path, *, sets: int = 12, items: int = 5, features: int = 46) -> Path:
+    """A seeded LETOR file of ``sets`` sets of ``items`` items (binary labels, docids), as a
+    device's own data file."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for q in range(sets):
+        for i in range(items):
+            feats = " ".join(f"{j + 1}:{rng.random():.3f}" for j in range(features))
+            lines.append(f"{int(rng.random() > 0.6)} qid:{q} {feats} #docid = d{q}-{i}\n")
+    path.write_text("".join(lines))
+    return path

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
-from support import TINY_TEACHER, instruction_metadata, reply_metadata
+from support import TINY_TEACHER, instruction_metadata, reply_metadata, write_letor
 
 from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
 from fedrank.common.reply_schema import TRAIN_METRICS
@@ -519,17 +519,6 @@ def test_dp_wrapper_clips_adds_noise_keeps_columns_and_reports_budget():
         assert dp.budget["epsilon"] == pytest.approx(epsilon(1.0, rnd, 1e-5))
 
 
-def _letor_file(path: Path, num_features: int, sets: int = 12, items: int = 5) -> Path:
-    rng = np.random.default_rng(0)
-    lines = []
-    for q in range(sets):
-        for i in range(items):
-            feats = " ".join(f"{j + 1}:{rng.random():.3f}" for j in range(num_features))
-            lines.append(f"{int(rng.random() > 0.6)} qid:{q} {feats} #docid = d{q}-{i}\n")
-    path.write_text("".join(lines))
-    return path
-
-
 def _call_train(node_config: dict, num_features: int = 46, **settings) -> Message:
     """The ClientApp's train handler, called as Flower calls it (label losses only)."""
     from flwr.app import ConfigRecord, Context
@@ -562,7 +551,7 @@ def _call_train(node_config: dict, num_features: int = 46, **settings) -> Messag
 
 
 def test_device_data_with_another_feature_count_names_the_file(tmp_path):
-    data = _letor_file(tmp_path / "device.txt", num_features=40)
+    data = write_letor(tmp_path / "device.txt", features=40)
     reply = _call_train({"data-path": str(data)}, num_features=46)
     assert reply.has_error()
     text = reply.error.reason
@@ -572,7 +561,7 @@ def test_device_data_with_another_feature_count_names_the_file(tmp_path):
 def test_client_honours_and_reports_device_settings(tmp_path):
     import torch
 
-    data = _letor_file(tmp_path / "device.txt", num_features=46, sets=40)
+    data = write_letor(tmp_path / "device.txt", sets=40)
     threads = torch.get_num_threads()
     try:
         reply = _call_train(

@@ -31,7 +31,7 @@ from flwr.app import (
 )
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
-from support import instruction_metadata, reply_metadata
+from support import instruction_metadata, reply_metadata, write_letor
 
 from fedrank.client.client_app import app as client_app
 from fedrank.common.config import FedrankConfig
@@ -318,15 +318,6 @@ def test_a_nan_reward_is_ignored_and_state_is_keyed_by_node_id() -> None:
 
 
 # ---- device caps the server cannot override -----------------------------------------------------
-def _letor(path, sets: int = 12, items: int = 4, features: int = 46):
-    rng = np.random.default_rng(0)
-    lines = []
-    for q in range(sets):
-        for _ in range(items):
-            feats = " ".join(f"{j + 1}:{rng.random():.3f}" for j in range(features))
-            lines.append(f"{int(rng.random() > 0.6)} qid:{q} {feats}\n")
-    path.write_text("".join(lines))
-    return path
 
 
 def _call(kind: str, node_config: dict, content: dict) -> Message:
@@ -338,7 +329,7 @@ def _call(kind: str, node_config: dict, content: dict) -> Message:
 
 
 def test_device_caps_hold_whatever_the_server_asks(tmp_path) -> None:
-    data = _letor(tmp_path / "device.txt")
+    data = write_letor(tmp_path / "device.txt", items=4)
     student = StudentModel(46, hidden=(16,))
     cfg = FedrankConfig.from_run_config({"rank-weight": 0, "local-epochs": 50, "batch-size": 2})
     config = ConfigRecord(
