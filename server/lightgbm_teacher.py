@@ -109,8 +109,8 @@ class LightGBMConfig:
             raise ConfigError(f"'lightgbm-learning-rate' must be finite, got {rate!r}")
 
     @classmethod
-    def from_run_config(cls, cfg: FedrankConfig) -> LightGBMConfig:
-        """The settings of a run's configuration."""
+    def from_config(cls, cfg: FedrankConfig) -> LightGBMConfig:
+        """The LightGBM teacher of a run: the ``lightgbm-*`` keys of ``cfg`` (validated there)."""
         return cls(
             trees=cfg.lightgbm_trees,
             leaves=cfg.lightgbm_leaves,
