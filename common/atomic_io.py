@@ -208,7 +208,8 @@ def read_format_json(path: str | os.PathLike[str], fmt: str, what: str) -> dict[
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{what} {file} is corrupt: {err}") from err
     if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise CheckpointError(f"{what} {file} is not a {fmt} file")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{what} {file} has format {found!r}, expected {fmt!r}")
     return meta
 
 
