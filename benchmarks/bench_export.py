@@ -4,8 +4,8 @@
 
 Trains a teacher (the server's set-aware model, default size of a run) and a student (the
 default device student) on the fold's training sets for a few epochs, exports the student to
-safetensors and ONNX with ``fedrank.client.export`` (and to TorchScript, which fedrank writes for other
-runtimes but never loads: file size only) and measures, on the fold's test sets:
+safetensors and ONNX with ``fedrank.client.export`` (and to TorchScript, which fedrank writes for
+other runtimes but never loads: file size only) and measures, on the fold's test sets:
 
 - parameters and file size (teacher: its saved state dict; student: each export file);
 - scoring latency per set, one set at a time on one thread (what a device does), for the

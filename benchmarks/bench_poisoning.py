@@ -2,8 +2,8 @@
 
 Runs, in ONE start of Flower's simulation runtime on the same ten simulated clients, a clean
 federation and the same federation with partitions 0 and 1 poisoning every training reply
-(:func:`fedrank.simulations.attacks.poisoned_client_app`: the update flipped and scaled ten times, and
-a claim of 1e12 examples), aggregated with
+(:func:`fedrank.simulations.attacks.poisoned_client_app`: the update flipped and scaled ten times,
+and a claim of 1e12 examples), aggregated with
 
 - ``FedAvg``, defences off (``max-update-norm = 0``, ``update-norm-ratio = 0``,
   ``max-examples-per-node = -1``): what every run did before the defences;

@@ -10,8 +10,8 @@ series: sets of 20 items on average (the index grows with the table), and a fixe
 sets (``--fixed-sets``; the index stays the same, the sets grow). Each step runs in a fresh
 subprocess so its peak resident memory (``ru_maxrss`` of that process) is its own:
 
-- **folder** (new): :class:`~fedrank.common.score_table.ScoreTableWriter` streams chunks of sets to a
-  table folder (hash computed by streaming the file back); serving opens it memory-mapped,
+- **folder** (new): :class:`~fedrank.common.score_table.ScoreTableWriter` streams chunks of sets
+  to a table folder (hash computed by streaming the file back); serving opens it memory-mapped,
   verifies its checksum by streaming, and cuts one node's subset;
 - **memory** (old): the whole table in memory, hashed, written as one ``.npz``; serving loads
   the ``.npz`` and cuts the same subset.

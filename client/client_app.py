@@ -11,8 +11,8 @@ Messages it handles (Flower Message API):
 - ``evaluate``: the global student on the node's held-out sets.
 
 Its data comes from ``node_config``: ``partition-id``/``num-partitions`` in a simulation, or
-``data-path`` (a LETOR file or folder) on a device (see :mod:`fedrank.client.local_data`). A device's
-``node_config`` may also cap threads, steps, epochs, seconds, batch size, memory and the
+``data-path`` (a LETOR file or folder) on a device (see :mod:`fedrank.client.local_data`). A
+device's ``node_config`` may also cap threads, steps, epochs, seconds, batch size, memory and the
 student's size (:mod:`fedrank.client.device`); training reports what it used (``device-*`` metrics).
 
 Every reply has the fixed shape of :mod:`fedrank.common.reply_schema`. A fedrank error on the node
@@ -38,7 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordD
 from flwr.clientapp import ClientApp
 
 from fedrank.client.device import DeviceSettings
-from fedrank.client.local_data import LocalData, load_local_data
+from fedrank.client.local_data import LocalData, clear_cache, load_local_data
 from fedrank.client.trainer import (
     planned_steps,
     settings_from_config,
@@ -65,6 +65,14 @@ STATE_META = "teacher-meta"  # ConfigRecord in context.state: version, received 
 
 _TABLES: dict[tuple[int, str], Any] = {}  # (node id, version) -> ScoreTable, per process
 _TABLES_LOCK = threading.Lock()
+
+
+def clear_process_caches() -> None:
+    """Forget what this process cached for its nodes: loaded data and teacher score tables
+    (tests; a new ClientApp process starts with both empty)."""
+    clear_cache()
+    with _TABLES_LOCK:
+        _TABLES.clear()
 
 
 # ---- errors the server reads by kind ---------------------------------------------------------
@@ -293,15 +301,24 @@ def _cache_scores(
     return Message(RecordDict({"ack": ack.record()}), reply_to=msg)
 
 
+def _round_inputs(
+    msg: Message, context: Context
+) -> tuple[FedrankConfig, DeviceSettings, LocalData, torch.nn.Module]:
+    """What a train or evaluate message needs: the run's client settings, the device's
+    limits, the node's data and the global student loaded from the message."""
+    config = msg.content["config"]
+    settings = _settings(config)
+    device = _device(context)
+    local = _local(context, config)
+    return settings, device, local, _student(config, msg.content["arrays"], context, local, device)
+
+
 @app.train()
 @_structured_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the global student on the local sets; reply with the new weights and metrics."""
     config = msg.content["config"]
-    settings = _settings(config)
-    device = _device(context)
-    local = _local(context, config)
-    model = _student(config, msg.content["arrays"], context, local, device)
+    settings, device, local, model = _round_inputs(msg, context)
     loss = settings.composite_loss()
     teacher = None
     version = str(config.get("teacher-version", "none"))
@@ -337,10 +354,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Metrics of the global student on the local held-out sets (training sets if none)."""
     config = msg.content["config"]
-    settings = _settings(config)
-    device = _device(context)
-    local = _local(context, config)
-    model = _student(config, msg.content["arrays"], context, local, device)
+    settings, device, local, model = _round_inputs(msg, context)
     sets = local.holdout if local.holdout is not None else local.train
     teacher = None
     version = str(config.get("teacher-version", "none"))

@@ -24,8 +24,8 @@ large. :meth:`DeviceSettings.report` gives the values actually used, for the cli
 metrics (``device_threads``, ``device_batch_size``, ``device_max_steps``,
 ``device_max_seconds``, ``device_memory_mb``, ``device_max_epochs``).
 
-Unknown keys (a typo such as ``max-step``) are a :class:`~fedrank.common.errors.ConfigError` naming the
-key and the valid ones. The node checks its ``node_config`` when the server first says hello;
+Unknown keys (a typo such as ``max-step``) are a :class:`~fedrank.common.errors.ConfigError` naming
+the key and the valid ones. The node checks its ``node_config`` when the server first says hello;
 a bad one is reported to the server (which node, which key, what was expected) and that node
 is left out of the run, while the others go on.
 """
@@ -167,8 +167,8 @@ class DeviceSettings:
         return size
 
     def train_settings(self, settings: Any, sets: Any = None) -> Any:
-        """``settings`` (a :class:`fedrank.client.trainer.TrainSettings`) with the device's caps: step
-        budget, batch size for ``sets`` (an ExampleSets) and, if the trainer supports it
+        """``settings`` (a :class:`fedrank.client.trainer.TrainSettings`) with the device's caps:
+        step budget, batch size for ``sets`` (an ExampleSets) and, if the trainer supports it
         (a ``max_seconds`` field), the time budget."""
         changes: dict[str, Any] = {"max_steps": self.steps(getattr(settings, "max_steps", 0))}
         if self.max_epochs:

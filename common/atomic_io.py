@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -25,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fedrank.common.errors import OutputError
+from fedrank.common.errors import CheckpointError, OutputError
 
 __all__ = [
     "append_jsonl",
@@ -34,6 +35,8 @@ __all__ = [
     "atomic_write_json",
     "atomic_write_text",
     "json_default",
+    "read_format_json",
+    "sha256_file",
     "resolve_output",
     "write_output",
 ]
@@ -191,3 +194,29 @@ def json_default(obj: Any) -> Any:
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_format_json(path: str | os.PathLike[str], fmt: str, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` that fedrank wrote with ``"format": fmt``; a
+    CheckpointError naming ``what`` and the file when it is missing, not JSON or another
+    format."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{what} {file} does not exist")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{what} {file} is corrupt: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{what} {file} has format {found!r}, expected {fmt!r}")
+    return meta
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -4,8 +4,8 @@
 (hyphenated, as Flower writes them) and their defaults; the dataclass fields are the same names
 in snake_case. :meth:`FedrankConfig.from_run_config` validates a mapping of keys (a Flower
 ``run_config``, ``--run-config`` overrides or a dict from Python) and raises
-:class:`~fedrank.common.errors.ConfigError` naming the key for any unknown key or bad value, so a bad
-configuration fails before the first round.
+:class:`~fedrank.common.errors.ConfigError` naming the key for any unknown key or bad value, so a
+bad configuration fails before the first round.
 
 The server sends the client-side keys (:data:`CLIENT_KEYS`) to every client in its train and
 evaluate ``ConfigRecord``; a device needs nothing but ``data-path`` in its own ``node_config``.
@@ -36,6 +36,7 @@ __all__ = [
     "CHOICES",
     "CLIENT_KEYS",
     "DP_STRATEGIES",
+    "check_dp_strategy",
     "FedrankConfig",
     "LOSS_KEYS",
     "to_key",
@@ -91,6 +92,19 @@ UPPER_BOUNDS: dict[str, int] = {
     "teacher_layers": 48,
     "batch_size": 65536,
 }
+
+
+def check_dp_strategy(strategy: str, noise_multiplier: float) -> None:
+    """ConfigError unless DP's accounting covers ``strategy`` (:data:`DP_STRATEGIES`); the
+    configuration checks it, and so does the server when it wraps a strategy for DP."""
+    if strategy not in DP_STRATEGIES:
+        raise ConfigError(
+            f"'strategy' {strategy!r} cannot run with differential privacy "
+            f"('dp-noise-multiplier' {noise_multiplier:g}): DP's accounting covers a plain "
+            f"average of clipped updates only ({' or '.join(map(repr, DP_STRATEGIES))}); a "
+            "server optimiser steps after the noise and selecting or trimming rules change the "
+            "sensitivity, so the reported epsilon would not hold"
+        )
 
 
 def to_key(field_name: str) -> str:
@@ -435,14 +449,8 @@ class FedrankConfig:
         for name in ("num_malicious_nodes", "num_nodes_to_select"):
             if getattr(self, name) < 0:
                 fail(name, "must be >= 0")
-        if self.dp_noise_multiplier > 0 and self.strategy not in DP_STRATEGIES:
-            raise ConfigError(
-                f"'strategy' {self.strategy!r} cannot run with differential privacy "
-                f"('dp-noise-multiplier' {self.dp_noise_multiplier:g}): DP's accounting covers "
-                "a plain average of clipped updates only ('fedavg' or 'fedprox'); a server "
-                "optimiser steps after the noise and selecting or trimming rules change the "
-                "sensitivity, so the reported epsilon would not hold"
-            )
+        if self.dp_noise_multiplier > 0:
+            check_dp_strategy(self.strategy, self.dp_noise_multiplier)
 
     def _check_types(self) -> None:
         for f in fields(self):
@@ -551,9 +559,8 @@ class FedrankConfig:
             )
         if self.label_fraction == 0 and not loss.needs_teacher:
             fail("label_fraction", "is 0 and no teacher loss has a weight: nothing to learn from")
-        if self.client_policy != "uniform":
-            # policies are registered by fedrank.server.client_policy; checked there (server side)
-            pass
+        # 'client-policy' names a policy of fedrank.server.client_policy: checked there, on the
+        # server, when the federation is set up (before any round)
 
     # ---- upper bounds and keys that contradict each other --------------------------------
     def _check_bounds(self) -> None:

@@ -3,8 +3,8 @@
 Spec forms:
 
 * ``synthetic`` - the default generated data (:mod:`fedrank.common.synthetic`), or
-  ``synthetic:key=value,key=value`` to change :class:`~fedrank.common.synthetic.SyntheticConfig` knobs,
-  e.g. ``synthetic:num_sets=400,max_items=20``;
+  ``synthetic:key=value,key=value`` to change :class:`~fedrank.common.synthetic.SyntheticConfig`
+  knobs, e.g. ``synthetic:num_sets=400,max_items=20``;
 * a LETOR fold folder holding ``train`` / ``vali`` / ``test`` (``.txt`` or ``.txt.gz``);
 * a LETOR data root holding ``Fold1`` ... (``Fold1`` is used; name another fold folder to pick
   it);

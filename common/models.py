@@ -12,8 +12,8 @@ of padded items never changes the scores of real items.
 - :class:`StudentModel` scores each item on its own from the columns ``feature_indices`` of the
   input with a linear model or a tiny MLP: cheap enough to run on a device.
 
-Both take an optional :class:`~fedrank.common.feature_transform.FeatureTransform` (``transform=``): the
-per-column normalisation the server fitted on the full data, applied to the raw features first
+Both take an optional :class:`~fedrank.common.feature_transform.FeatureTransform` (``transform=``):
+the per-column normalisation the server fitted on the full data, applied to the raw features first
 (the student's covers only the columns it reads). Its values are buffers under ``transform.``
 in the state dict and its shape is ``spec["transform"]`` (``None``: no transform).
 

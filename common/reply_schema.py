@@ -15,8 +15,8 @@ against the same definitions, so a reply either fits or costs its node (never th
 - **node errors** travel as Flower's ``Message.error`` with a fedrank code
   (:data:`NODE_ERROR_CODES`): the server reads the kind from the code, never from the text.
 
-The training metrics come from ``fedrank.client.trainer.train_student`` (:data:`TRAINER_METRICS`), the
-loss terms of the composite loss (:data:`LOSS_METRICS`), the device caps
+The training metrics come from ``fedrank.client.trainer.train_student`` (:data:`TRAINER_METRICS`),
+the loss terms of the composite loss (:data:`LOSS_METRICS`), the device caps
 (:data:`DEVICE_METRICS`) and the node (:data:`NODE_METRICS`). A new training metric is added
 to one of these lists and nowhere else.
 """

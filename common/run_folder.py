@@ -9,8 +9,9 @@
 
 Metric keys are snake_case everywhere (``train_seconds``, ``loss_total``, ``num_examples``,
 ``bytes_to_clients``, ``log_loss``); configuration keys stay hyphenated, as Flower writes
-them. Folders written before that rule (keys such as ``loss_total`` or ``true_ndcg@10``) are
-read with their metric keys renamed (:func:`~fedrank.common.reply_schema.metric_key`), so old and new runs compare.
+them. Folders written before that rule (metric keys such as ``loss-total``,
+``true-ndcg@10`` or ``num-examples``) are read with their metric keys renamed
+(:func:`~fedrank.common.reply_schema.metric_key`), so old and new runs compare in one report.
 """
 
 from __future__ import annotations

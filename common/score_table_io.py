@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from fedrank.common.atomic_io import read_format_json
 from fedrank.common.errors import CheckpointError, ScoreTableError
 
 __all__ = [
@@ -159,15 +159,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
     file = folder / META_FILE
     if not file.is_file():
         raise CheckpointError(f"score table folder {folder} has no {META_FILE}")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"score table file {file} is corrupt: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FOLDER_FORMAT:
-        found = meta.get("format") if isinstance(meta, dict) else None
-        raise CheckpointError(
-            f"score table file {file} has format {found!r}, expected {FOLDER_FORMAT!r}"
-        )
+    meta = read_format_json(file, FOLDER_FORMAT, "score table file")
     for key, kind in (("num_sets", int), ("num_items", int), ("version", str)):
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise CheckpointError(f"score table file {file}: {key!r} is missing or malformed")

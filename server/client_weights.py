@@ -136,6 +136,17 @@ def _client_ids(value: Any, where: str) -> list[int]:
 
 
 # ---- per-client weights from configuration ----------------------------------------------------
+def _client_key(policy: str, node_id: int, node_info: dict[str, Any]) -> int:
+    """The node's client key (its partition id) from its hello; FedrankError if unknown."""
+    key = node_info.get("client-key")
+    if key is None:
+        raise FedrankError(
+            f"{policy}: the server does not know node {node_id}'s client-key (its partition "
+            "id); the node must answer the hello query first"
+        )
+    return int(key)
+
+
 class PerClientWeights(ClientConfigPolicy):
     """Fixed per-client settings from configuration (see the module docstring)."""
 
@@ -169,14 +180,9 @@ class PerClientWeights(ClientConfigPolicy):
         return out
 
     def configure(self, server_round: int, node_id: int, node_info: dict[str, Any]) -> dict:
-        key = node_info.get("client-key")
-        if key is None:
-            raise FedrankError(
-                f"per-client weights: the server does not know node {node_id}'s client-key "
-                "(its partition id); the node must answer the hello query first"
-            )
-        settings = self.settings_for(int(key))
-        self.assigned[int(key)] = settings
+        key = _client_key("per-client weights", node_id, node_info)
+        settings = self.settings_for(key)
+        self.assigned[key] = settings
         return settings
 
     def state(self) -> dict[str, Any]:
@@ -222,16 +228,11 @@ class AdaptiveWeights(ClientConfigPolicy):
         return (1.0 - self.gamma) * w / w.sum() + self.gamma / k
 
     def configure(self, server_round: int, node_id: int, node_info: dict[str, Any]) -> dict:
-        key = node_info.get("client-key")
-        if key is None:
-            raise FedrankError(
-                f"adaptive weights: the server does not know node {node_id}'s client-key; "
-                "the node must answer the hello query first"
-            )
-        self.node_keys[node_id] = int(key)
+        key = _client_key("adaptive weights", node_id, node_info)
+        self.node_keys[node_id] = key
         p = self.probabilities(node_id)
         # seeded by the client key (stable across runs), so runs are reproducible
-        rng = np.random.default_rng([self.seed, int(key), server_round, 7])
+        rng = np.random.default_rng([self.seed, key, server_round, 7])
         arm = int(rng.choice(len(p), p=p))
         self.pending[node_id] = (server_round, arm, float(p[arm]))
         return dict(self.candidates[arm])

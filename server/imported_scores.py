@@ -18,8 +18,8 @@ Items are matched by id: LETOR files give item ids in their ``#docid = ...`` com
 data has no item ids, an item id is the 0-based position of the item within its set (what
 ``fedrank score`` writes then); a position column always matches by position. Every item of the
 data must get exactly one finite score: a missing, duplicated or extra item, an unparsable or
-non-finite score is a :class:`~fedrank.common.errors.DataFormatError` naming the file and line (for a
-Parquet file, the row) and the set and item.
+non-finite score is a :class:`~fedrank.common.errors.DataFormatError` naming the file and line (for
+a Parquet file, the row) and the set and item.
 """
 
 from __future__ import annotations

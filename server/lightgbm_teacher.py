@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fedrank.common.atomic_io import atomic_write_json, atomic_write_text
+from fedrank.common.atomic_io import atomic_write_json, atomic_write_text, read_format_json
 from fedrank.common.config import FedrankConfig
 from fedrank.common.errors import CheckpointError, ConfigError, ScoreTableError
 from fedrank.common.example_sets import ExampleSets
@@ -109,8 +109,8 @@ class LightGBMConfig:
             raise ConfigError(f"'lightgbm-learning-rate' must be finite, got {rate!r}")
 
     @classmethod
-    def from_run_config(cls, cfg: FedrankConfig) -> LightGBMConfig:
-        """The settings of a run's configuration."""
+    def from_config(cls, cfg: FedrankConfig) -> LightGBMConfig:
+        """The LightGBM teacher of a run: the ``lightgbm-*`` keys of ``cfg`` (validated there)."""
         return cls(
             trees=cfg.lightgbm_trees,
             leaves=cfg.lightgbm_leaves,
@@ -287,16 +287,7 @@ def save_lightgbm_teacher(
 
 
 def load_lightgbm_info(folder: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(folder) / INFO_FILE
-    if not path.is_file():
-        raise CheckpointError(f"LightGBM teacher {path} does not exist")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"LightGBM teacher {path} is corrupt: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"LightGBM teacher {path} is not a {FORMAT} file")
-    return meta
+    return read_format_json(Path(folder) / INFO_FILE, FORMAT, "LightGBM teacher")
 
 
 def load_lightgbm_teacher(folder: str | os.PathLike[str]) -> LightGBMTeacher:

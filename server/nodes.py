@@ -12,8 +12,8 @@ node, which a node cannot choose):
   asked again after 1, 2, 4, ... rounds, so a silent node costs one timeout now and then, not
   one every round. The node reports its client key,
   its sets, the teacher-score version it holds and its size cap
-  (:class:`fedrank.common.reply_schema.HelloStatus`); its ``node_config`` is checked on the node then.
-  Only nodes whose hello is current are sampled;
+  (:class:`fedrank.common.reply_schema.HelloStatus`); its ``node_config`` is checked on the node
+  then. Only nodes whose hello is current are sampled;
 - :meth:`NodeRegistry.exclude`: a node whose failure will not go away by asking again (a bad
   ``node_config``, data that does not fit the federation, another reply protocol, a student
   larger than the device allows) is left out of the rest of the run, logged once and listed

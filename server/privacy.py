@@ -30,13 +30,12 @@ Gaussian noise on the aggregate), as DP-FedAvg with a fixed denominator (McMahan
 The budget is computed with Renyi DP of the Gaussian mechanism composed over rounds, for
 add/remove-one-client adjacency, without credit for client sampling (a valid upper bound
 whatever fraction of clients train). Only a plain average of the clipped updates keeps that
-sensitivity: :func:`check_dp_strategy` refuses DP with server optimisers (``fedadam`` applies
-its step after the noise) and with rules that select or trim updates (``fedtrimmedavg``,
-``fedmedian``, ``krum``, ``multikrum``, ``bulyan``). What DP does not protect: the metrics a
-client reports (losses, NDCG, example counts, timing), the set ids it reports at hello in
-``targeted`` mode, and whether and when it takes part. Attribute reads the wrapper does not
-know (``policy``, ``nodes``...) go to the wrapped strategy.
-"""
+sensitivity: :func:`~fedrank.common.config.check_dp_strategy` refuses DP with server optimisers
+(``fedadam`` applies its step after the noise) and with rules that select or trim updates
+(``fedtrimmedavg``, ``fedmedian``, ``krum``, ``multikrum``, ``bulyan``). What DP does not
+protect: the metrics a client reports (losses, NDCG, example counts, timing), the set ids it
+reports at hello in ``targeted`` mode, and whether and when it takes part. Attribute reads the
+wrapper does not know (``policy``, ``nodes``...) go to the wrapped strategy."""
 
 from __future__ import annotations
 
@@ -53,15 +52,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_stdv
 
-from fedrank.common.config import DP_STRATEGIES, FedrankConfig
+from fedrank.common.config import DP_STRATEGIES, FedrankConfig, check_dp_strategy
 from fedrank.common.errors import ConfigError
-from fedrank.server.strategy import TrainPlan, TrainResult
+from fedrank.server.strategy import RoundEntryPoints, TrainPlan, TrainResult
 
 __all__ = [
     "DPSettings",
     "DP_STRATEGIES",
     "FedrankDPFixedClipping",
-    "check_dp_strategy",
     "epsilon",
     "wrap_strategy",
 ]
@@ -91,17 +89,6 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     return max(best, 0.0)
 
 
-def check_dp_strategy(strategy: str) -> None:
-    """ConfigError unless DP's accounting covers ``strategy`` (see the module docstring)."""
-    if strategy not in DP_STRATEGIES:
-        raise ConfigError(
-            f"differential privacy ('dp-noise-multiplier' > 0) needs 'strategy' "
-            f"{' or '.join(DP_STRATEGIES)}: with {strategy!r} the noise is not sized for what "
-            "the server releases (a server optimiser steps after the noise; selecting or "
-            "trimming rules change the sensitivity), so the reported epsilon would not hold"
-        )
-
-
 @dataclass(frozen=True)
 class DPSettings:
     """The DP part of a run configuration (``dp-*`` keys, checked by
@@ -121,7 +108,7 @@ class DPSettings:
         return self.noise_multiplier > 0
 
 
-class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
+class FedrankDPFixedClipping(RoundEntryPoints, DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed-clipping DP wrapper with equal client weights, integer
     buffers kept, and the cumulative budget after every round (see the module docstring)."""
 
@@ -158,20 +145,6 @@ class FedrankDPFixedClipping(DifferentialPrivacyServerSideFixedClipping):
             rng = random.Random(f"fedrank-dp-{server_round}")
             plan = plan.only(rng.sample(plan.messages, self.num_sampled_clients))
         return plan
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower's entry point: :meth:`configure_round`'s messages."""
-        self._plan = self.configure_round(server_round, arrays, config, grid)
-        return self._plan.messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's entry point: :meth:`aggregate_round` of the last plan."""
-        result = self.aggregate_round(self._plan, replies)
-        return result.arrays, MetricRecord(result.metrics)
 
     def aggregate_round(self, plan: TrainPlan, replies: Iterable[Message]) -> TrainResult:
         """Clip each usable update to ``dp-clipping-norm``, average them with equal weights
@@ -237,7 +210,7 @@ def wrap_strategy(strategy: Any, settings: DPSettings, num_sampled_clients: int)
     ConfigError when DP's accounting does not cover the strategy."""
     if not settings.enabled:
         return strategy
-    check_dp_strategy(str(getattr(strategy, "rule_name", "")))
+    check_dp_strategy(str(getattr(strategy, "rule_name", "")), settings.noise_multiplier)
     if num_sampled_clients < 1:
         raise ConfigError(f"DP needs at least one sampled client, got {num_sampled_clients}")
     return FedrankDPFixedClipping(strategy, settings, num_sampled_clients)

@@ -8,8 +8,8 @@ Two modes (``score-mode``):
 
 Before training, :meth:`ScoreDistributor.ensure` sends a ``query.scores`` message to each
 sampled node that lacks the current version; the node caches the scores in ``context.state``
-and acknowledges them (:class:`fedrank.common.reply_schema.ScoresAck`). Train messages therefore stay
-one ``ArrayRecord`` + one ``ConfigRecord``. Every delivery is recorded with its bytes.
+and acknowledges them (:class:`fedrank.common.reply_schema.ScoresAck`). Train messages therefore
+stay one ``ArrayRecord`` + one ``ConfigRecord``. Every delivery is recorded with its bytes.
 
 A node that cannot be served costs that node, never the run: no reply, a crash, a wrong or
 malformed acknowledgement leave it out of this round; sets the teacher has no scores for, or

@@ -16,9 +16,10 @@ each extended by :class:`FedrankStrategyMixin`:
   them does not train this round. The result is a :class:`TrainPlan`;
 - :meth:`~FedrankStrategyMixin.aggregate_round` (behind Flower's ``aggregate_train``) returns a
   :class:`TrainResult`: the new global arrays and everything the round's report needs;
-- replies are screened (:mod:`fedrank.server.update_validation`) and defended (:mod:`fedrank.server.defences`:
-  example weights capped, update norms bounded, float64) before the Flower strategy sees them,
-  so a reply that does not fit costs its node, never the run (Flower's strategies would raise
+- replies are screened (:mod:`fedrank.server.update_validation`) and defended
+  (:mod:`fedrank.server.defences`: example weights capped, update norms bounded, float64) before
+  the Flower strategy sees them, so a reply that does not fit costs its node, never the run
+  (Flower's strategies would raise
   ``InconsistentMessageReplies`` when replies' keys differ); a node's persistent failure
   (its ``node_config``, its data, its size cap) excludes it from the run, a crash or a missing
   reply makes the server ask it again what it holds;
@@ -59,7 +60,7 @@ from flwr.serverapp.strategy import (
 from fedrank.common.config import CLIENT_KEYS, FedrankConfig
 from fedrank.common.errors import CheckpointError, FedrankError
 from fedrank.common.records import record_nbytes
-from fedrank.common.reply_schema import PERSISTENT_ERRORS
+from fedrank.common.reply_schema import DEVICE_METRICS, NODE_METRICS, PERSISTENT_ERRORS
 from fedrank.server.client_policy import ClientConfigPolicy, check_overrides
 from fedrank.server.defences import Defences, Prepared, finite, prepare_updates, robust_minimum
 from fedrank.server.nodes import NodeRegistry
@@ -68,6 +69,7 @@ from fedrank.server.update_validation import NotEnoughReplies, Rejection, not_en
 
 __all__ = [
     "EvaluationResult",
+    "RoundEntryPoints",
     "FedrankStrategyMixin",
     "TrainPlan",
     "TrainResult",
@@ -83,19 +85,7 @@ __all__ = [
 log = logging.getLogger("fedrank.server")
 
 # reported per node but meaningless as an average
-NOT_AVERAGED = frozenset(
-    {
-        "client_key",
-        "scores_received",
-        "on_train_sets",
-        "device_threads",
-        "device_batch_size",
-        "device_max_steps",
-        "device_max_seconds",
-        "device_memory_mb",
-        "device_max_epochs",
-    }
-)
+NOT_AVERAGED = frozenset({*NODE_METRICS, *DEVICE_METRICS, "on_train_sets"})
 # error kinds after which the server asks the node again what it holds
 _ASK_AGAIN = frozenset({"crash", "unavailable", "missing", "stale-scores", "error"})
 
@@ -191,7 +181,39 @@ def _fingerprint(msg: Message) -> str:
     return h.hexdigest()
 
 
-class FedrankStrategyMixin:
+class RoundEntryPoints:
+    """Flower's ``configure_train``/``aggregate_train`` over fedrank's round methods
+    (``configure_round`` -> :class:`TrainPlan`, ``aggregate_round`` -> :class:`TrainResult`).
+    Flower passes nothing between the two calls, so the last plan is kept here."""
+
+    _plan: TrainPlan | None = None
+
+    def configure_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> TrainPlan:
+        raise NotImplementedError
+
+    def aggregate_round(self, plan: TrainPlan, replies: Iterable[Message]) -> TrainResult:
+        raise NotImplementedError
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's entry point: :meth:`configure_round`'s messages."""
+        self._plan = self.configure_round(server_round, arrays, config, grid)
+        return self._plan.messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Flower's entry point: :meth:`aggregate_round` of the last plan."""
+        if self._plan is None or self._plan.server_round != server_round:
+            raise FedrankError(f"round {server_round}: aggregate_train before configure_train")
+        result = self.aggregate_round(self._plan, replies)
+        return result.arrays, MetricRecord(result.metrics)
+
+
+class FedrankStrategyMixin(RoundEntryPoints):
     """Bounded sampling, per-node ConfigRecords, screened and defended aggregation,
     bookkeeping (see the module docstring)."""
 
@@ -285,22 +307,6 @@ class FedrankStrategyMixin:
         }
         return TrainPlan(server_round, arrays, messages, sampled, sizes, score_bytes, unserved)
 
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Flower's entry point: :meth:`configure_round`'s messages."""
-        self._plan = self.configure_round(server_round, arrays, config, grid)
-        return self._plan.messages
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Flower's entry point: :meth:`aggregate_round` of the last plan."""
-        if self._plan is None or self._plan.server_round != server_round:
-            raise FedrankError(f"round {server_round}: aggregate_train before configure_train")
-        result = self.aggregate_round(self._plan, replies)
-        return result.arrays, MetricRecord(result.metrics)
-
     def aggregate_round(self, plan: TrainPlan, replies: Iterable[Message]) -> TrainResult:
         """Screen, defend and aggregate the replies to ``plan``'s messages.
 
@@ -333,7 +339,9 @@ class FedrankStrategyMixin:
         prepared.sort(key=lambda p: _fingerprint(p.message))
         clients, notes = self._book_train(server_round, prepared)
         self._before_aggregation(len(prepared))
-        arrays, _ = super().aggregate_train(server_round, [p.message for p in prepared])  # type: ignore[misc]
+        # the Flower strategy's own aggregation: the class after the entry points in the MRO
+        flower = super(RoundEntryPoints, self)
+        arrays, _ = flower.aggregate_train(server_round, [p.message for p in prepared])  # type: ignore[misc]
         metrics = weighted_metrics(
             [p.metrics for p in prepared], [p.weight for p in prepared], "num_examples"
         )

@@ -33,7 +33,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fedrank.common.atomic_io import atomic_path, atomic_write_json
+from fedrank.common.atomic_io import (
+    atomic_path,
+    atomic_write_json,
+    read_format_json,
+    sha256_file,
+)
 from fedrank.common.config import FedrankConfig
 from fedrank.common.errors import CheckpointError, ConfigError, ScoreTableError
 from fedrank.common.evaluation import mean_ndcg
@@ -364,14 +369,6 @@ def train_teacher(
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_teacher(
     result_or_model: TeacherResult | torch.nn.Module,
     directory: str | os.PathLike[str],
@@ -404,7 +401,7 @@ def save_teacher(
         "format": CHECKPOINT_FORMAT,
         "spec": model.spec,
         "weights_file": WEIGHTS_FILE,
-        "weights_sha256": _sha256_file(weights),
+        "weights_sha256": sha256_file(weights),
         "metrics": info,
         **dict(extra or {}),
     }
@@ -415,14 +412,7 @@ def save_teacher(
 def load_teacher_info(directory: str | os.PathLike[str]) -> dict[str, Any]:
     """The parsed ``teacher.json`` of a checkpoint (CheckpointError if missing or corrupt)."""
     path = Path(directory) / SPEC_FILE
-    if not path.is_file():
-        raise CheckpointError(f"teacher checkpoint {path} does not exist")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"teacher checkpoint {path} is corrupt: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"teacher checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    meta = read_format_json(path, CHECKPOINT_FORMAT, "teacher checkpoint")
     if not isinstance(meta.get("spec"), dict):
         raise CheckpointError(f"teacher checkpoint {path} has no model spec")
     return meta
@@ -439,7 +429,7 @@ def load_teacher(directory: str | os.PathLike[str]) -> torch.nn.Module:
     if not weights.is_file():
         raise CheckpointError(f"teacher weights {weights} do not exist")
     expected = meta.get("weights_sha256")
-    if expected is not None and _sha256_file(weights) != expected:
+    if expected is not None and sha256_file(weights) != expected:
         raise CheckpointError(
             f"teacher weights {weights} do not match the checksum in {SPEC_FILE}: "
             "corrupt, truncated or from another save"

@@ -22,7 +22,6 @@ Writes into ``--out`` (default ``runs/teacher``):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -30,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedrank.common.atomic_io import atomic_write_json
+from fedrank.common.atomic_io import atomic_write_json, sha256_file
 from fedrank.common.datasets import Dataset, load_dataset
 from fedrank.common.errors import ConfigError
 from fedrank.common.score_table import ScoreTable
@@ -185,14 +184,6 @@ def _lightgbm(args: argparse.Namespace, dataset: Dataset) -> tuple[ScoreTable, d
     return table, {**info, "config": config.to_dict(), "note": note}
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _imported(args: argparse.Namespace, dataset: Dataset) -> tuple[ScoreTable, dict]:
     started = time.perf_counter()
     fmt = args.format or detect_format(args.scores)
@@ -204,7 +195,7 @@ def _imported(args: argparse.Namespace, dataset: Dataset) -> tuple[ScoreTable, d
         "kind": "imported",
         "source": str(args.scores),
         "source_format": fmt,
-        "source_sha256": _sha256_file(args.scores),
+        "source_sha256": sha256_file(args.scores),
         "dataset": dataset.name,
         "score_table_version": table.version,
         "split_metrics": split_metrics(splits, table),

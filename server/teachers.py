@@ -7,8 +7,8 @@
   an ``.npz`` table), or a TREC run / CSV / Parquet score file imported on the spot
   (:mod:`fedrank.server.imported_scores`).
 
-Each gives a :class:`~fedrank.server.teacher.TeacherBundle` whose table covers every set of every split;
-:func:`teacher_parameters` sizes the teacher for reports whatever its kind.
+Each gives a :class:`~fedrank.server.teacher.TeacherBundle` whose table covers every set of every
+split; :func:`teacher_parameters` sizes the teacher for reports whatever its kind.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def run_teacher(
 ) -> TeacherBundle:
     """Train, load from the cache or import the teacher ``cfg.teacher_kind`` names."""
     if cfg.teacher_kind == "lightgbm":
-        config = LightGBMConfig.from_run_config(cfg)
+        config = LightGBMConfig.from_config(cfg)
         return train_or_load_lightgbm(dataset, config, cache_dir, progress=progress)
     if cfg.teacher_kind == "imported":
         return load_imported_table(cfg.teacher_scores, dataset)

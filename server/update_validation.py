@@ -17,8 +17,8 @@ rejected when
 Evaluation replies are checked against :data:`~fedrank.common.reply_schema.EVALUATE_METRICS`. Nodes
 that were sent a message but did not reply before the round's timeout are reported as
 ``missing``. When fewer than ``min_replies`` replies are fit, :class:`NotEnoughReplies` (a
-:class:`~fedrank.common.errors.FedrankError`) names every failed node and why; otherwise the round goes
-on with the others, and the global model is untouched by what was rejected.
+:class:`~fedrank.common.errors.FedrankError`) names every failed node and why; otherwise the round
+goes on with the others, and the global model is untouched by what was rejected.
 
 Nothing here depends on a strategy: a strategy's ``aggregate_train`` screens first and passes
 only the valid replies on (after the defences of :mod:`fedrank.server.defences`).
@@ -58,8 +58,8 @@ class NotEnoughReplies(FedrankError):
 class Rejection:
     """A reply (or a missing one) that was not used, and why.
 
-    ``kind``: an error kind of :func:`fedrank.common.reply_schema.error_kind`, ``invalid`` (the reply
-    does not fit its schema) or ``missing`` (no reply in time). ``excluded``: the node is left
+    ``kind``: an error kind of :func:`fedrank.common.reply_schema.error_kind`, ``invalid`` (the
+    reply does not fit its schema) or ``missing`` (no reply in time). ``excluded``: the node is left
     out of the rest of the run.
     """
 

@@ -3,8 +3,8 @@
 :func:`write_derived_fold` reads a LETOR fold folder (``train``/``vali``/``test``), optionally
 keeps a seeded random subset of the training sets (the "small data" case: about 60 training
 queries over 5 clients) and optionally rescales every column to raw-like, heavy-tailed values
-with :class:`fedrank.common.synthetic.RawScaling` (each column times a factor in ``[1, max_factor]``,
-half of them through ``exp`` first), and writes the result as a new fold folder that
+with :class:`fedrank.common.synthetic.RawScaling` (each column times a factor in ``[1,
+max_factor]``, half of them through ``exp`` first), and writes the result as a new fold folder that
 ``data-path`` can point at. The source folder is only read.
 """
 

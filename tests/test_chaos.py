@@ -19,6 +19,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from support import TINY_TEACHER
 from test_faults import _run_python
 
 from fedrank.common.reply_schema import PROTOCOL
@@ -37,10 +38,7 @@ MARGIN = 0.03
 CONFIG = {
     "data-path": "synthetic:num_sets=1000",
     "num-server-rounds": ROUNDS,
-    "teacher-epochs": 1,
-    "teacher-d-model": 16,
-    "teacher-heads": 2,
-    "teacher-layers": 1,
+    **TINY_TEACHER,
     "local-epochs": 1,
     "strategy": "fedmedian",  # robust to the poisoner; the clean run uses it too
     # 7 of the 8 usable nodes train each round: sampling is seeded over node ids, which differ

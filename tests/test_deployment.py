@@ -2,14 +2,14 @@
 SuperNode authentication on, driven with the real ``flower-superlink``, ``flower-supernode`` and
 ``flwr`` commands against this repository's ServerApp and ClientApp.
 
-The fleet runs the hardened commands the docs print (``fedrank.server.deploy_commands``): a local CA, a
-SuperLink certificate and four ECDSA node keys from ``fedrank.server.certs``; the SuperLink with TLS and
-``--enable-supernode-auth`` on a free loopback port; ``fedrank gateway`` serving only its Fleet
-API on another port (the "network address"); two registered SuperNodes dialling the gateway
-(``flwr supernode register``), each with its own LETOR file of MQ2008 sets (``--node-config
-data-path=...``); one SuperNode with an unregistered key and one without TLS, both of which
-must be refused. Every process is stopped by PID when the module ends, also when a test fails,
-and the teardown checks that none is left.
+The fleet runs the hardened commands the docs print (``fedrank.server.deploy_commands``): a
+local CA, a SuperLink certificate and four ECDSA node keys from ``fedrank.server.certs``; the
+SuperLink with TLS and ``--enable-supernode-auth`` on a free loopback port; ``fedrank gateway``
+serving only its Fleet API on another port (the "network address"); two registered SuperNodes
+dialling the gateway (``flwr supernode register``), each with its own LETOR file of MQ2008 sets
+(``--node-config data-path=...``); one SuperNode with an unregistered key and one without TLS,
+both of which must be refused. Every process is stopped by PID when the module ends, also when a
+test fails, and the teardown checks that none is left.
 """
 
 from __future__ import annotations
@@ -39,22 +39,19 @@ from deploy_helpers import (
     wait_until,
     write_connection,
 )
+from support import MQ2008_FOLD1, TINY_TEACHER
 
 from fedrank.server.certs import make_all
 
 pytestmark = pytest.mark.slow
 
-MQ2008_FOLD = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 SETS_PER_DEVICE = 40
 RUN_TIMEOUT = 400.0  # seconds for one federated run (a busy 2-core machine is slow)
 
 # a small, quick federation; the teacher is cached between the module's runs
 BASE_CONFIG = {
     "num-server-rounds": 2,
-    "teacher-epochs": 1,
-    "teacher-d-model": 16,
-    "teacher-heads": 2,
-    "teacher-layers": 1,
+    **TINY_TEACHER,
     "local-epochs": 1,
     "fraction-evaluate": 0.0,
     "min-available-nodes": 2,
@@ -78,7 +75,7 @@ class Fleet:
     def config(self, name: str, **overrides: object) -> dict[str, object]:
         return {
             **BASE_CONFIG,
-            "data-path": str(MQ2008_FOLD.resolve()),
+            "data-path": str(MQ2008_FOLD1.resolve()),
             "teacher-cache-dir": str(self.work / "teacher-cache"),
             "out-dir": str(self.work / "runs" / name),
             **overrides,
@@ -88,7 +85,7 @@ class Fleet:
 def _device_files(work: Path, count: int) -> tuple[list[Path], list[list[str]]]:
     """Disjoint LETOR files of MQ2008 Fold1 training sets, one per device."""
     groups: dict[str, list[str]] = {}
-    with gzip.open(MQ2008_FOLD / "train.txt.gz", "rt") as fh:
+    with gzip.open(MQ2008_FOLD1 / "train.txt.gz", "rt") as fh:
         for line in fh:
             groups.setdefault(line.split()[1][len("qid:") :], []).append(line)
     qids = list(groups)
@@ -377,14 +374,15 @@ def test_client_side_needs_only_common_and_client(tmp_path: Path):
     for pkg in ("common", "client"):
         os.symlink(REPO / pkg, device / pkg)
     data = tmp_path / "letor.txt"
-    with gzip.open(MQ2008_FOLD / "train.txt.gz", "rt") as fh:
+    with gzip.open(MQ2008_FOLD1 / "train.txt.gz", "rt") as fh:
         lines = [next(fh) for _ in range(300)]
     data.write_text("".join(lines))
     code = f"""
 import sys
 sys.path[:] = [p for p in sys.path if p not in ("", {str(REPO)!r})]
 sys.path.insert(0, {str(device)!r})
-import fedrank.client.client_app, fedrank.client.export, fedrank.client.device, fedrank.client.trainer
+import fedrank.client.client_app, fedrank.client.export
+import fedrank.client.device, fedrank.client.trainer
 from fedrank.client.local_data import load_local_data
 local = load_local_data({{"data-path": {str(data)!r}}}, {{"seed": 0}})
 assert local.train.num_sets > 0

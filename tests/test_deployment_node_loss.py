@@ -22,20 +22,17 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import REPO, deployment, descendants, wait_until
+from support import MQ2008_FOLD1, TINY_TEACHER
 
 pytestmark = pytest.mark.slow
 
-MQ2008_FOLD = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 SETS_PER_DEVICE = 30
 ROUNDS = 3
 NODE_WAIT = 10.0
 ROUND_TIMEOUT = 90.0  # a busy 2-core machine starts a ClientApp process in tens of s
 CONFIG = {
     "num-server-rounds": ROUNDS,
-    "teacher-epochs": 1,
-    "teacher-d-model": 16,
-    "teacher-heads": 2,
-    "teacher-layers": 1,
+    **TINY_TEACHER,
     "local-epochs": 1,
     "fraction-evaluate": 1.0,
     "min-available-nodes": 2,
@@ -47,7 +44,7 @@ CONFIG = {
 
 def _device_files(work: Path, count: int) -> list[Path]:
     groups: dict[str, list[str]] = {}
-    with gzip.open(MQ2008_FOLD / "train.txt.gz", "rt") as fh:
+    with gzip.open(MQ2008_FOLD1 / "train.txt.gz", "rt") as fh:
         for line in fh:
             groups.setdefault(line.split()[1], []).append(line)
     qids = list(groups)
@@ -90,7 +87,7 @@ def test_a_node_lost_for_good_costs_bounded_waits_not_the_run(tmp_path: Path) ->
         )
         config = {
             **CONFIG,
-            "data-path": str(MQ2008_FOLD.resolve()),
+            "data-path": str(MQ2008_FOLD1.resolve()),
             "teacher-cache-dir": str(tmp_path / "teacher"),
             "out-dir": str(out),
         }

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import MQ2008_FOLD1
 
 from fedrank.cli import main as fedrank
 from fedrank.client.export import (
@@ -28,8 +29,7 @@ from fedrank.common.signing import load_private_key, load_public_key
 from fedrank.common.student_folder import load_student
 
 REPO = Path(__file__).resolve().parents[1]
-MQ2008 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
-TEST_FILE = MQ2008 / "test.txt.gz"
+TEST_FILE = MQ2008_FOLD1 / "test.txt.gz"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_export_cli_then_score_equals_in_memory(tmp_path, run_dir, student, test
 def test_score_prints_trec_run_to_stdout(tmp_path, student, test_sets, capsys):
     model = tmp_path / "s.safetensors"
     export_student(student, model)
-    assert fedrank(["score", "--model", str(model), "--data", str(MQ2008), "--top", "3"]) == 0
+    assert fedrank(["score", "--model", str(model), "--data", str(MQ2008_FOLD1), "--top", "3"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == sum(min(3, n) for n in test_sets.sizes.tolist())
     first = lines[0].split()

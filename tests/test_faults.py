@@ -19,12 +19,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from support import TINY_TEACHER, instruction_metadata, reply_metadata, write_letor
 
 from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
 from fedrank.common.reply_schema import TRAIN_METRICS
@@ -45,45 +45,20 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v)) for k, v in values.items()})
 
 
-def _meta(node: int, reply_to: str = "") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=reply_to or f"ins-{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train",
-    )
-
-
 def _reply(node: int, weights: dict[str, np.ndarray] | None = None, examples=10, **kw) -> Message:
     weights = {k: np.array(v) for k, v in (weights or GLOBAL).items()}
     metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num_examples": examples})
     content = RecordDict({"arrays": _arrays(weights), "metrics": metrics})
-    return Message(content, metadata=_meta(node, **kw))
+    return Message(content, metadata=reply_metadata(node, **kw))
 
 
 def _error(node: int, reason: str, code: int = 2, **kw) -> Message:
-    return Message(Error(code=code, reason=reason), metadata=_meta(node, **kw))
+    return Message(Error(code=code, reason=reason), metadata=reply_metadata(node, **kw))
 
 
 def _sent(node: int) -> Message:
     """An instruction message as the grid leaves it after sending (message id set)."""
-    md = Metadata(
-        run_id=1,
-        message_id=f"ins-{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=3600,
-        message_type="train",
-    )
-    return Message(RecordDict({"arrays": _arrays(GLOBAL)}), metadata=md)
+    return Message(RecordDict({"arrays": _arrays(GLOBAL)}), metadata=instruction_metadata(node))
 
 
 def _changed(**changes: np.ndarray) -> dict[str, np.ndarray]:
@@ -131,7 +106,7 @@ def test_pickled_array_on_the_wire_is_never_unpickled(capsys):
     )
     metrics = MetricRecord({**dict.fromkeys(TRAIN_METRICS.required, 0), "num_examples": 3})
     content = RecordDict({"arrays": weights, "metrics": metrics})
-    evil = Message(content, metadata=_meta(66))
+    evil = Message(content, metadata=reply_metadata(66))
     result = screen_replies(1, [_reply(1), evil], global_arrays=_arrays(GLOBAL))
     assert result.failed_nodes == [66]
     assert "cannot be decoded" in result.rejected[0].reason
@@ -205,7 +180,7 @@ def test_evaluate_replies_are_screened_too():
         metrics = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num_examples": 4}
         metrics["on_train_sets"] = 0
         content = RecordDict({"metrics": MetricRecord({**metrics, **values})})
-        return Message(content, metadata=_meta(node))
+        return Message(content, metadata=reply_metadata(node))
 
     ok = reply(1)
     undefined = reply(2, auc=float("nan"))  # no pair of differing labels on that node
@@ -261,10 +236,7 @@ def test_strategy_rejects_bad_updates_and_keeps_the_global_model():
 # ---- Flower's simulation runtime with faulty clients -------------------------------------------
 SIM_CONFIG = {
     "num-server-rounds": 3,
-    "teacher-epochs": 1,
-    "teacher-d-model": 16,
-    "teacher-heads": 2,
-    "teacher-layers": 1,
+    **TINY_TEACHER,
     "local-epochs": 1,
     "fraction-evaluate": 0.0,
     # generous: the first contact of 4 simulated nodes on a busy 2-core machine can take > 20 s
@@ -406,11 +378,10 @@ def test_server_killed_between_rounds_resumes_without_losing_or_repeating_rounds
 
 # ---- bad input ---------------------------------------------------------------------------------
 def test_malformed_letor_on_a_device_names_file_and_line(tmp_path):
-    from fedrank.client.local_data import clear_cache, load_local_data
+    from fedrank.client.local_data import load_local_data
 
     bad = tmp_path / "device.txt"
     bad.write_text("1 qid:1 1:0.5 2:0.1\n0 qid:1 1:oops 2:0.3\n")
-    clear_cache()
     with pytest.raises(DataFormatError) as err:
         load_local_data({"data-path": str(bad)}, {"seed": 0})
     assert str(bad) in str(err.value) and "line 2" in str(err.value)
@@ -545,17 +516,6 @@ def test_dp_wrapper_clips_adds_noise_keeps_columns_and_reports_budget():
         assert dp.budget["epsilon"] == pytest.approx(epsilon(1.0, rnd, 1e-5))
 
 
-def _letor_file(path: Path, num_features: int, sets: int = 12, items: int = 5) -> Path:
-    rng = np.random.default_rng(0)
-    lines = []
-    for q in range(sets):
-        for i in range(items):
-            feats = " ".join(f"{j + 1}:{rng.random():.3f}" for j in range(num_features))
-            lines.append(f"{int(rng.random() > 0.6)} qid:{q} {feats} #docid = d{q}-{i}\n")
-    path.write_text("".join(lines))
-    return path
-
-
 def _call_train(node_config: dict, num_features: int = 46, **settings) -> Message:
     """The ClientApp's train handler, called as Flower calls it (label losses only)."""
     from flwr.app import ConfigRecord, Context
@@ -578,17 +538,7 @@ def _call_train(node_config: dict, num_features: int = 46, **settings) -> Messag
     )
     msg = Message(
         RecordDict({"arrays": model_to_arrays(student), "config": config}),
-        metadata=Metadata(
-            run_id=1,
-            message_id="m1",
-            src_node_id=0,
-            dst_node_id=5,
-            reply_to_message_id="",
-            group_id="1",
-            created_at=time.time(),
-            ttl=60,
-            message_type="train",
-        ),
+        metadata=instruction_metadata(5, message_id="m1"),
     )
     context = Context(
         run_id=1, node_id=5, node_config=node_config, state=RecordDict(), run_config={}
@@ -598,7 +548,7 @@ def _call_train(node_config: dict, num_features: int = 46, **settings) -> Messag
 
 
 def test_device_data_with_another_feature_count_names_the_file(tmp_path):
-    data = _letor_file(tmp_path / "device.txt", num_features=40)
+    data = write_letor(tmp_path / "device.txt", features=40)
     reply = _call_train({"data-path": str(data)}, num_features=46)
     assert reply.has_error()
     text = reply.error.reason
@@ -608,7 +558,7 @@ def test_device_data_with_another_feature_count_names_the_file(tmp_path):
 def test_client_honours_and_reports_device_settings(tmp_path):
     import torch
 
-    data = _letor_file(tmp_path / "device.txt", num_features=46, sets=40)
+    data = write_letor(tmp_path / "device.txt", sets=40)
     threads = torch.get_num_threads()
     try:
         reply = _call_train(

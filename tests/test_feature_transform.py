@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord
+from support import MQ2008_FOLD1
 
 from fedrank.client.export import export_student, load_exported
 from fedrank.client.trainer import TrainSettings, train_student
@@ -38,7 +39,6 @@ from fedrank.server.student_setup import build_student
 from fedrank.simulations.derived_data import write_derived_fold
 
 REPO = Path(__file__).resolve().parents[1]
-MQ2008_FOLD1 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 
 
 def _columns(n: int = 20_000, seed: int = 0) -> tuple[np.ndarray, list[str]]:

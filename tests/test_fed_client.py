@@ -12,6 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from support import MQ2008_FOLD1
 
 from fedrank.client.client_app import app
 from fedrank.client.local_data import load_local_data
@@ -22,7 +23,6 @@ from fedrank.common.reply_schema import NODE_ERROR_CODES, error_kind
 from fedrank.common.score_table import ScoreTable
 
 ROOT = Path(__file__).resolve().parents[1]
-MQ2008 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 NODE = {"partition-id": 1, "num-partitions": 3}
 
 
@@ -36,7 +36,9 @@ def _task_identity() -> None:
 
 @pytest.fixture(scope="module")
 def settings() -> dict:
-    cfg = FedrankConfig.from_run_config({"data-path": str(MQ2008.resolve()), "local-steps": 3})
+    cfg = FedrankConfig.from_run_config(
+        {"data-path": str(MQ2008_FOLD1.resolve()), "local-steps": 3}
+    )
     return cfg.client_dict()
 
 
@@ -220,7 +222,9 @@ def test_node_without_data_names_data_path(settings: dict) -> None:
 
 def test_device_mode_reads_its_own_letor_folder(settings: dict) -> None:
     reply = _send(
-        "query.hello", {"config": ConfigRecord(settings)}, _context({"data-path": str(MQ2008)})
+        "query.hello",
+        {"config": ConfigRecord(settings)},
+        _context({"data-path": str(MQ2008_FOLD1)}),
     )
     status = reply.content["status"]
     assert status["num-train-sets"] == 471 and status["source"].startswith("device data")

@@ -15,6 +15,7 @@ from flwr.serverapp.strategy import (
     Krum,
     MultiKrum,
 )
+from support import reply_metadata
 
 from fedrank.common.config import FedrankConfig
 from fedrank.common.errors import ConfigError
@@ -92,19 +93,9 @@ def test_fedadam_state_round_trips() -> None:
 
 
 def _message(node: int, content: RecordDict | None = None, code: int = 0, reason: str = ""):
-    from flwr.app import Error, Metadata
+    from flwr.app import Error
 
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"ins-{node}",
-        group_id="1",
-        created_at=0.0,
-        ttl=60,
-        message_type="train",
-    )
+    metadata = reply_metadata(node)
     if reason:
         return Message(Error(code=code, reason=reason), metadata=metadata)
     assert content is not None

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import MQ2008_FOLD1, TINY_TEACHER
 
 from fedrank.common.run_folder import read_metrics
 from fedrank.server.checkpoint import load_checkpoint
 from fedrank.simulations.simulate import run_federations
 
 ROOT = Path(__file__).resolve().parents[1]
-MQ2008_FOLD1 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +33,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("federation")
     base = {
         "data-path": str(MQ2008_FOLD1),
-        "teacher-epochs": 1,
+        **TINY_TEACHER,
         "teacher-d-model": 8,
-        "teacher-heads": 2,
-        "teacher-layers": 1,
         "teacher-cache-dir": str(root / "teacher"),
         "local-epochs": 2,
         "round-timeout": 300.0,  # a stuck client fails the run instead of hanging the tests

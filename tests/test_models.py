@@ -11,6 +11,7 @@ import torch
 
 from fedrank.common.errors import ConfigError, DataFormatError
 from fedrank.common.example_sets import ExampleSets
+from fedrank.common.letor import read_letor
 from fedrank.common.metrics import nanmean, ndcg
 from fedrank.common.models import (
     StudentModel,
@@ -20,7 +21,6 @@ from fedrank.common.models import (
     score_sets,
 )
 
-MQ2008 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "MQ2008"
 F = 6
 
 
@@ -217,10 +217,8 @@ def test_teacher_learns_what_a_per_item_student_cannot():
     assert t_after > s_after + 0.1
 
 
-def test_both_models_learn_on_mq2008():
-    from fedrank.common.letor import read_letor
-
-    data = read_letor(MQ2008 / "Fold1" / "vali.txt.gz", cache=False)
+def test_both_models_learn_on_mq2008(mq2008_fold1: Path) -> None:
+    data = read_letor(mq2008_fold1 / "vali.txt.gz", cache=False)
     order = np.random.default_rng(0).permutation(data.num_sets)
     train_sets, test_sets = data.take(order[:110]), data.take(order[110:])
     for model in (

@@ -26,15 +26,14 @@ from flwr.app import (
     Context,
     Error,
     Message,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from support import instruction_metadata, reply_metadata, write_letor
 
 from fedrank.client.client_app import app as client_app
-from fedrank.client.local_data import clear_cache
 from fedrank.common.config import FedrankConfig
 from fedrank.common.errors import ConfigError
 from fedrank.common.example_sets import ExampleSets
@@ -67,34 +66,9 @@ def _task_identity() -> None:
 
 
 # ---- real messages -----------------------------------------------------------------------------
-def _meta(node: int, kind: str = "train") -> Metadata:
-    return Metadata(
-        run_id=1,
-        message_id=f"reply-{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id=f"ins-{node}",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type=kind,
-    )
-
-
 def _sent(node: int, kind: str = "train") -> Message:
     """An instruction as the grid leaves it after sending (message id set)."""
-    md = Metadata(
-        run_id=1,
-        message_id=f"ins-{node}",
-        src_node_id=0,
-        dst_node_id=node,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60,
-        message_type=kind,
-    )
-    return Message(RecordDict(), metadata=md)
+    return Message(RecordDict(), metadata=instruction_metadata(node, kind))
 
 
 def _train_metrics(examples: float = 10, **values: float) -> dict:
@@ -104,18 +78,18 @@ def _train_metrics(examples: float = 10, **values: float) -> dict:
 def _train_reply(node: int, weights: dict, **metrics: float) -> Message:
     arrays = ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)})
-    return Message(content, metadata=_meta(node))
+    return Message(content, metadata=reply_metadata(node))
 
 
 def _eval_reply(node: int, **metrics: float) -> Message:
     base = {**dict.fromkeys(EVALUATE_METRICS.required, 0.5), "num_examples": 10}
     base["on_train_sets"] = 0
     content = RecordDict({"metrics": MetricRecord({**base, **metrics})})
-    return Message(content, metadata=_meta(node, "evaluate"))
+    return Message(content, metadata=reply_metadata(node, "evaluate"))
 
 
 def _error(node: int, code: int, reason: str, kind: str = "train") -> Message:
-    return Message(Error(code=code, reason=reason), metadata=_meta(node, kind))
+    return Message(Error(code=code, reason=reason), metadata=reply_metadata(node, kind))
 
 
 @pytest.fixture
@@ -219,7 +193,7 @@ def test_client_metrics_fit_the_schema_or_name_the_key() -> None:
 # ---- node errors, hello and scores acknowledgements --------------------------------------------
 def _hello(node: int, record: ConfigRecord | None) -> Message:
     content = RecordDict({"status": record}) if record is not None else RecordDict()
-    return Message(content, metadata=_meta(node, "query.hello"))
+    return Message(content, metadata=reply_metadata(node, "query.hello"))
 
 
 def _status(**changes) -> ConfigRecord:
@@ -317,7 +291,7 @@ def test_a_wrong_or_malformed_acknowledgement_costs_only_that_node() -> None:
                 **values,
             }
         )
-        return Message(RecordDict({"ack": record}), metadata=_meta(node, "query.scores"))
+        return Message(RecordDict({"ack": record}), metadata=reply_metadata(node, "query.scores"))
 
     wrong = distributor._read_ack(1, 1, ack(1, version="old"), 100)
     assert wrong.kind == "invalid" and not wrong.excluded and "'old'" in wrong.reason
@@ -344,15 +318,6 @@ def test_a_nan_reward_is_ignored_and_state_is_keyed_by_node_id() -> None:
 
 
 # ---- device caps the server cannot override -----------------------------------------------------
-def _letor(path, sets: int = 12, items: int = 4, features: int = 46):
-    rng = np.random.default_rng(0)
-    lines = []
-    for q in range(sets):
-        for _ in range(items):
-            feats = " ".join(f"{j + 1}:{rng.random():.3f}" for j in range(features))
-            lines.append(f"{int(rng.random() > 0.6)} qid:{q} {feats}\n")
-    path.write_text("".join(lines))
-    return path
 
 
 def _call(kind: str, node_config: dict, content: dict) -> Message:
@@ -364,8 +329,7 @@ def _call(kind: str, node_config: dict, content: dict) -> Message:
 
 
 def test_device_caps_hold_whatever_the_server_asks(tmp_path) -> None:
-    clear_cache()
-    data = _letor(tmp_path / "device.txt")
+    data = write_letor(tmp_path / "device.txt", items=4)
     student = StudentModel(46, hidden=(16,))
     cfg = FedrankConfig.from_run_config({"rank-weight": 0, "local-epochs": 50, "batch-size": 2})
     config = ConfigRecord(

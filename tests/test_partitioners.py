@@ -192,11 +192,8 @@ def test_restrict_features() -> None:
         restrict_features(5, 6)
 
 
-MQ2008 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "MQ2008"
-
-
-def test_real_mq2008_fold_partitions_exactly_and_dirichlet_skews() -> None:
-    train = read_letor_folder(MQ2008 / "Fold1", cache=False)["train"]
+def test_real_mq2008_fold_partitions_exactly_and_dirichlet_skews(mq2008_fold1: Path) -> None:
+    train = read_letor_folder(mq2008_fold1, cache=False)["train"]
     rate = positive_rate(train)
     for scheme, options in CASES[:3]:
         parts = partition(train, 10, scheme, seed=0, **options)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fedrank.common.errors import DataFormatError, FedrankError
+from fedrank.common.run_folder import read_metrics, read_summary
 from fedrank.simulations.report import (
     find_runs,
     group_rows,
@@ -144,3 +145,31 @@ def test_nothing_to_report_is_an_error(tmp_path: Path) -> None:
         write_report(find_runs([tmp_path]), tmp_path / "out")
     with pytest.raises(DataFormatError, match="no such directory"):
         find_runs([tmp_path / "missing"])
+
+
+def test_run_folders_written_before_snake_case_keys_are_read_in_the_new_style(
+    tmp_path: Path,
+) -> None:
+    """A run folder of an older fedrank (hyphenated metric keys such as ``true-ndcg@10``,
+    ``eval-seconds``, ``loss-total``) reports like a new one: metric keys renamed on reading,
+    configuration keys (hyphenated by Flower's rule) left alone."""
+    old = make_run(tmp_path / "runs", "old", {"rank-weight": 1.0}, [0.3, 0.6], 0.5)
+    rows = [json.loads(x) for x in (old / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.update({"true-ndcg@10": 0.4, "eval-seconds": 0.1, "num-examples": 10.0})
+    (old / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = json.loads((old / "summary.json").read_text())
+    summary["student"]["metrics"]["loss-total"] = 1.25
+    summary["config"] = {"rank-weight": 1.0, "num-server-rounds": 1}
+    (old / "summary.json").write_text(json.dumps(summary))
+    make_run(tmp_path / "runs", "new", {"rank-weight": 0.0}, [0.3, 0.5], 0.5)
+
+    migrated = read_metrics(old)
+    assert {"true_ndcg@10", "eval_seconds", "num_examples"} <= set(migrated[-1])
+    assert not any("-" in key for row in migrated for key in row)
+    read = read_summary(old)
+    assert read["student"]["metrics"]["loss_total"] == 1.25
+    assert read["config"] == {"rank-weight": 1.0, "num-server-rounds": 1}
+    header, table = run_rows(find_runs([tmp_path / "runs"]))
+    assert "rank-weight" in header and not any("-" in h for h in header if h != "rank-weight")
+    assert [r[0] for r in table] == ["old", "new"]  # both runs, compared in one table

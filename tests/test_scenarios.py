@@ -234,6 +234,7 @@ def test_exp3_without_validation_metrics_stays_uniform() -> None:
 
 
 # ---- per-client weights reach the right clients (Flower's simulation runtime) -----------------
+@pytest.mark.slow
 def test_per_client_weights_reach_the_right_clients(tmp_path: Path) -> None:
     """A ClientApp that runs the real handlers, after asserting on the client what it got."""
     from flwr.clientapp import ClientApp

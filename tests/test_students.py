@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from support import MQ2008_FOLD1
 
 from fedrank.common.datasets import load_dataset
 from fedrank.common.models import build_model
@@ -28,7 +29,6 @@ from fedrank.simulations.derived_data import write_derived_fold
 from fedrank.simulations.simulate import REFERENCE, compare, run_federations
 
 REPO = Path(__file__).resolve().parents[1]
-MQ2008_FOLD1 = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 TEACHER_SHARE = 0.85
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import MQ2008_FOLD1
 
 from fedrank.cli import main as fedrank
 from fedrank.common.datasets import load_dataset
@@ -21,7 +22,6 @@ from fedrank.server.teacher import concat_splits
 from fedrank.simulations.simulate import run_federations
 
 ROOT = Path(__file__).resolve().parents[1]
-MQ2008_FOLD1 = ROOT / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 
 pytestmark = pytest.mark.slow
 
