@@ -111,16 +111,15 @@ class SweepSpec:
         return cls(**json.loads(text))
 
     def sampler(self, worker: str) -> optuna.samplers.BaseSampler:
-        """The sampler of ``mode``, seeded by ``sweep_seed`` and the worker's name (workers
-        with one seed would draw the same points)."""
-        seed = int(
-            np.random.SeedSequence([self.sweep_seed, zlib.crc32(worker.encode())]).generate_state(
-                1
-            )[0]
-        )
+        """The sampler of ``mode``. The grid's order is shuffled by ``sweep_seed`` alone: every
+        worker must see the same order, or grid cells (trial numbers) name different points.
+        Random and TPE are seeded by ``sweep_seed`` and the worker's name: workers with one
+        seed would draw the same points."""
         if self.mode == "grid":
             grid = {p.name: p.grid() for p in self.space().params}
-            return optuna.samplers.GridSampler(grid, seed=seed)
+            return optuna.samplers.GridSampler(grid, seed=self.sweep_seed)
+        entropy = [self.sweep_seed, zlib.crc32(worker.encode())]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
         if self.mode == "random":
             return optuna.samplers.RandomSampler(seed=seed)
         return optuna.samplers.TPESampler(seed=seed)

@@ -117,7 +117,10 @@ def test_next_step_grid_resume_and_released_trials(tmp_path: Path) -> None:
     elsewhere.set_user_attr("worker", "w:2")
     spec.suggest(elsewhere)
     assert next_step(study, spec) == "run"  # one grid point is still free
-    study.optimize(objective(0.7), n_trials=1)
+    # another worker (its own sampler) takes the other point, not the one running elsewhere
+    other, _ = open_study(open_storage(default_storage(tmp_path)), "s", None, "w:1")
+    other.optimize(objective(0.7), n_trials=1)
+    assert other.get_trials()[1].params != other.get_trials()[0].params
     assert next_step(study, spec) == "wait"  # the other point runs elsewhere
     # worker 2 is interrupted: its trial fails with the reason and is queued again
     assert release_trials(study, "w:2", "interrupted") == [0]
