@@ -1,21 +1,21 @@
 """The search space of a sweep: which configuration keys vary, over which values.
 
 A space is a table ``{key: [values] | {low, high, log, int, steps}}`` of configuration keys (a
-scenario's ``[sweep.space]``): a list gives those values, a range is sampled (``--random``,
-``--optuna``) or cut into ``steps`` points (``--grid``). Without one a sweep covers the weights
-of the four loss families and the distillation temperature (:data:`DEFAULT_SPACE`).
+scenario's ``[sweep.space]``): a list gives those values, a range is sampled by Optuna's
+samplers (``--random``, ``--tpe``; :meth:`Param.suggest`) or cut into ``steps`` points
+(``--grid``). Without one a sweep covers the weights of the four loss families and the
+distillation temperature (:data:`DEFAULT_SPACE`).
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import optuna
 
 from fedrank.common.config import FedrankConfig
 from fedrank.common.errors import ConfigError
@@ -54,7 +54,7 @@ class Param:
         if self.steps < 1:
             raise ConfigError(
                 f"{self.name!r} is a range without 'steps': --grid needs a list of values or "
-                "'steps' (use --random or --optuna to sample ranges)"
+                "'steps' (use --random or --tpe to sample ranges)"
             )
         if self.log:
             points = np.geomspace(self.low, self.high, self.steps)
@@ -62,30 +62,13 @@ class Param:
             points = np.linspace(self.low, self.high, self.steps)
         return [self._cast(v) for v in points]
 
-    def sample(self, rng: np.random.Generator) -> Any:
-        if self.values is not None:
-            return self.values[int(rng.integers(len(self.values)))]
-        if self.log:
-            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        else:
-            value = rng.uniform(self.low, self.high)
-        return self._cast(value)
-
-    def suggest(self, trial: Any) -> Any:
+    def suggest(self, trial: optuna.Trial) -> Any:
+        """This dimension's value in an Optuna trial (a list: categories; a range: sampled)."""
         if self.values is not None:
             return trial.suggest_categorical(self.name, list(self.values))
         if self.integer:
             return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, log=self.log)
-
-    def distribution(self) -> Any:
-        import optuna
-
-        if self.values is not None:
-            return optuna.distributions.CategoricalDistribution(list(self.values))
-        if self.integer:
-            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log)
-        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
 
     def _cast(self, value: float) -> Any:
         return int(round(value)) if self.integer else round(float(value), 6)
@@ -160,18 +143,3 @@ class SearchSpace:
     def grid(self) -> list[dict[str, Any]]:
         axes = [p.grid() for p in self.params]
         return [dict(zip(self.names, point, strict=True)) for point in itertools.product(*axes)]
-
-    def sample(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
-        """``n`` distinct random points (fewer if the space is smaller), seeded."""
-        rng = np.random.default_rng([seed, 5])
-        points: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        tries = 0
-        while len(points) < n and tries < 50 * max(n, 1):
-            tries += 1
-            point = {p.name: p.sample(rng) for p in self.params}
-            key = json.dumps(point, sort_keys=True)
-            if key not in seen:
-                seen.add(key)
-                points.append(point)
-        return points

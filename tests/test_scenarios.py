@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 from fedrank.common.config import FedrankConfig
@@ -111,12 +112,18 @@ def test_search_space_grid_ranges_and_sampling() -> None:
     grid = space.grid()
     assert len(grid) == 3 * 3 * 2
     assert sorted({p["temperature"] for p in grid}) == [0.5, 1.0, 2.0]
-    sample = space.sample(5, seed=3)
-    assert len({json.dumps(p, sort_keys=True) for p in sample}) == 5
-    assert sample == space.sample(5, seed=3) and sample != space.sample(5, seed=4)
+
+    # ranges and lists through an Optuna sampler: values in range, from the list, seeded
+    def draw(seed: int) -> list[dict]:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+        return [{p.name: p.suggest(study.ask()) for p in space.params} for _ in range(5)]
+
+    sample = draw(3)
+    assert sample == draw(3) and sample != draw(4)
     assert all(0.5 <= p["temperature"] <= 2.0 for p in sample)
+    assert all(p["rank-loss"] in ("rank_l2", "rank_softmax_ce") for p in sample)
     lists = SearchSpace.parse({"rank-weight": [0.0, 1.0, 4.0], "temperature": [1.0, 2.0]})
-    assert len(lists.sample(100)) == len(lists.grid()) == 6  # no more points than it holds
+    assert len(lists.grid()) == 6
     with pytest.raises(ConfigError, match="'steps'"):
         SearchSpace.parse({"temperature": {"low": 0.5, "high": 2.0}}).grid()
     with pytest.raises(ConfigError, match="'rank-loss' value 'rank_l3'"):
