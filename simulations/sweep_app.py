@@ -213,10 +213,6 @@ def make_sweep_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         runner.grid = grid
-        # no trial is taken before the simulated nodes are up: a runtime that fails to start
-        # (Ray timing out on a busy machine) costs no trial
-        while len(list(grid.get_node_ids())) < runner.scenario.clients:
-            time.sleep(0.5)
         while not max_trials or count["trials"] < max_trials:
             step = next_step(study, runner.spec)
             if step == "done":

@@ -249,7 +249,7 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
             continue
         finished = study.get_trials(states=(TrialState.COMPLETE,))
         takers = {t.user_attrs.get("worker") for t in study.get_trials()} - {None}
-        if finished and len(takers) == 2:
+        if finished and len(takers) >= 2:
             break
     first.send_signal(signal.SIGINT)
     log, _ = first.communicate(timeout=120)
@@ -259,7 +259,7 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     before = {t.number: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert not study.get_trials(states=(TrialState.RUNNING,))  # interrupted trials went back
     workers = {t.user_attrs["worker"] for t in study.get_trials() if "worker" in t.user_attrs}
-    assert len(workers) == 2  # two worker processes took trials
+    assert len(workers) >= 2  # two worker processes took trials (a restarted one: three)
     mtimes = {
         run: (tmp_path / "a" / "runs" / run / "summary.json").stat().st_mtime_ns
         for t in before.values()
