@@ -221,7 +221,8 @@ def describe_trial(trial: FrozenTrial, metric: str) -> str:
         return f"skipped: {attrs.get('skipped', 'pruned')}"
     if attrs.get("released"):
         return f"put back ({attrs.get('error', 'interrupted')}): runs again"
-    return f"FAILED: {attrs.get('error', trial.system_attrs.get('fail_reason', 'no reason'))}"
+    reason = attrs.get("error") or trial.system_attrs.get("fail_reason", "no reason")
+    return f"FAILED: {reason}"
 
 
 def trial_rows(study: optuna.Study, spec: SweepSpec) -> tuple[list[str], list[list[Any]]]:
@@ -249,7 +250,7 @@ def trial_rows(study: optuna.Study, spec: SweepSpec) -> tuple[list[str], list[li
                 " ".join(f"{s}:{v:.4f}" for s, v in sorted(values.items())),
                 attrs.get("worker", ""),
                 round(seconds, 1),
-                attrs.get("error", attrs.get("skipped", "")),
+                attrs.get("error") or attrs.get("skipped") or "",
             ]
         )
     return header, rows

@@ -101,6 +101,9 @@ class TrialRunner:
 
     def __call__(self, trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", self.worker)
+        # a trial put back by an interrupted worker comes with that worker's attributes
+        trial.set_user_attr("error", None)
+        trial.set_user_attr("released", False)
         point = self.spec.suggest(trial)
         try:
             configs = self.configs(point)
