@@ -57,7 +57,7 @@ from fedrank.simulations.study_store import (
     trial_rows,
     worker_name,
 )
-from fedrank.simulations.sweep_app import _retried, next_step, point_label
+from fedrank.simulations.sweep_app import next_step, point_label, retried_numbers
 
 __all__ = ["SweepResult", "main", "make_spec", "run_sweep"]
 
@@ -83,7 +83,7 @@ class SweepResult:
     @property
     def finished_here(self) -> int:
         """Trials that finished while this command ran (by any worker of the study)."""
-        retried = _retried(self.trials)
+        retried = retried_numbers(self.trials)
         done = [t for t in self.trials if t.state.is_finished() and t.number not in retried]
         return len(done) - self.finished_before
 
@@ -94,7 +94,7 @@ class SweepResult:
     @property
     def failed(self) -> list[FrozenTrial]:
         """Failed trials that were not queued again (their error is in ``user_attrs``)."""
-        retried = _retried(self.trials)
+        retried = retried_numbers(self.trials)
         return [t for t in self.trials if t.state == TrialState.FAIL and t.number not in retried]
 
 
@@ -200,11 +200,11 @@ class Progress:
             if t.state.is_finished():
                 self.started.add(t.number)
                 self.finished.add(t.number)
-        self.before = len(self.finished - _retried(trials))
+        self.before = len(self.finished - retried_numbers(trials))
 
     def update(self, study: optuna.Study) -> None:
         trials = study.get_trials(deepcopy=False)
-        retried = _retried(trials)
+        retried = retried_numbers(trials)
         total = self.spec.trials
         done = len([t for t in trials if t.state.is_finished() and t.number not in retried])
         for t in trials:

@@ -50,7 +50,15 @@ from fedrank.simulations.study_store import (
     worker_name,
 )
 
-__all__ = ["TrialRunner", "main", "make_sweep_app", "next_step", "release_trials", "run_hash"]
+__all__ = [
+    "TrialRunner",
+    "main",
+    "make_sweep_app",
+    "next_step",
+    "release_trials",
+    "retried_numbers",
+    "run_hash",
+]
 
 # keys that do not change what a run computes, so they are not part of its hash
 UNHASHED = ("out-dir", "teacher-cache-dir", "resume")
@@ -157,7 +165,7 @@ class TrialRunner:
 
 
 # ---- what a worker does next ----------------------------------------------------------------
-def _retried(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
+def retried_numbers(trials: Sequence[optuna.trial.FrozenTrial]) -> set[int]:
     """Numbers of failed trials that were queued again (their copy stands for them)."""
     out: set[int] = set()
     for trial in trials:
@@ -172,7 +180,7 @@ def next_step(study: optuna.Study, spec: SweepSpec) -> str:
     trials = study.get_trials(deepcopy=False)
     if any(t.state == TrialState.WAITING for t in trials):
         return "run"
-    retried = _retried(trials)
+    retried = retried_numbers(trials)
     finished = [t for t in trials if t.state.is_finished() and t.number not in retried]
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if spec.mode == "grid":
