@@ -37,13 +37,19 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=8, help="grid points per path")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="the one seed of every trial")
+    parser.add_argument(
+        "--teacher-epochs", type=int, help="override the scenario's (the teacher is cached)"
+    )
     parser.add_argument("--out", help="folder for both sweeps (default: a temporary one)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench-sweep-"))
     scenario = load_scenario(args.scenario)
     cache = out / "teacher"
+    overrides: dict[str, object] = {"teacher-cache-dir": str(cache)}
+    if args.teacher_epochs:
+        overrides["teacher-epochs"] = args.teacher_epochs
     cfg = FedrankConfig.from_run_config(
-        {**scenario.run_config(args.seed), "out-dir": str(out / "unused")}
+        {**scenario.run_config(args.seed, overrides), "out-dir": str(out / "unused")}
     )
     t0 = time.perf_counter()
     run_teacher(cfg, load_dataset(cfg.data_path, seed=cfg.seed), cache)
@@ -59,7 +65,7 @@ def main() -> int:
             out / ("per-process" if one_per_process else "per-start"),
             max_trials=args.trials,
             seeds=[args.seed],
-            overrides={"teacher-cache-dir": str(cache)},
+            overrides=overrides,
             workers=args.workers,
             one_run_per_process=one_per_process,
             report=False,

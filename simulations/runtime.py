@@ -93,8 +93,10 @@ def backend_config(options: RayOptions, verbose: bool = False) -> dict[str, Any]
     if options.address:
         init_args["address"] = options.address
     else:
-        init_args.update(num_cpus=options.num_cpus or os.cpu_count() or 1, num_gpus=0)
-        init_args["include_dashboard"] = False
+        # "local": a Ray of its own even when `ray start` left a cluster address on this
+        # machine (ray.init() without an address would try to join that cluster)
+        init_args.update(address="local", num_cpus=options.num_cpus or os.cpu_count() or 1)
+        init_args.update(num_gpus=0, include_dashboard=False)
     return {"client_resources": resources, "init_args": init_args}
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def _free_ports(n: int) -> list[int]:
 
 def test_backend_config_local_or_attached() -> None:
     local = backend_config(RayOptions(num_cpus=3, client_cpus=0.5, client_memory=2**29))
-    assert local["init_args"]["num_cpus"] == 3 and "address" not in local["init_args"]
+    assert local["init_args"]["num_cpus"] == 3 and local["init_args"]["address"] == "local"
     assert local["client_resources"] == {"num_cpus": 0.5, "num_gpus": 0.0, "memory": 2.0**29}
     attached = backend_config(RayOptions(address="127.0.0.1:6379"))
     # Ray refuses num_cpus / num_gpus when it connects to a running cluster
@@ -59,6 +61,9 @@ def test_simulate_attaches_to_a_running_ray_head(tmp_path: Path) -> None:
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     head_log = tmp_path / "head.log"
+    # the head's own temp folder (short: Ray's socket paths have a length limit), so its
+    # address file does not land in /tmp/ray, where any later ray.init() would find it
+    ray_temp = Path(tempfile.mkdtemp(prefix="fr-ray-", dir="/tmp"))
     with open(head_log, "wb") as log:
         head = subprocess.Popen(
             [
@@ -82,6 +87,8 @@ def test_simulate_attaches_to_a_running_ray_head(tmp_path: Path) -> None:
                 "--metrics-export-port",
                 str(metrics),
                 "--disable-usage-stats",
+                "--temp-dir",
+                str(ray_temp),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -152,3 +159,4 @@ def test_simulate_attaches_to_a_running_ray_head(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+        shutil.rmtree(ray_temp, ignore_errors=True)
