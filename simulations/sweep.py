@@ -193,6 +193,7 @@ class Progress:
 
     def __init__(self, study: optuna.Study, spec: SweepSpec) -> None:
         self.spec = spec
+        self.dims = len(spec.space().names)
         self.started: set[int] = set()
         self.finished: set[int] = set()
         trials = study.get_trials(deepcopy=False)
@@ -208,7 +209,7 @@ class Progress:
         total = self.spec.trials
         done = len([t for t in trials if t.state.is_finished() and t.number not in retried])
         for t in trials:
-            has_point = bool(t.params) and "worker" in t.user_attrs
+            has_point = len(t.params) == self.dims and "worker" in t.user_attrs
             if t.number not in self.started and t.state == TrialState.RUNNING and has_point:
                 self.started.add(t.number)
                 label = point_label({k: v for k, v in t.params.items()})
