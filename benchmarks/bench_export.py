@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fedrank.client.export import export_student, load_exported  # noqa: E402
+from fedrank.client.export import export_student  # noqa: E402
+from fedrank.client.student_files import load_exported  # noqa: E402
 from fedrank.common.evaluation import mean_ndcg  # noqa: E402
 from fedrank.common.letor import read_letor_folder  # noqa: E402
 from fedrank.common.models import StudentModel, count_parameters, score_sets  # noqa: E402

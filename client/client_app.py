@@ -39,11 +39,7 @@ from flwr.clientapp import ClientApp
 
 from fedrank.client.device import DeviceSettings
 from fedrank.client.local_data import LocalData, clear_cache, load_local_data
-from fedrank.client.trainer import (
-    planned_steps,
-    settings_from_config,
-    train_student,
-)
+from fedrank.client.trainer import TrainSettings, planned_steps, train_student
 from fedrank.common.config import CLIENT_KEYS, FedrankConfig
 from fedrank.common.errors import ConfigError, FedrankError, ScoreTableError
 from fedrank.common.evaluation import evaluate_model, mean_ndcg
@@ -325,7 +321,7 @@ def train(msg: Message, context: Context) -> Message:
     if loss.needs_teacher:
         teacher = _aligned(context, version, local.train)
     rnd = int(config.get("server-round", 1))
-    run = settings_from_config(
+    run = TrainSettings.from_config(
         settings, proximal_mu=float(config.get("proximal-mu", 0.0)), seed=_seed(config, local)
     )
     # global step of this round's first step (loss-weight schedules), before device caps

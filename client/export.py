@@ -38,11 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from torch import nn
 
 from fedrank.client.student_files import (
-    EXPORT_FORMAT,
     FORMATS,
-    LOADABLE_FORMATS,
-    ExportedStudent,
-    ScoringModule,
     encode_student,
     load_exported,
     student_metadata,
@@ -56,18 +52,8 @@ from fedrank.common.signing import load_private_key, load_public_key
 from fedrank.common.student_folder import load_student
 from fedrank.common.trec import item_names, run_lines
 
-__all__ = [
-    "EXPORT_FORMAT",
-    "FORMATS",
-    "LOADABLE_FORMATS",
-    "ExportedStudent",
-    "ScoringModule",
-    "export_student",
-    "load_exported",
-    "rank_sets",
-    "export_main",
-    "score_main",
-]
+# the student files themselves (formats, encoding, loading): fedrank.client.student_files
+__all__ = ["export_student", "rank_sets", "export_main", "score_main"]
 
 
 # ---- export ------------------------------------------------------------------------------------

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrank.common.config import FedrankConfig
 from fedrank.common.example_sets import ExampleSets
 
 __all__ = [
     "MIN_RELATIVE_UPDATE",
     "TrainSettings",
     "planned_steps",
-    "settings_from_config",
     "train_student",
 ]
 
@@ -56,23 +56,24 @@ class TrainSettings:
     step_offset: int = 0  # global step of the first local step (for loss-weight schedules)
     max_seconds: float = 0.0  # 0: no time budget; else stop after the step that exceeds it
 
-
-def settings_from_config(
-    config: Any, *, proximal_mu: float, seed: int, step_offset: int = 0
-) -> TrainSettings:
-    """TrainSettings from a :class:`~fedrank.common.config.FedrankConfig`."""
-    return TrainSettings(
-        epochs=config.local_epochs,
-        min_steps=config.min_local_steps,
-        steps=config.local_steps,
-        learning_rate=config.learning_rate,
-        optimizer=config.optimizer,
-        weight_decay=config.weight_decay,
-        batch_size=config.batch_size,
-        proximal_mu=proximal_mu,
-        seed=seed,
-        step_offset=step_offset,
-    )
+    @classmethod
+    def from_config(
+        cls, config: FedrankConfig, *, proximal_mu: float = 0.0, seed: int, step_offset: int = 0
+    ) -> TrainSettings:
+        """A round's training from the run's configuration (validated there): the
+        ``local-*``, ``min-local-steps`` and optimiser keys; the device adds its caps."""
+        return cls(
+            epochs=config.local_epochs,
+            min_steps=config.min_local_steps,
+            steps=config.local_steps,
+            learning_rate=config.learning_rate,
+            optimizer=config.optimizer,
+            weight_decay=config.weight_decay,
+            batch_size=config.batch_size,
+            proximal_mu=proximal_mu,
+            seed=seed,
+            step_offset=step_offset,
+        )
 
 
 def planned_steps(settings: TrainSettings, num_sets: int, capped: bool = True) -> int:

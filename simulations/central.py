@@ -13,7 +13,7 @@ labels (the "central student, all labels" reference: every client's labels poole
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -72,13 +72,9 @@ def train_central_student(
         mask = label_availability(train.num_sets, cfg.label_fraction, seed=cfg.seed)
     model = build_student(cfg, dataset)
     epochs = cfg.num_server_rounds * max(cfg.local_epochs, 1)
-    settings = TrainSettings(
-        epochs=epochs,
-        learning_rate=cfg.learning_rate,
-        optimizer=cfg.optimizer,
-        weight_decay=cfg.weight_decay,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
+    # the federation's optimiser settings, for whole epochs (no step floor or fixed count)
+    settings = replace(
+        TrainSettings.from_config(cfg, seed=cfg.seed), epochs=epochs, min_steps=0, steps=0
     )
     train_student(model, train, loss, settings, teacher=scores.get("train"), label_mask=mask)
     metrics = evaluate_model(model, sets, teacher=scores.get("eval"))

@@ -13,7 +13,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from support import MQ2008_FOLD1
 
-from fedrank.client.export import export_student, load_exported
+from fedrank.client.export import export_student
+from fedrank.client.student_files import load_exported
 from fedrank.client.trainer import TrainSettings, train_student
 from fedrank.common.config import FedrankConfig
 from fedrank.common.datasets import load_dataset
