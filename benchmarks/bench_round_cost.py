@@ -35,7 +35,7 @@ import torch
 
 from fedrank.client.client_app import app as client_app
 from fedrank.client.local_data import load_local_data
-from fedrank.client.trainer import planned_steps, settings_from_config, train_student
+from fedrank.client.trainer import TrainSettings, planned_steps, train_student
 from fedrank.common.config import FedrankConfig
 from fedrank.common.datasets import load_dataset
 from fedrank.server.server_app import make_server_app
@@ -63,7 +63,9 @@ def plain_loop(cfg: FedrankConfig, clients: int, rounds: int, cache: Path) -> li
         weight = 0
         for i, local in enumerate(locals_):
             model = copy.deepcopy(student)
-            run = settings_from_config(cfg, proximal_mu=0.0, seed=cfg.seed * 1_000_003 + rnd + i)
+            run = TrainSettings.from_config(
+                cfg, proximal_mu=0.0, seed=cfg.seed * 1_000_003 + rnd + i
+            )
             run = dataclasses.replace(
                 run, step_offset=(rnd - 1) * planned_steps(run, local.train.num_sets)
             )
