@@ -18,11 +18,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
     "teacher": ("server.teacher_cli", "main", "train or import a teacher; write its score table"),
     "simulate": ("simulations.simulate", "main", "run a federated simulation and compare students"),
     "export": ("client.export", "export_main", "export the global student (safetensors or onnx)"),
-    "score": ("client.export", "score_main", "rank the items of each set with an exported student"),
+    "score": ("client.score_cli", "score_main", "rank each set's items with an exported student"),
     "sweep": ("simulations.sweep", "main", "sweep loss weights over a scenario"),
     "report": ("simulations.report", "main", "tables and plots from finished runs"),
     "certs": ("server.certs", "main", "make a local CA, SuperLink certificate and SuperNode keys"),
     "gateway": ("server.fleet_gateway", "main", "serve only the Fleet API on the network"),
+    "fleet": ("server.fleet", "main", "a local fleet: `fedrank fleet up|status|down`"),
 }
 
 

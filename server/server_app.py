@@ -50,7 +50,7 @@ from server.score_distribution import ScoreDistributor
 from server.strategy import build_strategy, load_strategy_state, strategy_state
 from server.student_setup import build_student
 from server.teacher_scoring import evaluate_scores
-from server.teachers import run_teacher, teacher_parameters
+from server.teachers import run_teacher, teacher_cache_dir, teacher_parameters
 from server.update_validation import NotEnoughReplies, Rejection, not_enough
 
 __all__ = ["app", "make_server_app", "run_server", "STUDENT_DIR"]
@@ -152,7 +152,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
     data_spec = _resolve_path(cfg.data_path)
     dataset = load_dataset(data_spec, seed=cfg.seed)
     splits = dataset.splits
-    cache_dir = cfg.teacher_cache_dir or str(Path(cfg.out_dir) / "teacher")
+    cache_dir = teacher_cache_dir(cfg)
     t0 = time.perf_counter()
     # the teacher of `teacher-kind`; its metrics come from its scores (any kind, no model)
     bundle = run_teacher(cfg, dataset, cache_dir)

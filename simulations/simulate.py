@@ -210,14 +210,14 @@ def central_reference(config: Mapping[str, Any]) -> dict[str, Any]:
     the run's evaluation split with the teacher's scores (from the run's teacher cache)."""
     from common.datasets import load_dataset
     from server.teacher import train_or_load_teacher
+    from server.teachers import teacher_cache_dir
     from simulations.central import train_central_student
 
     cfg = FedrankConfig.from_run_config(
         {**dict(config), **LABELS_ONLY, "label-fraction": 1.0, "out-dir": "unused"}
     )
     dataset = load_dataset(cfg.data_path, seed=cfg.seed)
-    cache = cfg.teacher_cache_dir or os.fspath(Path(str(config["out-dir"])) / "teacher")
-    _, table = train_or_load_teacher(dataset, cfg.teacher_config(), cache)
+    _, table = train_or_load_teacher(dataset, cfg.teacher_config(), teacher_cache_dir(cfg))
     scores = {"eval": table.align(dataset.splits[cfg.eval_split])}
     result = train_central_student(
         cfg.to_dict(), labels="all", teacher_scores=scores, dataset=dataset
@@ -245,7 +245,6 @@ def compare(
 
     out = Path(out_dir)
     base = dict(config)
-    base.setdefault("teacher-cache-dir", os.fspath(out / "teacher"))
     runs = {
         "labels-only": {**base, **LABELS_ONLY, "out-dir": os.fspath(out / "labels-only")},
         "distill": {**base, **DISTILL, "out-dir": os.fspath(out / "distill")},

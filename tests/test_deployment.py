@@ -2,14 +2,14 @@
 SuperNode authentication on, driven with the real ``flower-superlink``, ``flower-supernode`` and
 ``flwr`` commands against this repository's ServerApp and ClientApp.
 
-The fleet runs the hardened commands the docs print (``server.deploy_commands``): a local CA, a
-SuperLink certificate and four ECDSA node keys from ``server.certs``; the SuperLink with TLS and
-``--enable-supernode-auth`` on a free loopback port; ``fedrank gateway`` serving only its Fleet
-API on another port (the "network address"); two registered SuperNodes dialling the gateway
-(``flwr supernode register``), each with its own LETOR file of MQ2008 sets (``--node-config
-data-path=...``); one SuperNode with an unregistered key and one without TLS, both of which
-must be refused. Every process is stopped by PID when the module ends, also when a test fails,
-and the teardown checks that none is left.
+The fleet is started the way users start one, with ``fedrank fleet up`` (which runs the
+hardened commands the docs print, ``server.deploy_commands``): a local CA, a SuperLink
+certificate and ECDSA node keys; the SuperLink with TLS and ``--enable-supernode-auth`` on a
+free loopback port; ``fedrank gateway`` serving only its Fleet API on another port (the
+"network address"); two registered SuperNodes dialling the gateway, each with its own LETOR
+file of MQ2008 training sets. The tests add a SuperNode with an unregistered key and one
+without TLS, both of which must be refused. ``fedrank fleet down`` stops the fleet when the
+module ends, also when a test fails, and the teardown checks that no process is left.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 import pytest
 from deploy_helpers import (
+    BIN,
     HOST,
     REPO,
     Deployment,
@@ -35,20 +36,25 @@ from deploy_helpers import (
     deployment,
     flwr_cli,
     flwr_env,
+    free_port,
     processes_with_env,
     wait_until,
     write_connection,
 )
 
+from common.letor import read_letor
 from server.certs import make_all
+from server.processes import ProcessRecord, is_ours, stop
 
 pytestmark = pytest.mark.slow
 
 MQ2008_FOLD = REPO / ".." / "shared" / "data" / "MQ2008" / "Fold1"
 SETS_PER_DEVICE = 40
 RUN_TIMEOUT = 400.0  # seconds for one federated run (a busy 2-core machine is slow)
+# docs/deployment.md, "Real, separate machines": each device makes its own key pair
+DEVICE_KEYGEN = 'ssh-keygen -t ecdsa -b 384 -N "" -C node-1 -f certs/node-1'
 
-# a small, quick federation; the teacher is cached between the module's runs
+# a small, quick federation; the teacher comes from the shared teacher cache after the first run
 BASE_CONFIG = {
     "num-server-rounds": 2,
     "teacher-epochs": 1,
@@ -79,28 +85,9 @@ class Fleet:
         return {
             **BASE_CONFIG,
             "data-path": str(MQ2008_FOLD.resolve()),
-            "teacher-cache-dir": str(self.work / "teacher-cache"),
             "out-dir": str(self.work / "runs" / name),
             **overrides,
         }
-
-
-def _device_files(work: Path, count: int) -> tuple[list[Path], list[list[str]]]:
-    """Disjoint LETOR files of MQ2008 Fold1 training sets, one per device."""
-    groups: dict[str, list[str]] = {}
-    with gzip.open(MQ2008_FOLD / "train.txt.gz", "rt") as fh:
-        for line in fh:
-            groups.setdefault(line.split()[1][len("qid:") :], []).append(line)
-    qids = list(groups)
-    files, sets = [], []
-    for i in range(count):
-        mine = qids[i::count][:SETS_PER_DEVICE]
-        path = work / f"device-{i + 1}" / "letor.txt"
-        path.parent.mkdir(parents=True)
-        path.write_text("".join("".join(groups[q]) for q in mine))
-        files.append(path)
-        sets.append(mine)
-    return files, sets
 
 
 def _wait_for_run_output(out_dir: Path, run_id: int, dep: Deployment, timeout: float) -> dict:
@@ -140,48 +127,103 @@ def _rows(out_dir: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+@dataclass
+class FleetProcess:
+    """A process ``fedrank fleet up`` started, seen through the Proc interface the tests use."""
+
+    record: ProcessRecord
+
+    def log(self) -> str:
+        return Path(self.record.log).read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return is_ours(self.record)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        stop(self.record, timeout)
+
+
+def _fedrank(
+    args: list[str], env: dict[str, str], cwd: Path, check: bool = True
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [str(BIN / "fedrank"), *args],
+        env=env,
+        cwd=str(cwd),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    if check:
+        assert proc.returncode == 0, f"fedrank {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
     work = tmp_path_factory.mktemp("deploy")
-    certs = make_all(work / "certs", nodes=4)
-    files, sets = _device_files(work, 2)
-    with deployment(work, work / "certs", auth=True) as dep:
-        dep.start_superlink()
-        node_ids = [dep.register(pub) for pub in certs.node_public_keys[:2]]
-        for i in range(2):
-            dep.start_supernode(
-                f"node{i + 1}",
-                certs.node_private_keys[i],
-                node_config=f'data-path="{files[i]}" threads=1',
-            )
+    fleet_dir = work / "fleet"
+    with deployment(work, fleet_dir / "certs", auth=True) as dep:
+        dep.connection = "fedrank-test"
+        dep.port, dep.gateway_port = free_port(), free_port()
+        node_port = free_port()
+        up = _fedrank(
+            [
+                "fleet", "up", "--nodes", "2", "--data", str(MQ2008_FOLD.resolve()),
+                "--sets-per-node", str(SETS_PER_DEVICE), "--dir", str(fleet_dir),
+                "--superlink-port", str(dep.port), "--gateway-port", str(dep.gateway_port),
+                "--node-port", str(node_port), "--connection", dep.connection,
+            ],
+            dep.env,
+            work,
+        )  # fmt: skip
+        assert "2 SuperNodes online" in up.stdout, up.stdout
+        state = json.loads((fleet_dir / "fleet.json").read_text())
+        started = {r["name"]: FleetProcess(ProcessRecord.from_dict(r)) for r in state["processes"]}
+        dep.superlink, dep.gateway = started["superlink"], started["gateway"]
+        dep.supernodes.update({"node1": started["node-1"], "node2": started["node-2"]})
+        # one more key, never registered; and a device's own key pair made on the device with
+        # the command docs/deployment.md gives (for the trusted-entities node)
+        certs = make_all(fleet_dir / "certs", nodes=3)
+        device = work / "device"
+        (device / "certs").mkdir(parents=True)
+        subprocess.run(DEVICE_KEYGEN, shell=True, cwd=device, check=True, capture_output=True)
+        certs.node_private_keys.append(device / "certs" / "node-1")
+        certs.node_public_keys.append(device / "certs" / "node-1.pub")
+        files = [Path(n["data"]) for n in state["nodes"]]
+        sets = [list(read_letor(f).set_ids) for f in files]
         # a key the SuperLink does not know, and a node that does not speak TLS
         intruder = dep.start_supernode("unregistered", certs.node_private_keys[2], max_wait_time=8)
         plain = dep.start_supernode("insecure", None, insecure=True, max_wait_time=8)
-        wait_until(
-            lambda: sum(n["status"] == "online" for n in dep.nodes()) >= 2,
-            120,
-            interval=2.0,
-            what="two SuperNodes online",
-        )
-        homes = [dep.flwr_home] + [work / f"home-{n}" for n in dep.supernodes]
-        yield Fleet(
-            dep,
-            work,
-            node_ids,
-            files,
-            sets,
-            list(certs.node_private_keys),
-            list(certs.node_public_keys),
-            intruder,
-            plain,
-        )
-    # every process this module started is gone
+        try:
+            yield Fleet(
+                dep,
+                work,
+                [int(n["node_id"]) for n in state["nodes"]],
+                files,
+                sets,
+                list(certs.node_private_keys),
+                list(certs.node_public_keys),
+                intruder,
+                plain,
+            )
+        finally:
+            down = _fedrank(["fleet", "down", "--dir", str(fleet_dir)], dep.env, work)
+            assert "superlink: pid" in down.stdout and "fleet down" in down.stdout, down.stdout
+            assert not (fleet_dir / "fleet.json").exists()
+            assert not list((fleet_dir / "pids").glob("*.pid"))
+            homes = [dep.flwr_home, *(fleet_dir / "nodes").glob("node-*/flwr-home")]
+            homes += [work / f"home-{n}" for n in dep.supernodes]
+    # every process this module started, the fleet's and the tests' own, is gone
     left = {str(h): processes_with_env("FLWR_HOME", str(h)) for h in homes}
     assert not any(left.values()), f"processes left running: {left}"
 
 
 def test_registered_nodes_train_two_rounds_over_tls(fleet: Fleet):
     dep = fleet.dep
+    status = _fedrank(["fleet", "status", "--dir", "fleet"], dep.env, fleet.work)
+    assert status.stdout.count(" alive ") == 4, status.stdout  # link, gateway, two nodes
     out = fleet.work / "runs" / "two-rounds"
     run_id = dep.run(REPO, fleet.config("two-rounds"))
     info = _wait_for_run_output(out, run_id, dep, RUN_TIMEOUT)
@@ -254,7 +296,7 @@ def test_control_api_is_not_on_the_network_address(fleet: Fleet):
     Fleet API, through which both nodes joined, and nothing else."""
     dep = fleet.dep
     assert _listening_hosts(dep.port) == {"127.0.0.1"}
-    ca = fleet.work / "certs" / "ca.crt"
+    ca = fleet.work / "fleet" / "certs" / "ca.crt"
     context = ssl.create_default_context(cafile=str(ca))
     for path in ("/v1/control/list-runs", "/v1/control/start-run", "/docs"):
         reply = httpx.post(f"https://{dep.fleet_address}{path}", verify=context, content=b"")
@@ -305,6 +347,12 @@ def test_supernode_restart_rejoins_and_gets_its_scores(fleet: Fleet):
     old = dep.supernodes["node2"]
     old.stop(timeout=10)
     assert not old.alive()
+    # `fedrank fleet status` shows the stopped node (and fails), the others alive
+    status = _fedrank(["fleet", "status", "--dir", "fleet"], dep.env, fleet.work, check=False)
+    assert status.returncode == 1, status.stdout
+    lines = {line.split()[0]: line for line in status.stdout.splitlines() if "pid" in line}
+    assert "STOPPED" in lines["node-2"] and str(old.record.pid) in lines["node-2"]
+    assert all("alive" in lines[n] for n in ("superlink", "gateway", "node-1")), lines
     restarted = dep.start_supernode(
         "node2",
         fleet.keys[1],
@@ -323,6 +371,10 @@ def test_supernode_restart_rejoins_and_gets_its_scores(fleet: Fleet):
         d for d in summary["federation"]["score_deliveries"] if d["node_id"] == node2
     ]
     assert node2_deliveries, "node2 never received teacher scores"
+    # a new out-dir, the same data and teacher settings: the teacher from the shared cache
+    cache = Path(os.environ["FEDRANK_CACHE_DIR"]) / "teachers"
+    assert summary["teacher"]["cached"] is True
+    assert Path(summary["teacher"]["path"]).parent == cache
 
 
 def test_trusted_entities_refuse_an_app_built_here(fleet: Fleet):
