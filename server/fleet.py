@@ -102,6 +102,12 @@ class FleetPlan:
         for option, port in ports.items():
             if not 1024 <= port <= 65535 - (self.nodes if option == "--node-port" else 0):
                 raise ConfigError(f"{option} must be a port in 1024..65535, got {port}")
+        used = list(self.ports().values())
+        if len(set(used)) != len(used):
+            raise ConfigError(
+                "--superlink-port, --gateway-port and the node ports (--node-port and the "
+                f"{self.nodes - 1} after it) must all differ"
+            )
         if "data-path" in self.node_config:
             raise ConfigError("--node-config: 'data-path' is set by the fleet (each node's slice)")
 
@@ -129,7 +135,10 @@ def _load_state(folder: Path) -> dict[str, Any] | None:
         state = json.loads(path.read_text(encoding="utf-8"))
         state["processes"] = [ProcessRecord.from_dict(p) for p in state["processes"]]
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"{path} is damaged ({type(err).__name__}: {err})") from None
+        raise ConfigError(
+            f"{path} is damaged ({type(err).__name__}: {err}); check the processes of the PIDs "
+            f"in {folder / 'pids'} by hand, then remove {path}"
+        ) from None
     return state
 
 

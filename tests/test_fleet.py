@@ -167,6 +167,7 @@ def test_up_names_a_port_in_use_and_starts_nothing(tmp_path: Path, capsys) -> No
         (["--nodes", "2", "--gateway-port", "80"], "--gateway-port must be a port in 1024..65535"),
         (["--nodes", "2", "--node-config", 'data-path="x"'], "'data-path' is set by the fleet"),
         (["--nodes", "2", "--sets-per-node", "-1"], "--sets-per-node must be >= 0"),
+        (["--nodes", "3", "--node-port", "9091"], "must all differ"),
     ],
 )
 def test_up_option_errors_are_one_line(tmp_path: Path, capsys, args, message) -> None:
