@@ -178,6 +178,13 @@ class DeviceSettings:
         max_items = int(sets.sizes.max()) if sets is not None and sets.num_sets else 0
         features = int(sets.num_features) if sets is not None else 0
         changes["batch_size"] = self.batch_size_for(settings.batch_size, max_items, features)
+        if self.max_epochs and sets is not None and sets.num_sets:
+            # the epoch cap is a step cap too: neither the server's `local-steps` nor its
+            # `min-local-steps` floor may take a device past `max-epochs` passes
+            per_epoch = -(-int(sets.num_sets) // changes["batch_size"])
+            changes["max_steps"] = self.steps(
+                min(c for c in (changes["max_steps"], self.max_epochs * per_epoch) if c > 0)
+            )
         fields = {f.name for f in dataclasses.fields(settings)}
         if "max_seconds" in fields:
             current = float(getattr(settings, "max_seconds", 0.0) or 0.0)
