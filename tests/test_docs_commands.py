@@ -29,11 +29,11 @@ BIN = Path(sys.executable).parent
 
 # command family (regex on the first line of a command) -> what runs it
 RUN_BY = {
-    r"python3 -m venv \.device$": "test_readme_fleet (README device block)",
-    r"\.device/bin/pip install ": "test_readme_fleet (README device block)",
+    r"python3 -m venv \.device$": "test_deployment (README device block)",
+    r"\.device/bin/pip install ": "test_deployment (README device block)",
     r"export FLWR_": "every deployment test's environment",
-    r"fedrank fleet (up|status|down)\b": "test_readme_fleet, test_deployment",
-    r"flwr run \. fedrank --stream ": "test_readme_fleet",
+    r"fedrank fleet (up|status|down)\b": "test_deployment (README blocks)",
+    r"flwr run \. fedrank --stream ": "test_deployment (README server block)",
     r"fedrank certs --out certs ": "this module",
     r"fedrank fleet connection fedrank ": "this module; fedrank fleet up",
     r"flower-superlink \\$": "fedrank fleet up (server.deploy_commands; test_certs: as printed)",
@@ -42,8 +42,8 @@ RUN_BY = {
     r"flwr supernode (register|list) ": "fedrank fleet up, test_deployment",
     r"flwr (ls|log|stop) ": "test_deployment",
     r"flwr run \. fedrank --run-config ": "test_deployment",
-    r"fedrank export --run ": "test_readme_fleet",
-    r"fedrank score --model ": "test_readme_fleet, test_export",
+    r"fedrank export --run ": "test_deployment (README server block)",
+    r"fedrank score --model ": "test_deployment (README device block), test_export",
     r"ssh-keygen -t ecdsa -b 384 ": "test_deployment (DEVICE_KEYGEN)",
     r"flower-superlink --insecure ": "test_deployment_node_loss",
     r"flower-supernode --insecure ": "test_deployment_node_loss",

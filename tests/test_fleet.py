@@ -1,9 +1,9 @@
 """`fedrank fleet`: its errors, its PID bookkeeping and its process stopping, with real processes.
 
-A real fleet (SuperLink, gateway, SuperNodes) runs in ``test_deployment.py`` and
-``test_readme_fleet.py``; here the fleet's state holds ordinary processes this test starts
-(``sleep``, a shell with a child), which is enough to check that ``status`` and ``down`` act
-on exactly the recorded processes and that a stale PID file never stops a stranger.
+A real fleet (SuperLink, gateway, SuperNodes) runs in ``test_deployment.py``; here the
+fleet's state holds ordinary processes this test starts (``sleep``, a shell with a child),
+which is enough to check that ``status`` and ``down`` act on exactly the recorded processes
+and that a stale PID file never stops a stranger.
 """
 
 from __future__ import annotations
