@@ -8,13 +8,18 @@ boolean ``mask`` (True for real items); padding content is always zero and never
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from fedrank.common.errors import DataFormatError, FedrankError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -215,16 +220,11 @@ class ExampleSets:
         )
 
     # ---- padding and batching ----------------------------------------------------------
-    def pad(
-        self,
-        positions: Sequence[int] | np.ndarray | None = None,
-        extra: Mapping[str, np.ndarray] | None = None,
-    ) -> PaddedBatch:
-        """Pad the sets at ``positions`` (default: all) to ``[B, N_max]`` with a boolean mask.
-
-        ``extra`` maps names to flat per-item arrays (e.g. aligned teacher scores, true
-        relevance); each is padded like the labels and returned in ``PaddedBatch.extra``.
-        """
+    def _padding(
+        self, positions: Sequence[int] | np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions as int64, mask ``[B, N_max]``, flat item index ``[B, N_max]``, 0 where
+        the mask is False) for the sets at ``positions`` (default: all)."""
         positions = (
             np.arange(self.num_sets, dtype=np.int64)
             if positions is None
@@ -236,6 +236,31 @@ class ExampleSets:
         cols = np.arange(n_max, dtype=np.int64)
         mask = cols[None, :] < sizes[:, None]
         index = np.where(mask, starts[:, None] + cols[None, :], 0)
+        return positions, mask, index
+
+    def pad_features(
+        self, positions: Sequence[int] | np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Features ``[B, N_max, F]`` float32 (zero where padded) and the boolean mask
+        ``[B, N_max]`` of the sets at ``positions``, as numpy arrays: what a runtime without
+        torch (ONNX Runtime) scores."""
+        _, mask, index = self._padding(positions)
+        features = self.features[index]
+        features[~mask] = 0
+        return np.ascontiguousarray(features, dtype=np.float32), mask
+
+    def pad(
+        self,
+        positions: Sequence[int] | np.ndarray | None = None,
+        extra: Mapping[str, np.ndarray] | None = None,
+    ) -> PaddedBatch:
+        """Pad the sets at ``positions`` (default: all) to ``[B, N_max]`` with a boolean mask.
+
+        ``extra`` maps names to flat per-item arrays (e.g. aligned teacher scores, true
+        relevance); each is padded like the labels and returned in ``PaddedBatch.extra``.
+        """
+        positions, mask, index = self._padding(positions)
+        torch = _torch()
 
         def padded(values: np.ndarray) -> torch.Tensor:
             out = values[index]
@@ -308,3 +333,9 @@ class ExampleSets:
             sizes = self.sizes[positions]
             total += int(sizes.max()) * sizes.size
         return total / max(self.num_items, 1)
+
+
+def _torch() -> ModuleType:
+    """torch, imported when a batch is first padded as tensors: reading, ranking and scoring
+    data with an ONNX student (``fedrank score``) never load it (hundreds of MB on a device)."""
+    return importlib.import_module("torch")

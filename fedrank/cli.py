@@ -34,9 +34,9 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "export the global student (safetensors or onnx)",
     ),
     "score": (
-        "fedrank.client.export",
+        "fedrank.client.score_cli",
         "score_main",
-        "rank the items of each set with an exported student",
+        "rank each set's items with an exported student",
     ),
     "sweep": ("fedrank.simulations.sweep", "main", "sweep loss weights over a scenario"),
     "report": ("fedrank.simulations.report", "main", "tables and plots from finished runs"),
@@ -46,6 +46,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
         "make a local CA, SuperLink certificate and SuperNode keys",
     ),
     "gateway": ("fedrank.server.fleet_gateway", "main", "serve only the Fleet API on the network"),
+    "fleet": ("fedrank.server.fleet", "main", "a local fleet: `fedrank fleet up|status|down`"),
 }
 
 

@@ -55,7 +55,7 @@ from fedrank.server.strategy import (
     strategy_state,
 )
 from fedrank.server.student_setup import build_student
-from fedrank.server.teachers import run_teacher, teacher_parameters
+from fedrank.server.teachers import run_teacher, teacher_cache_dir, teacher_parameters
 from fedrank.server.update_validation import NotEnoughReplies, Rejection, not_enough
 
 __all__ = ["Federation", "RoundReport"]
@@ -190,7 +190,7 @@ class Federation:
         cfg = self.cfg
         self.data_spec = _resolve_path(cfg.data_path)
         self.dataset = load_dataset(self.data_spec, seed=cfg.seed)
-        cache_dir = cfg.teacher_cache_dir or str(Path(cfg.out_dir) / "teacher")
+        cache_dir = teacher_cache_dir(cfg)
         t0 = time.perf_counter()
         # the teacher of `teacher-kind`; its metrics come from its scores (any kind, no model)
         self.teacher = run_teacher(cfg, self.dataset, cache_dir)

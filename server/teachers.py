@@ -20,6 +20,7 @@ from typing import Any
 
 from fedrank.common.config import FedrankConfig
 from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError, ScoreTableError
+from fedrank.common.letor import user_cache_dir
 from fedrank.common.models import count_parameters
 from fedrank.common.score_table import META_FILE, ScoreTable
 from fedrank.server.imported_scores import detect_format, import_score_table
@@ -32,9 +33,19 @@ from fedrank.server.teacher import (
 )
 from fedrank.server.teacher_scoring import table_path
 
-__all__ = ["load_imported_table", "run_teacher", "teacher_parameters"]
+__all__ = ["load_imported_table", "run_teacher", "teacher_cache_dir", "teacher_parameters"]
 
 log = logging.getLogger("fedrank.teacher")
+
+
+def teacher_cache_dir(cfg: FedrankConfig) -> Path:
+    """Where the run's teacher is cached: ``teacher-cache-dir`` when set, else the folder every
+    run of this user shares, ``$FEDRANK_CACHE_DIR/teachers`` (default
+    ``~/.cache/fedrank/teachers``). Entries are keyed by the data and the teacher settings, so
+    a run with a new ``out-dir`` reuses the teacher an earlier run trained."""
+    if cfg.teacher_cache_dir:
+        return Path(cfg.teacher_cache_dir).expanduser()
+    return user_cache_dir() / "teachers"
 
 
 def run_teacher(

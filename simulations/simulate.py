@@ -44,6 +44,7 @@ from fedrank.common.run_folder import RunFolder, read_metrics
 from fedrank.server.client_weights import make_policy
 from fedrank.server.server_app import make_server_app
 from fedrank.server.teacher import TeacherConfig, train_or_load_teacher
+from fedrank.server.teachers import teacher_cache_dir
 from fedrank.simulations.central import train_central_student
 from fedrank.simulations.report import plot_comparison
 from fedrank.simulations.runtime import RayOptions, add_ray_arguments, ray_options, start_simulation
@@ -191,8 +192,9 @@ def central_reference(config: Mapping[str, Any]) -> dict[str, Any]:
         {**dict(config), **LABELS_ONLY, "label-fraction": 1.0, "out-dir": "unused"}
     )
     dataset = load_dataset(cfg.data_path, seed=cfg.seed)
-    cache = cfg.teacher_cache_dir or os.fspath(Path(str(config["out-dir"])) / "teacher")
-    _, table = train_or_load_teacher(dataset, TeacherConfig.from_config(cfg), cache)
+    _, table = train_or_load_teacher(
+        dataset, TeacherConfig.from_config(cfg), teacher_cache_dir(cfg)
+    )
     scores = {"eval": table.align(dataset.splits[cfg.eval_split])}
     result = train_central_student(
         cfg.to_dict(), labels="all", teacher_scores=scores, dataset=dataset
@@ -218,7 +220,6 @@ def compare(
 
     out = Path(out_dir)
     base = dict(config)
-    base.setdefault("teacher-cache-dir", os.fspath(out / "teacher"))
     runs = {
         "labels-only": {**base, **LABELS_ONLY, "out-dir": os.fspath(out / "labels-only")},
         "distill": {**base, **DISTILL, "out-dir": os.fspath(out / "distill")},

@@ -434,10 +434,16 @@ class Deployment:
         insecure: bool = False,
         max_wait_time: float | None = None,
         extra_args: Sequence[str] = (),
+        root_certificates: bool = True,
     ) -> Proc:
         home = self.procs.workdir / f"home-{name}"
         home.mkdir(parents=True, exist_ok=True)
-        if self.certs is not None and private_key is not None and not insecure:
+        if (
+            self.certs is not None
+            and private_key is not None
+            and not insecure
+            and root_certificates
+        ):
             args = _local_program(
                 supernode_command(
                     str(private_key),
@@ -449,7 +455,7 @@ class Deployment:
             )
             if not node_config:
                 args = args[:-2]
-        else:  # the refused variants: no key, or no TLS
+        else:  # the refused variants: no key, no TLS, or TLS without the CA certificate
             args = [
                 str(BIN / "flower-supernode"),
                 "--superlink",
@@ -459,7 +465,7 @@ class Deployment:
             ]
             if insecure or self.certs is None:
                 args.append("--insecure")
-            else:
+            elif root_certificates:
                 args += ["--root-certificates", str(self.certs / "ca.crt")]
             if private_key is not None:
                 args += ["--auth-supernode-private-key", str(private_key)]
@@ -525,9 +531,12 @@ def _toml_value(value: Any) -> str:
 
 
 @contextlib.contextmanager
-def deployment(workdir: Path, certs: Path | None, auth: bool = True) -> Iterator[Deployment]:
-    """A :class:`Deployment` whose processes are all stopped on exit, also on failure."""
-    flwr_home = workdir / "flwr-home"
+def deployment(
+    workdir: Path, certs: Path | None, auth: bool = True, flwr_home: Path | None = None
+) -> Iterator[Deployment]:
+    """A :class:`Deployment` whose processes are all stopped on exit, also on failure
+    (``flwr_home``: the ``flwr`` CLI's FLWR_HOME, by default ``workdir/flwr-home``)."""
+    flwr_home = flwr_home or workdir / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
     procs = Processes(workdir, flwr_env(flwr_home))
     dep = Deployment(procs, flwr_home, certs, auth)
