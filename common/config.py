@@ -140,6 +140,7 @@ class FedrankConfig:
     min_available_nodes: int = 2
     min_replies: int = 1
     round_timeout: float = 600.0
+    per_node_log: bool = True
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.05

@@ -35,6 +35,7 @@ from fedrank.common.config import FedrankConfig
 from fedrank.common.datasets import load_dataset
 from fedrank.common.evaluation import evaluate_scores
 from fedrank.common.models import count_parameters
+from fedrank.common.per_node import node_round_line, per_node_summary
 from fedrank.common.records import load_arrays, model_to_arrays, record_nbytes, restore_transform
 from fedrank.common.run_folder import RunFolder
 from fedrank.common.student_folder import save_student
@@ -130,6 +131,10 @@ class RoundReport:
             if self.evaluation.metrics is not None:
                 row["client_eval"] = {k: float(v) for k, v in self.evaluation.metrics.items()}
                 row["clients_evaluated"] = list(self.evaluation.evaluated)
+            row["clients_evaluate"] = [
+                {k: _json_number(v) for k, v in r.items() if isinstance(v, (int, float, str))}
+                for r in self.evaluation.clients
+            ]
             if self.evaluation.rejected:
                 row["rejected_evaluate"] = [r.to_dict() for r in self.evaluation.rejected]
         return row
@@ -381,6 +386,25 @@ class Federation:
             report.seconds,
             f"  dp epsilon {row['dp_epsilon']:.3g}" if "dp_epsilon" in row else "",
         )
+        self._log_nodes(row)
+
+    def _log_nodes(self, row: Mapping[str, Any]) -> None:
+        """One line per node that took part in the round (``per-node-log`` off: none)."""
+        if not self.cfg.per_node_log:
+            return
+        train = {int(r["node"]): r for r in row.get("clients_train", ())}
+        evaluation = {int(r["node"]): r for r in row.get("clients_evaluate", ())}
+        problems: dict[int, list[Mapping[str, Any]]] = {}
+        for p in [*row.get("rejected", ()), *row.get("rejected_evaluate", ())]:
+            problems.setdefault(int(p["node"]), []).append(p)
+        for node in sorted(set(train) | set(evaluation) | set(problems)):
+            log.info(
+                "round %d: %s",
+                row["round"],
+                node_round_line(
+                    node, train.get(node), evaluation.get(node), problems.get(node, ())
+                ),
+            )
 
     # ---- the end ------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
@@ -429,6 +453,7 @@ class Federation:
                 "eval_split": cfg.eval_split,
             },
             "federation": self._federation_summary(final),
+            "per_node": per_node_summary(history),
             "config": cfg.to_dict(),
             "seconds": time.perf_counter() - self.start,
         }

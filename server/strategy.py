@@ -170,6 +170,7 @@ class EvaluationResult:
     metrics: dict[str, float] | None  # None: no usable reply
     evaluated: list[int]  # nodes whose reply was used
     rejected: list[Rejection]
+    clients: list[dict[str, Any]] = field(default_factory=list)  # per usable reply: node, metrics
 
 
 def _fingerprint(msg: Message) -> str:
@@ -452,17 +453,19 @@ class FedrankStrategyMixin(RoundEntryPoints):
         )
         self._after_failures(screened.rejected)
         evaluated = sorted(screened.node(m) for m in screened.valid)
-        rows, weights = [], []
+        rows, weights, clients = [], [], []
         for msg in screened.valid:
             metrics = dict(msg.content["metrics"])
             cap = self._node_cap(screened.node(msg), "evaluate")
             claimed = float(metrics["num_examples"])
             weights.append(min(claimed, float(cap)) if cap else claimed)
             rows.append(metrics)
+            clients.append({"node": screened.node(msg), **metrics})
         averaged = None
         if any(w > 0 for w in weights):
             averaged = weighted_metrics(rows, weights, "num_examples")
-        return EvaluationResult(averaged, evaluated, screened.rejected)
+        clients.sort(key=lambda c: c["node"])
+        return EvaluationResult(averaged, evaluated, screened.rejected, clients)
 
 
 class FedrankFedAvg(FedrankStrategyMixin, FedAvg):

@@ -12,7 +12,12 @@ above them (a sweep directory), finds every run below, and writes into ``--out``
   deviation over seeds per configuration;
 - ``ndcg_per_round.png``: NDCG@10 per round, one line per configuration (the teacher dashed);
 - ``ndcg_vs_log_loss.png``: final NDCG@10 against final log loss per run (ranking against
-  calibration; up and to the left is better).
+  calibration; up and to the left is better);
+- ``devices.csv`` / ``devices.md``: the per-device table, one row per run and node
+  (:mod:`fedrank.common.per_node`): rounds sampled, trained and set aside, the node's last
+  training loss, steps, sets, seconds and update norm, rounds its update was clipped, its
+  federated evaluation (NDCG@10, log loss on its own held-out sets), bytes sent to it and its
+  last problem. ``fedrank report`` prints it for a single run (``--devices`` for several).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 
 from fedrank.common.atomic_io import atomic_path, atomic_write_text
 from fedrank.common.errors import DataFormatError, FedrankError
+from fedrank.common.per_node import PER_NODE_COLUMNS, per_node_rows, per_node_summary
 from fedrank.common.run_folder import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -401,6 +407,15 @@ def plot_comparison(
     return target
 
 
+def device_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]]:
+    """The per-device table of ``runs``: one row per run and node, from each run's rounds."""
+    header = ["run", *PER_NODE_COLUMNS]
+    rows = [
+        [run.label, *row] for run in runs for row in per_node_rows(per_node_summary(run.rounds))
+    ]
+    return header, rows
+
+
 def write_report(runs: Sequence[Run], out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
     """Write the tables (and plots) for ``runs`` into ``out_dir``; returns the written paths."""
     if not runs:
@@ -417,6 +432,10 @@ def write_report(runs: Sequence[Run], out_dir: str | Path, plots: bool = True) -
         atomic_write_text(out / "groups.csv", to_csv(*grouped))
         atomic_write_text(out / "groups.md", to_markdown(*grouped))
         written.update(groups_csv=out / "groups.csv", groups_markdown=out / "groups.md")
+    devices = device_rows(runs)
+    atomic_write_text(out / "devices.csv", to_csv(*devices))
+    atomic_write_text(out / "devices.md", to_markdown(*devices))
+    written.update(devices_csv=out / "devices.csv", devices_markdown=out / "devices.md")
     if plots:
         plot_rounds(runs, out / "ndcg_per_round.png")
         plot_tradeoff(runs, out / "ndcg_vs_log_loss.png")
@@ -433,11 +452,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", help="run directories or directories above them")
     parser.add_argument("--out", help="where to write the report (default: the first DIR)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--devices", action="store_true", help="print the per-device table for several runs too"
+    )
     args = parser.parse_args(argv)
     runs = find_runs(args.dirs)
     written = write_report(runs, args.out or args.dirs[0], plots=not args.no_plots)
     header, rows = run_rows(runs)
     print(to_markdown(header, rows), end="")
+    if len(runs) == 1 or args.devices:
+        print("\nper device:")
+        print(to_markdown(*device_rows(runs)), end="")
     incomplete = sum(not r.complete for r in runs)
     note = f" ({incomplete} incomplete)" if incomplete else ""
     print(f"{len(runs)} run(s){note}; wrote " + ", ".join(str(p) for p in written.values()))

@@ -88,6 +88,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "log": log,
         **{
             name: {
+                "path": root / name,
                 "rows": _rows(root / name),
                 "summary": json.loads((root / name / "summary.json").read_text()),
             }
@@ -168,3 +169,51 @@ def test_the_run_log_names_each_failing_node(runs: dict) -> None:
     log = runs["log"]
     assert "InconsistentMessageReplies" not in log and "run stopped" not in log
     assert "is left out of the run" in log and "rejected (crash)" in log
+
+
+def test_each_device_is_visible_in_the_rows_the_summary_the_log_and_the_report(
+    runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Per-device results: each round's row has one evaluation entry per evaluating node (also
+    nodes that did not train that round), ``summary.json`` one entry per node with its counts,
+    last metrics and last problem, the log one line per node and round, and ``fedrank report``
+    the per-device table."""
+    rows, summary = runs["chaos"]["rows"], runs["chaos"]["summary"]
+    part = _partition(summary)
+    for row in rows[1:]:
+        per_node = {int(c["node"]): c for c in row["clients_evaluate"]}
+        assert sorted(per_node) == sorted(int(n) for n in row["clients_evaluated"])
+        assert all(0.0 <= c["ndcg@10"] <= 1.0 and c["num_examples"] > 0 for c in per_node.values())
+    devices = summary["per_node"]
+    trained = {int(c["node"]) for row in rows[1:] for c in row["clients_train"]}
+    assert trained <= {int(n) for n in devices}
+    for node in trained:
+        entry = devices[str(node)]
+        count = sum(any(int(c["node"]) == node for c in r["clients_train"]) for r in rows[1:])
+        assert entry["rounds_trained"] == count
+        assert entry["rounds_sampled"] >= entry["rounds_trained"]
+        assert entry["train"]["steps"] > 0
+    crashing = [n for n, k in part.items() if k == 2]
+    assert crashing and devices[str(crashing[0])]["last_problem"]["kind"] == "crash"
+    problems: dict[int, list[dict]] = {}
+    for row in rows[1:]:
+        for r in row["rejected"] + row.get("rejected_evaluate", []):
+            problems.setdefault(int(r["node"]), []).append(r)
+    for node, entry in devices.items():
+        mine = problems.get(int(node), [])
+        assert entry["rounds_rejected"] == len(mine)
+        assert (entry["last_problem"] is None) == (not mine)
+    # the log: one line per node that trained, per round
+    log = runs["log"]
+    for row in rows[1:]:
+        for c in row["clients_train"]:
+            assert f"round {row['round']}: node {int(c['node'])}: trained loss" in log
+    # fedrank report on the run folder prints and writes the per-device table
+    from fedrank.simulations.report import main as report_main
+
+    assert report_main([str(runs["chaos"]["path"]), "--out", str(tmp_path), "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert "per device:" in printed and "eval_ndcg@10" in printed
+    table = (tmp_path / "devices.csv").read_text().splitlines()
+    assert len(table) == 1 + len(devices)
+    assert all(str(n) in "\n".join(table) for n in trained)

@@ -279,7 +279,17 @@ def test_readme_fleet_trains_three_nodes_over_tls(fleet: Fleet):
     # `flwr ls` in the block showed the run finished; the CLI sees it and its log
     runs = flwr_json(["ls", dep.connection], dep.env)["runs"]
     assert [r["status"] for r in runs] == ["finished:completed"], runs
-    assert "round 3/3" in dep.run_log(int(runs[0]["run-id"]))
+    run_log = dep.run_log(int(runs[0]["run-id"]))
+    assert "round 3/3" in run_log
+    # per device: one log line per node and round, summary.json per node, the report's table
+    for node in fleet.node_ids:
+        assert f"round 3: node {node}: trained loss" in run_log
+        entry = summary["per_node"][str(node)]
+        assert entry["rounds_trained"] == 3 and entry["rounds_evaluated"] == 3
+        assert 0.0 <= entry["eval"]["ndcg@10"] <= 1.0
+    assert "per device:" in out
+    table = (run_dir / "devices.csv").read_text().splitlines()
+    assert len(table) == 4 and all(any(str(n) in r for r in table) for n in fleet.node_ids)
     nodes = {int(n["node-id"]): n["status"] for n in dep.nodes()}
     assert set(fleet.node_ids) <= set(nodes)
 

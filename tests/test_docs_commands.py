@@ -43,6 +43,7 @@ RUN_BY = {
     r"flwr (ls|log|stop) ": "test_deployment",
     r"flwr run \. fedrank --run-config ": "test_deployment",
     r"fedrank export --run ": "test_deployment (README server block)",
+    r"fedrank report runs/fleet": "test_deployment (README server block)",
     r"fedrank score --model ": "test_deployment (README device block), test_export",
     r"ssh-keygen -t ecdsa -b 384 ": "test_deployment (DEVICE_KEYGEN)",
     r"flower-superlink --insecure ": "test_deployment_node_loss",

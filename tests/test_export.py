@@ -15,7 +15,8 @@ import torch
 from support import MQ2008_FOLD1
 
 from fedrank.cli import main as fedrank
-from fedrank.client.export import export_student, rank_sets
+from fedrank.client.export import export_student
+from fedrank.client.score_cli import rank_sets
 from fedrank.client.student_files import EXPORT_FORMAT, load_exported
 from fedrank.common.errors import CheckpointError, ConfigError, DataFormatError
 from fedrank.common.evaluation import mean_ndcg

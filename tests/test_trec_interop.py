@@ -13,7 +13,7 @@ import torch
 from ir_measures import nDCG
 
 from fedrank.cli import main as fedrank
-from fedrank.client.export import rank_sets
+from fedrank.client.score_cli import rank_sets
 from fedrank.client.trainer import TrainSettings, train_student
 from fedrank.common.config import FedrankConfig
 from fedrank.common.datasets import load_dataset
