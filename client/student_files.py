@@ -420,7 +420,7 @@ def _tensors(model: Any) -> Iterator[Any]:
 
 
 def _external_tensors(model: Any) -> list[str]:
-    import onnx
+    import onnx  # optional (ONNX files only); the caller imported it already, with its message
 
     return [
         t.name or "<unnamed>"

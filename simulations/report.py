@@ -274,6 +274,7 @@ def _short_label(run: Run, keys: Sequence[str], limit: int = 60) -> str:
 
 
 def plot_rounds(runs: Sequence[Run], path: Path, metric: str = METRIC) -> None:
+    # matplotlib only when a plot is drawn: importing it costs about a second
     import matplotlib
 
     matplotlib.use("Agg")
@@ -313,6 +314,7 @@ def plot_rounds(runs: Sequence[Run], path: Path, metric: str = METRIC) -> None:
 def plot_tradeoff(
     runs: Sequence[Run], path: Path, metric: str = METRIC, calibration: str = CALIBRATION
 ) -> None:
+    # matplotlib only when a plot is drawn: importing it costs about a second
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,6 +354,7 @@ def plot_comparison(
     horizontal lines (e.g. the teacher and a central student). Each federation gets its own
     colour, marker and line style; the y range covers the curves and the references.
     """
+    # matplotlib only when a plot is drawn: importing it costs about a second
     import matplotlib
 
     matplotlib.use("Agg")

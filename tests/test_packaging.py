@@ -6,7 +6,7 @@
   and the ``fedrank`` command work and no generic ``common``/``server``/``client``/
   ``simulations`` package can be imported. The fresh environment gets the wheel only; its
   dependencies (torch, flwr, ...) are reached through a path file pointing at this
-  environment's site-packages, which cannot be installed here without the internet.
+  environment's site-packages (installing them again would need the internet).
 - The FAB (Flower app bundle) built by Flower's own builder from ``[tool.flwr.app]`` carries
   ``pyproject.toml``, ``fedrank/`` and the ``common``/``server``/``client`` folders: no
   tests, benchmarks, docs or simulations.
@@ -86,15 +86,17 @@ def test_wheel_installs_one_package_and_it_imports_outside_the_checkout(tmp_path
             text=True,
         ).strip()
     )
-    # the dependencies from this environment (a plain path: its .pth files, among them the
-    # editable install of this checkout, are not run)
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q",
-         str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+         "--ignore-installed", "-q", str(wheel)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr[-3000:]
+    assert (site / "fedrank" / "server" / "server_app.py").is_file(), install.stdout
+    # then the dependencies from this environment (a plain path: its .pth files, among them
+    # the editable install of this checkout, are not run); after the install, so that pip
+    # does not take this environment's fedrank for the wheel's
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
