@@ -20,10 +20,10 @@ from optuna.trial import TrialState
 
 from fedrank.common.errors import ConfigError, FedrankError
 from fedrank.simulations.report import find_runs
-from fedrank.simulations.scenarios import load_scenario
+from fedrank.simulations.scenarios import load_scenario, parse_scenario
 from fedrank.simulations.study_store import default_storage, open_storage, open_study
 from fedrank.simulations.sweep import main, make_spec, run_sweep
-from fedrank.simulations.sweep_app import next_step, release_trials
+from fedrank.simulations.sweep_app import TrialRunner, next_step, release_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,3 +298,23 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     joined = [r for r in find_runs([tmp_path / "b" / "runs"]) if r.complete]
     assert joined, text[-4000:]
     assert "resuming study 'six'" in out_resume.decode()
+
+
+def test_a_point_the_configuration_rejects_is_pruned_with_the_reason(tmp_path: Path) -> None:
+    scenario = parse_scenario(
+        {
+            "clients": 2,
+            "config": {"data-path": "synthetic:num_sets=120,min_items=8,max_items=12"},
+            "sweep": {
+                "space": {"label-weight": [0.0], "rank-label-weight": [0.0], "rank-weight": [0.0]}
+            },
+        },
+        name="zeros",
+    )
+    spec = make_spec(scenario, "grid")
+    study, spec = open_study(open_storage(default_storage(tmp_path)), "z", spec, "w:1")
+    study.optimize(TrialRunner(spec, scenario, tmp_path, "w:1"), n_trials=1)  # no grid needed
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.PRUNED and "are 0" in trial.user_attrs["skipped"]
+    assert trial.user_attrs["worker"] == "w:1" and not (tmp_path / "runs").exists()
+    assert next_step(study, spec) == "done"
