@@ -28,6 +28,7 @@ __all__ = [
     "ProcessRecord",
     "descendants",
     "is_ours",
+    "process_stat",
     "log_tail",
     "read_pid_file",
     "start",
@@ -63,7 +64,7 @@ class ProcessRecord:
         )
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
+def process_stat(pid: int) -> tuple[int, int] | None:
     """(parent PID, start time in clock ticks) of a running ``pid``; None when it is gone or a
     zombie."""
     try:
@@ -104,7 +105,7 @@ def start(
             cwd=str(cwd),
             start_new_session=True,
         )
-    info = _stat(popen.pid)
+    info = process_stat(popen.pid)
     # a process that died at once still gets a record: status and down report it as stopped
     ticks = info[1] if info is not None else -1
     popen.returncode = 0  # detached on purpose: Popen's destructor must not warn about it
@@ -115,7 +116,7 @@ def is_ours(record: ProcessRecord) -> bool:
     """True while ``record.pid`` is the process that was started: same start time, and its
     command line ends with the recorded arguments (a Python entry point shows the interpreter
     first)."""
-    info = _stat(record.pid)
+    info = process_stat(record.pid)
     if info is None or info[1] != record.start_ticks:
         return False
     cmd = _cmdline(record.pid)
@@ -131,7 +132,7 @@ def descendants(pid: int) -> list[tuple[int, int]]:
     children: dict[int, list[tuple[int, int]]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            info = _stat(int(entry.name))
+            info = process_stat(int(entry.name))
             if info is not None:
                 children.setdefault(info[0], []).append((int(entry.name), info[1]))
     out: list[tuple[int, int]] = []
@@ -161,7 +162,7 @@ def _group(pgid: int) -> list[tuple[int, int]]:
 
 
 def _alive(pid: int, ticks: int) -> bool:
-    info = _stat(pid)
+    info = process_stat(pid)
     return info is not None and info[1] == ticks
 
 

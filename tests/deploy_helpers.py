@@ -33,6 +33,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from fedrank.server.deploy_commands import gateway_command, superlink_command, supernode_command
+from fedrank.server.processes import descendants, process_stat
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
@@ -95,37 +96,8 @@ def flwr_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[st
 
 
 # ---- process tree bookkeeping ----------------------------------------------------------------
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of ``pid``, None when it is gone."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    rest = raw[raw.rindex(")") + 2 :].split()  # fields after "(comm)": state ppid ...
-    if rest[0] == "Z":
-        return None  # a zombie holds no resources; its parent reaps it
-    return int(rest[1]), int(rest[19])
-
-
-def descendants(pid: int) -> list[tuple[int, int]]:
-    """Every living descendant of ``pid`` as (pid, start time), children before grandchildren."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            info = _stat(int(entry.name))
-            if info is not None:
-                children.setdefault(info[0], []).append((int(entry.name), info[1]))
-    out: list[tuple[int, int]] = []
-    queue = [pid]
-    while queue:
-        for child in children.get(queue.pop(0), []):
-            out.append(child)
-            queue.append(child[0])
-    return out
-
-
 def _alive(pid: int, start: int) -> bool:
-    info = _stat(pid)
+    info = process_stat(pid)
     return info is not None and info[1] == start
 
 
@@ -148,7 +120,7 @@ def processes_with_env(name: str, value: str) -> list[int]:
             env = (entry / "environ").read_bytes()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-        if needle in env.split(b"\0") and _stat(int(entry.name)) is not None:
+        if needle in env.split(b"\0") and process_stat(int(entry.name)) is not None:
             found.append(int(entry.name))
     return found
 
