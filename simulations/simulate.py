@@ -377,7 +377,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     args = parser.parse_args(list(argv) if argv is not None else None)
     ray = ray_options(args)
-    config = {**DEVICE_SCENARIO, "data-path": args.data, **_parse_set(args.set)}
+    # the console shows one line per round; each client's results are in the run folders
+    # (metrics.jsonl, summary.json, `fedrank report`); `--set per-node-log=true` logs them too
+    config = {
+        **DEVICE_SCENARIO,
+        "per-node-log": False,
+        "data-path": args.data,
+        **_parse_set(args.set),
+    }
     if args.rounds is not None:
         config["num-server-rounds"] = args.rounds
     if args.only == "compare":
