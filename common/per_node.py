@@ -24,6 +24,7 @@ each sampled node). :func:`per_node_summary` folds them into one entry per node,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -156,25 +157,31 @@ def node_round_line(
 ) -> str:
     """The node's part of a round in one line: training (loss, steps, sets, seconds, update
     norm, clipped), federated evaluation (NDCG@10 and log loss on its own held-out sets) and
-    any reply of its that was set aside."""
+    any reply of its that was set aside. A metric undefined on the node (NaN, stored as null
+    in ``metrics.jsonl``) shows as ``nan``."""
+
+    def num(source: Mapping[str, Any], key: str) -> float:
+        value = _number(source.get(key))
+        return math.nan if value is None else value
+
     parts = [f"node {int(node)}:"]
     if train:
         parts.append(
-            "trained loss {:.4f}, {} steps on {} sets, {:.1f}s, update norm {:.3g}{}".format(
-                float(train.get("loss_total", float("nan"))),
-                int(train.get("steps", 0)),
-                int(train.get("num_examples", 0)),
-                float(train.get("train_seconds", 0.0)),
-                float(train.get("update_norm", float("nan"))),
+            "trained loss {:.4f}, {:.0f} steps on {:.0f} sets, {:.1f}s, update norm {:.3g}{}".format(
+                num(train, "loss_total"),
+                num(train, "steps"),
+                num(train, "num_examples"),
+                num(train, "train_seconds"),
+                num(train, "update_norm"),
                 " (clipped)" if train.get("clipped") else "",
             )
         )
     if evaluation:
         parts.append(
-            "evaluated ndcg@10 {:.4f}, log_loss {:.4f} on {} sets".format(
-                float(evaluation.get("ndcg@10", float("nan"))),
-                float(evaluation.get("log_loss", float("nan"))),
-                int(evaluation.get("num_examples", 0)),
+            "evaluated ndcg@10 {:.4f}, log_loss {:.4f} on {:.0f} sets".format(
+                num(evaluation, "ndcg@10"),
+                num(evaluation, "log_loss"),
+                num(evaluation, "num_examples"),
             )
         )
     for problem in problems:

@@ -93,3 +93,6 @@ def test_round_line_names_the_node_and_what_it_did() -> None:
     late = node_round_line(8, None, None, [{"message_type": "train", "reason": "no reply"}])
     assert late == "node 8: train set aside: no reply"
     assert node_round_line(9, None, None) == "node 9:"
+    # a NaN metric travels as null in metrics.jsonl: the line shows nan, never fails
+    undefined = {**_train(10, 1.0), "loss_total": None, "steps": None}
+    assert "trained loss nan, nan steps" in node_round_line(10, undefined, {"ndcg@10": None})
