@@ -166,15 +166,11 @@ def node_round_line(
 
     parts = [f"node {int(node)}:"]
     if train:
+        clipped = " (clipped)" if train.get("clipped") else ""
         parts.append(
-            "trained loss {:.4f}, {:.0f} steps on {:.0f} sets, {:.1f}s, update norm {:.3g}{}".format(
-                num(train, "loss_total"),
-                num(train, "steps"),
-                num(train, "num_examples"),
-                num(train, "train_seconds"),
-                num(train, "update_norm"),
-                " (clipped)" if train.get("clipped") else "",
-            )
+            f"trained loss {num(train, 'loss_total'):.4f}, {num(train, 'steps'):.0f} steps on "
+            f"{num(train, 'num_examples'):.0f} sets, {num(train, 'train_seconds'):.1f}s, "
+            f"update norm {num(train, 'update_norm'):.3g}{clipped}"
         )
     if evaluation:
         parts.append(
