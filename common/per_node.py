@@ -116,6 +116,14 @@ def _count(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+def _one_line(reason: str, limit: int = 160) -> str:
+    """A table cell for a reason: a multi-line one (a node's traceback) as its last line, the
+    exception itself; at most ``limit`` characters."""
+    lines = [x.strip() for x in str(reason).splitlines() if x.strip()]
+    text = lines[-1] if lines else ""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def per_node_rows(summary: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
     """The per-device table (columns :data:`PER_NODE_COLUMNS`) of a :func:`per_node_summary`."""
     out = []
@@ -140,7 +148,7 @@ def per_node_rows(summary: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
                 e.get("bytes_to_node", 0),
                 (
                     f"round {problem['round']} {problem['stage']}: {problem['kind']}: "
-                    f"{problem['reason']}"
+                    f"{_one_line(problem['reason'])}"
                     if problem
                     else ""
                 ),

@@ -14,6 +14,7 @@ clean run's.
 
 from __future__ import annotations
 
+import csv
 import json
 import textwrap
 from pathlib import Path
@@ -214,6 +215,7 @@ def test_each_device_is_visible_in_the_rows_the_summary_the_log_and_the_report(
     assert report_main([str(runs["chaos"]["path"]), "--out", str(tmp_path), "--no-plots"]) == 0
     printed = capsys.readouterr().out
     assert "per device:" in printed and "eval_ndcg@10" in printed
-    table = (tmp_path / "devices.csv").read_text().splitlines()
+    with open(tmp_path / "devices.csv", newline="") as fh:
+        table = list(csv.reader(fh))
     assert len(table) == 1 + len(devices)
-    assert all(str(n) in "\n".join(table) for n in trained)
+    assert {int(r[1]) for r in table[1:]} == {int(n) for n in devices}

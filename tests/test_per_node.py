@@ -84,6 +84,17 @@ def test_table_rows_follow_the_columns() -> None:
     assert by_node["1"][col["steps"]] == 20 and isinstance(by_node["1"][col["steps"]], int)
     assert by_node["3"][col["train_loss"]] is None
     assert by_node["2"][col["last_problem"]] == "round 2 evaluate: crash: boom"
+    # a node's traceback shows as its last line (the exception), in one table cell
+    crashed = [dict(ROWS[2], rejected=[dict(ROWS[2]["rejected"][0], reason=TRACEBACK)])]
+    (row,) = [r for r in per_node_rows(per_node_summary(crashed)) if r[col["node"]] == "3"]
+    assert row[col["last_problem"]] == "round 2 train: missing: ValueError: bad input"
+
+
+TRACEBACK = """Traceback (most recent call last):
+  File "client_app.py", line 144, in __call__
+    raise ValueError("bad input")
+ValueError: bad input
+"""
 
 
 def test_round_line_names_the_node_and_what_it_did() -> None:
