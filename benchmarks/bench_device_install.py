@@ -159,7 +159,7 @@ def main() -> None:
     scores = {}
     for fmt in ("safetensors", "onnx"):
         code = (
-            "from common.cli import main\n"
+            "from fedrank.cli import main\n"
             f"assert main(['score', '--model', 'student.{fmt}', '--data', {str(data)!r}, "
             "'--out', 'ranking.txt']) == 0"
         )

@@ -161,13 +161,15 @@ class PeakPerRound:
 
 
 def loaded(python: Path, code: str, cwd: Path) -> dict:
-    """Run ``code`` in ``python``; returns {'modules': top-level modules loaded, 'peak_mib'}."""
+    """Run ``code`` in ``python``; returns {'modules': top-level modules loaded (and
+    fedrank's layers as ``fedrank.<layer>``), 'peak_mib'}."""
     probe = (
         code
         + "\nimport json, sys\nstatus = open('/proc/self/status').read()\n"
         + "hwm = int(status.split('VmHWM:')[1].split()[0]) // 1024\n"
         + "print('LOADED ' + json.dumps({'modules': sorted({m.split('.')[0] for m in "
-        + "sys.modules}), 'peak_mib': hwm}))\n"
+        + "sys.modules} | {'.'.join(m.split('.')[:2]) for m in sys.modules "
+        + "if m.startswith('fedrank.')}), 'peak_mib': hwm}))\n"
     )
     proc = subprocess.run(
         [str(python), "-c", probe], cwd=cwd, capture_output=True, text=True, timeout=300

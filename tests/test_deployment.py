@@ -71,7 +71,15 @@ DEVICE_KEYGEN = 'ssh-keygen -t ecdsa -b 384 -N "" -C node-1 -f certs/node-1'
 DEVICE_NODE_PORT = 9098  # README's fleet uses 9092-9096
 # what a device install must neither hold nor import
 CLIENT_APP_MODULE = "fedrank.client.client_app"
-SERVER_SIDE = ("matplotlib", "ray", "optuna", "lightgbm", "pyarrow", "server", "simulations")
+SERVER_SIDE = (
+    "matplotlib",
+    "ray",
+    "optuna",
+    "lightgbm",
+    "pyarrow",
+    "fedrank.server",
+    "fedrank.simulations",
+)
 
 # a small, quick federation for the tests' own runs (README's run uses the defaults)
 BASE_CONFIG = {
@@ -320,7 +328,7 @@ def test_device_install_scores_and_trains(fleet: Fleet, tmp_path: Path):
     imported = loaded(device_bin / "python", f"import {CLIENT_APP_MODULE}", tmp_path)
     assert not set(imported["modules"]) & set(SERVER_SIDE), imported["modules"]
     figures["client_import_mib"] = imported["peak_mib"]
-    distributions = [m for m in SERVER_SIDE if m not in ("server", "simulations")]
+    distributions = [m for m in SERVER_SIDE if not m.startswith("fedrank.")]
     probe = f"import importlib.util\nfound = [m for m in {distributions!r} if importlib.util."
     loaded(device_bin / "python", probe + "find_spec(m)]\nassert not found, found", tmp_path)
     # ONNX scoring: no torch loaded; the safetensors student needs torch
@@ -334,7 +342,7 @@ def test_device_install_scores_and_trains(fleet: Fleet, tmp_path: Path):
     for fmt in ("onnx", "safetensors"):
         run = loaded(
             device_bin / "python",
-            "from common.cli import main\nassert main(['score', '--model', "
+            "from fedrank.cli import main\nassert main(['score', '--model', "
             f"'student.{fmt}', '--verify-key', 'fleet/certs/student-signing.pub', "
             "'--data', 'fleet/nodes/node-1/letor.txt', '--out', 'r.jsonl']) == 0",
             project,
