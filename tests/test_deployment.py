@@ -397,11 +397,14 @@ def test_device_install_scores_and_trains(fleet: Fleet, tmp_path: Path):
     assert json.loads((out_dir / "summary.json").read_text())["teacher"]["cached"] is True
     # the device's ClientApp processes ran from the device install
     assert peaks.programs and all("/.device/bin/" in p for p in peaks.programs), peaks.programs
-    figures["clientapp_peak_mib_per_round"] = {
-        r: round(kib / 1024) for r, kib in sorted(peaks.peaks.items()) if r >= 1
-    }
+    # r = rows written so far; a ClientApp still exiting after the last row belongs to round 2
+    per_round: dict[int, int] = {}
+    for r, kib in peaks.peaks.items():
+        if r >= 1:
+            per_round[min(r, 2)] = max(per_round.get(min(r, 2), 0), round(kib / 1024))
+    figures["clientapp_peak_mib_per_round"] = dict(sorted(per_round.items()))
     figures["supernode_rss_mib"] = round(peaks.supernode_kib / 1024)
-    assert len(figures["clientapp_peak_mib_per_round"]) == 2, peaks.peaks
+    assert set(per_round) == {1, 2}, peaks.peaks
     print("\ndevice footprint:", json.dumps(figures, indent=1))
     report = os.environ.get("FEDRANK_FOOTPRINT_OUT")
     if report:
