@@ -102,4 +102,9 @@ def test_flwr_run_default_local_simulation(tmp_path: Path) -> None:
     assert summary["config"]["num-server-rounds"] == 1
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1] and rows[1]["clients"] == 2
+    # what `flwr run` left behind was stopped by PID; a killed SuperLink may take a moment to go
+    deadline = time.monotonic() + 30
+    while _superlink_pids(flwr_home) and time.monotonic() < deadline:
+        _stop(_superlink_pids(flwr_home))
+        time.sleep(0.5)
     assert not _superlink_pids(flwr_home)
