@@ -19,6 +19,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # the LETOR 4.0 MQ2008 folds beside the repository (read-only; never copied into it)
 MQ2008_DIR = REPO_ROOT / ".." / "shared" / "data" / "MQ2008"
 MQ2008_FOLD1 = MQ2008_DIR / "Fold1"
+# what a device install must neither hold nor import: server-side distributions and layers
+SERVER_SIDE = (
+    "matplotlib",
+    "ray",
+    "optuna",
+    "lightgbm",
+    "pyarrow",
+    "fedrank.server",
+    "fedrank.simulations",
+)
 
 # the smallest set-transformer teacher that still trains: runs that test the federation, not
 # the teacher, start in seconds with it

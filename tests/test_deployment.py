@@ -56,7 +56,7 @@ from readme_walk import (
     readme_block,
     readme_env,
 )
-from support import MQ2008_FOLD1
+from support import MQ2008_FOLD1, SERVER_SIDE
 
 from fedrank.common.letor import read_letor
 from fedrank.server.certs import make_all
@@ -71,15 +71,6 @@ DEVICE_KEYGEN = 'ssh-keygen -t ecdsa -b 384 -N "" -C node-1 -f certs/node-1'
 DEVICE_NODE_PORT = 9098  # README's fleet uses 9092-9096
 # what a device install must neither hold nor import
 CLIENT_APP_MODULE = "fedrank.client.client_app"
-SERVER_SIDE = (
-    "matplotlib",
-    "ray",
-    "optuna",
-    "lightgbm",
-    "pyarrow",
-    "fedrank.server",
-    "fedrank.simulations",
-)
 
 # a small, quick federation for the tests' own runs (README's run uses the defaults)
 BASE_CONFIG = {

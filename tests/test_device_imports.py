@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import MQ2008_FOLD1
+from support import MQ2008_FOLD1, SERVER_SIDE
 
 # the package and module names these checks use, in one place
 CLIENT_APP_MODULE = "fedrank.client.client_app"
@@ -22,15 +22,6 @@ EXPORT_MODULE = "fedrank.client.export"
 MODELS_MODULE = "fedrank.common.models"
 SIGNING_MODULE = "fedrank.common.signing"
 CERTS_MODULE = "fedrank.server.certs"
-SERVER_SIDE = (
-    "matplotlib",
-    "ray",
-    "optuna",
-    "lightgbm",
-    "pyarrow",
-    "fedrank.server",
-    "fedrank.simulations",
-)
 
 REPO = Path(__file__).resolve().parents[1]
 MQ2008_TEST = MQ2008_FOLD1 / "test.txt.gz"
