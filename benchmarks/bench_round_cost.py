@@ -87,6 +87,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data", default="synthetic:num_sets=2000")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="Ray's CPUs")
+    parser.add_argument(
+        "--client-cpus", type=float, default=1.0, help="CPUs each simulated client reserves"
+    )
     parser.add_argument("--skip-plain", action="store_true", help="only the federation")
     parser.add_argument("--out", help="folder (default: a temporary one)")
     args = parser.parse_args()
@@ -101,6 +104,7 @@ def main() -> int:
         "out-dir": str(out / "federation"),
         "teacher-cache-dir": str(out / "teacher"),
         "teacher-epochs": 5,
+        "per-node-log": False,  # as `fedrank simulate` runs: no log line per node and round
     }
     cfg = FedrankConfig.from_run_config(config)
     dataset = load_dataset(cfg.data_path, seed=cfg.seed)
@@ -114,7 +118,7 @@ def main() -> int:
         make_server_app([cfg.to_dict()]),
         client_app,
         args.clients,
-        ray=RayOptions(num_cpus=args.cpus),
+        ray=RayOptions(num_cpus=args.cpus, client_cpus=args.client_cpus),
     )
     fed_wall = time.perf_counter() - t0
     rows = [

@@ -24,6 +24,7 @@ raises reaches the server as Flower's own error (a crash).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -64,11 +65,13 @@ _TABLES_LOCK = threading.Lock()
 
 
 def clear_process_caches() -> None:
-    """Forget what this process cached for its nodes: loaded data and teacher score tables
-    (tests; a new ClientApp process starts with both empty)."""
+    """Forget what this process cached: loaded data, teacher score tables, parsed settings
+    and built students (tests; a new ClientApp process starts with all empty)."""
     clear_cache()
     with _TABLES_LOCK:
         _TABLES.clear()
+    for cached in (_settings_of, _spec_size, _template):
+        cached.cache_clear()
 
 
 # ---- errors the server reads by kind ---------------------------------------------------------
@@ -103,9 +106,21 @@ def _structured_errors(
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def _settings_of(text: str) -> FedrankConfig:
+    """The client settings of a JSON text; parsed once per process and text (the settings
+    repeat across a round's messages, and a parse costs about as much as a small step)."""
+    return FedrankConfig.from_run_config(json.loads(text))
+
+
 def _settings(config: ConfigRecord) -> FedrankConfig:
+    values = {k: v for k, v in config.items() if k in CLIENT_KEYS}
     try:
-        return FedrankConfig.from_run_config({k: v for k, v in config.items() if k in CLIENT_KEYS})
+        try:
+            text = json.dumps(values, sort_keys=True)
+        except TypeError:  # a value JSON cannot hold (bytes): parse it directly
+            return FedrankConfig.from_run_config(values)
+        return _settings_of(text)
     except ConfigError as err:
         raise NodeFailure("settings", f"the server's settings are invalid: {err}") from None
 
@@ -177,6 +192,21 @@ def _numbers(values: dict[str, Any]) -> dict[str, int | float]:
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _spec_size(spec_text: str) -> int:
+    """Parameters of the student ``spec_text`` describes, counted on the meta device (nothing
+    allocated: a device checks its cap before it builds anything)."""
+    with torch.device("meta"):
+        return count_parameters(build_model(json.loads(spec_text)))
+
+
+@functools.lru_cache(maxsize=4)
+def _template(spec_text: str) -> torch.nn.Module:
+    """The student of ``spec_text``, built once per process; each message trains a copy
+    (building and initialising it again per message cost more than a small training step)."""
+    return build_model(json.loads(spec_text))
+
+
 def _student(
     config: ConfigRecord,
     arrays: ArrayRecord,
@@ -188,10 +218,10 @@ def _student(
     a ``data`` failure naming the node's data when its sets have another number of features
     than the federation's student expects."""
     try:
-        spec = json.loads(str(config["model-spec"]))
-        with torch.device("meta"):  # count the parameters without allocating them
-            size = count_parameters(build_model(spec))
-    except (ValueError, TypeError, ConfigError) as err:
+        spec_text = str(config["model-spec"])
+        spec = json.loads(spec_text)
+        size = _spec_size(spec_text)
+    except (ValueError, TypeError, ConfigError, AttributeError) as err:
         raise NodeFailure("settings", f"the server's model spec is invalid: {err}") from None
     refused = device.check_model(size)
     if refused:
@@ -205,7 +235,7 @@ def _student(
             f"features per item, the federation's student expects {expected}: give data with "
             "the features the federation was set up with",
         )
-    model = build_model(spec)
+    model = copy.deepcopy(_template(spec_text))
     load_arrays(model, arrays)
     return model
 

@@ -31,6 +31,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedrank.common.errors import ConfigError
+from fedrank.common.records import array_numpy
 from fedrank.server.update_validation import Rejection
 
 __all__ = [
@@ -83,14 +84,24 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
 
 
-def update_norm(arrays: ArrayRecord, global_arrays: ArrayRecord) -> float:
+def decoded(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The numpy arrays of ``arrays``, read once (a reply is screened, measured, clipped and
+    fingerprinted from the same decoded arrays)."""
+    return {key: array_numpy(arrays[key]) for key in arrays}
+
+
+Weights = ArrayRecord | Mapping[str, np.ndarray]
+
+
+def update_norm(arrays: Weights, global_arrays: Weights) -> float:
     """L2 norm of ``arrays - global_arrays`` over the float weights, in float64."""
+    new = decoded(arrays) if isinstance(arrays, ArrayRecord) else arrays
+    base = decoded(global_arrays) if isinstance(global_arrays, ArrayRecord) else global_arrays
     total = 0.0
-    for key in global_arrays:
-        old = global_arrays[key].numpy()
+    for key, old in base.items():
         if old.dtype.kind != "f":
             continue
-        diff = arrays[key].numpy().astype(np.float64) - old.astype(np.float64)
+        diff = new[key].astype(np.float64) - old.astype(np.float64)
         total += float(np.sum(diff * diff))
     return math.sqrt(total)
 
@@ -112,11 +123,12 @@ def prepare_updates(
     """
     prepared: list[Prepared] = []
     rejected: list[Rejection] = []
-    base = {k: global_arrays[k].numpy() for k in global_arrays}
+    base = decoded(global_arrays)
     replies = list(replies)
-    norms = [update_norm(msg.content[arrays_key], global_arrays) for _, msg in replies]
+    received_arrays = [decoded(msg.content[arrays_key]) for _, msg in replies]
+    norms = [update_norm(received, base) for received in received_arrays]
     bound = defences.bound(norms)
-    for (node, msg), norm in zip(replies, norms, strict=True):
+    for (node, msg), received, norm in zip(replies, received_arrays, norms, strict=True):
         metrics = dict(msg.content[metrics_key])
         claimed = float(metrics[weight_key])
         caps = [claimed]
@@ -134,14 +146,13 @@ def prepare_updates(
         notes = []
         if weight < claimed:
             notes.append(f"example weight capped from {claimed:g} to {weight}")
-        received = msg.content[arrays_key]
         scale = 1.0
         if norm > bound:
             scale = bound / norm
             notes.append(f"update norm {norm:.4g} clipped to {bound:.4g}")
         arrays = ArrayRecord()
         for key, old in base.items():
-            value = received[key].numpy()
+            value = received[key]
             if old.dtype.kind == "f":
                 old64 = old.astype(np.float64)
                 value = old64 + (value.astype(np.float64) - old64) * scale
@@ -156,7 +167,7 @@ def prepare_updates(
                 claimed=claimed,
                 norm=norm,
                 clipped=scale < 1.0,
-                nbytes=sum(int(received[k].numpy().nbytes) for k in received),
+                nbytes=sum(int(value.nbytes) for value in received.values()),
                 notes=notes,
             )
         )
@@ -166,7 +177,7 @@ def prepare_updates(
 def finite(arrays: ArrayRecord) -> str | None:
     """Why aggregated ``arrays`` cannot become the global model (non-finite values), or None."""
     for key in arrays:
-        value = arrays[key].numpy()
+        value = array_numpy(arrays[key])
         if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
             return f"the aggregate of {key!r} holds non-finite values"
     return None

@@ -36,7 +36,13 @@ from fedrank.common.datasets import load_dataset
 from fedrank.common.evaluation import evaluate_scores
 from fedrank.common.models import count_parameters
 from fedrank.common.per_node import node_round_line, per_node_summary
-from fedrank.common.records import load_arrays, model_to_arrays, record_nbytes, restore_transform
+from fedrank.common.records import (
+    array_numpy,
+    load_arrays,
+    model_to_arrays,
+    record_nbytes,
+    restore_transform,
+)
 from fedrank.common.run_folder import RunFolder
 from fedrank.common.student_folder import save_student
 from fedrank.server.checkpoint import check_compatible, load_checkpoint, save_checkpoint
@@ -359,7 +365,7 @@ class Federation:
         save_checkpoint(
             cfg.out_dir,
             server_round=report.round,
-            weights={k: v.numpy() for k, v in self.arrays.items()},
+            weights={k: array_numpy(v) for k, v in self.arrays.items()},
             strategy=strategy_state(self.inner),
             meta={
                 "config": cfg.to_dict(),

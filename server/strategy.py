@@ -59,7 +59,7 @@ from flwr.serverapp.strategy import (
 
 from fedrank.common.config import CLIENT_KEYS, FedrankConfig
 from fedrank.common.errors import CheckpointError, FedrankError
-from fedrank.common.records import record_nbytes
+from fedrank.common.records import array_numpy, record_nbytes
 from fedrank.common.reply_schema import DEVICE_METRICS, NODE_METRICS, PERSISTENT_ERRORS
 from fedrank.server.client_policy import ClientConfigPolicy, check_overrides
 from fedrank.server.defences import Defences, Prepared, finite, prepare_updates, robust_minimum
@@ -174,11 +174,14 @@ class EvaluationResult:
 
 
 def _fingerprint(msg: Message) -> str:
+    """A digest of the reply's weights (keys, dtypes, shapes and serialised data), for an
+    aggregation order that does not depend on arrival order."""
     h = hashlib.sha256()
     for record in msg.content.array_records.values():
         for key in sorted(record.keys()):
-            h.update(key.encode())
-            h.update(np.ascontiguousarray(record[key].numpy()).tobytes())
+            array = record[key]
+            h.update(f"{key}|{array.dtype}|{tuple(array.shape)}|".encode())
+            h.update(array.data)
     return h.hexdigest()
 
 
@@ -406,13 +409,13 @@ class FedrankStrategyMixin(RoundEntryPoints):
     def _keep_integer_buffers(arrays: ArrayRecord, previous: ArrayRecord) -> ArrayRecord:
         out = ArrayRecord()
         for key in previous:
-            old = previous[key].numpy()
+            old = array_numpy(previous[key])
             if key not in arrays:
                 raise CheckpointError(f"aggregated weights lack key {key!r}")
             if old.dtype.kind in "iub":
                 out[key] = Array(np.array(old))
             else:
-                out[key] = Array(np.asarray(arrays[key].numpy(), dtype=old.dtype))
+                out[key] = Array(np.asarray(array_numpy(arrays[key]), dtype=old.dtype))
         return out
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -489,7 +492,7 @@ class FedrankFedAdam(FedrankStrategyMixin, FedAdam):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> TrainPlan:
         # FedOpt's bookkeeping: the model the round starts from (its Adam step needs it)
-        self.current_arrays = {k: array.numpy() for k, array in arrays.items()}
+        self.current_arrays = {k: array_numpy(array) for k, array in arrays.items()}
         return super().configure_round(server_round, arrays, config, grid)
 
 

@@ -34,7 +34,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedrank.common.errors import FedrankError
-from fedrank.common.records import weights_problem
+from fedrank.common.records import array_numpy, weights_problem
 from fedrank.common.reply_schema import EVALUATE_METRICS, TRAIN_METRICS, MetricSchema, error_kind
 
 __all__ = [
@@ -144,7 +144,7 @@ def check_train_reply(
     problem = schema.problem(metrics)
     if problem:
         return problem
-    expected = {k: global_arrays[k].numpy() for k in global_arrays}
+    expected = {k: array_numpy(global_arrays[k]) for k in global_arrays}
     return weights_problem(dict(arrays.items()), expected, fixed_integers=True)
 
 

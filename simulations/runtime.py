@@ -30,6 +30,7 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from fedrank.common.errors import ConfigError
+from fedrank.simulations.message_lookup import per_node_message_lookup
 
 __all__ = [
     "RayOptions",
@@ -114,13 +115,16 @@ def start_simulation(
     for key, value in SIMULATION_ENV.items():
         os.environ.setdefault(key, value)
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=num_clients,
-        backend_config=backend_config(ray or RayOptions(), verbose),
-        verbose_logging=verbose,
-    )
+    # Flower's engine polls its message store once per node; the per-node lookup keeps that
+    # poll from checking every node's message for each node (see message_lookup)
+    with per_node_message_lookup():
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_config=backend_config(ray or RayOptions(), verbose),
+            verbose_logging=verbose,
+        )
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:

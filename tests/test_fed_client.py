@@ -242,3 +242,33 @@ def test_time_budget_stops_local_training(settings: dict) -> None:
     assert out["steps"] == 1.0 and out["stopped_by_time"] == 1
     full = train_student(model, local.train, cfg.composite_loss(), TrainSettings(batch_size=64))
     assert full["steps"] == float(-(-local.train.num_sets // 64)) and full["stopped_by_time"] == 0
+
+
+def test_repeated_messages_train_from_the_global_model_each_time(settings: dict) -> None:
+    """The node keeps one built student per process and trains a copy per message: the same
+    message twice gives the same weights (the copy it trained first does not leak into the
+    second), and another global model gives another result."""
+    context = _context()
+    table = _local_table(settings)
+    _send(
+        "query.scores",
+        {"scores": score_table_to_record(table), "config": ConfigRecord(settings)},
+        context,
+    )
+    content = _train_content(settings, table.version)
+    first = _send("train", content, context).content["arrays"]
+    second = _send("train", content, context).content["arrays"]
+    for key in first:
+        assert np.array_equal(first[key].numpy(), second[key].numpy()), key
+    moved = {**content, "arrays": first}
+    third = _send("train", moved, context).content["arrays"]
+    assert not np.allclose(third["net.0.weight"].numpy(), first["net.0.weight"].numpy())
+
+
+def test_parsed_settings_follow_each_message(settings: dict) -> None:
+    """Settings parsed once per process and text still follow what each message says."""
+    context = _context()
+    for steps in (2, 5, 2):
+        changed = {**settings, "rank-weight": 0.0, "score-weight": 0.0, "local-steps": steps}
+        reply = _send("train", _train_content(changed, "none"), context)
+        assert reply.content["metrics"]["steps"] == float(steps)

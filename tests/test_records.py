@@ -10,6 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedrank.common.errors import CheckpointError, ScoreTableError
 from fedrank.common.example_sets import ExampleSets
 from fedrank.common.records import (
+    array_numpy,
     load_arrays,
     model_to_arrays,
     record_nbytes,
@@ -155,3 +156,39 @@ def test_record_nbytes():
     assert record_nbytes(ConfigRecord({"lr": 0.1})) > 0
     with pytest.raises(TypeError):
         record_nbytes(object())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        np.random.default_rng(0).normal(size=(16, 12)).astype(np.float32),
+        np.arange(12, dtype=np.int64),
+        np.array([True, False, True]),
+        np.array(3.5),  # 0-d
+        np.zeros((0, 3), dtype=np.float16),
+        np.asfortranarray(np.arange(12.0).reshape(3, 4)),  # a Fortran-ordered header
+        np.array([1, 2], dtype=">i4"),  # big-endian
+        np.zeros((2, 3, 4), dtype=np.uint8),
+    ],
+    ids=["f32", "i64", "bool", "0d", "empty", "fortran", "big-endian", "u8-3d"],
+)
+def test_array_numpy_reads_what_array_numpy_reads(value: np.ndarray) -> None:
+    array = Array(value)
+    fast, flower = array_numpy(array), array.numpy()
+    assert fast.dtype == flower.dtype and fast.shape == flower.shape
+    assert np.array_equal(fast, flower) and fast.flags.writeable
+    fast[...] = 0  # a copy: the message's bytes are not changed
+    assert np.array_equal(array.numpy(), value)
+
+
+def test_array_numpy_trusts_the_header_not_the_declared_shape_or_a_short_buffer() -> None:
+    data = Array(np.zeros(3, dtype=np.float32)).data
+    # a reply declaring another shape than its bytes hold reads as its bytes say (the
+    # weights check then refuses the shape), exactly as Flower's own reader does
+    lying = Array(dtype="float32", shape=(2, 2), stype="numpy.ndarray", data=data)
+    assert array_numpy(lying).shape == lying.numpy().shape == (3,)
+    short = Array(dtype="float32", shape=(3,), stype="numpy.ndarray", data=data[:-4])
+    with pytest.raises(ValueError):
+        short.numpy()
+    with pytest.raises(ValueError):
+        array_numpy(short)
