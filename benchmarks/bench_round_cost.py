@@ -6,9 +6,10 @@ Runs, in one process and on the same data, teacher, partitions, student and loss
    simulation runtime (every client trains every round, federated evaluation off), timed per
    round from its ``metrics.jsonl`` (``seconds``: hello / score delivery, train messages,
    aggregation and the server's evaluation; the server's evaluation is also shown apart);
-2. **plain loop**: the same client training (:func:`fedrank.client.trainer.train_student` on
-   each client's partition with its teacher scores and label mask) and example-weighted
-   averaging in a Python loop, one client after the other.
+2. **plain loop** (run first, on a quiet machine): the same client training
+   (:func:`fedrank.client.trainer.train_student` on each client's partition with its teacher
+   scores and label mask) and example-weighted averaging in a Python loop, one client after
+   the other.
 
 It prints both per round and the ratio (round 1 apart: the runtime's workers warm up and the
 teacher scores are delivered then). ``--clients 1000 --rounds 1`` measures one round with
@@ -112,6 +113,9 @@ def main() -> int:
     run_teacher(cfg, dataset, out / "teacher")  # both paths read it from the cache
     print(f"teacher ready in {time.perf_counter() - t0:.1f}s", flush=True)
     torch.set_num_threads(1)
+    # the plain loop first, on a quiet machine (after the federation, Ray's processes are
+    # still winding down and would slow it)
+    plain = None if args.skip_plain else plain_loop(cfg, args.clients, args.rounds, out / "teacher")
 
     t0 = time.perf_counter()
     start_simulation(
@@ -142,8 +146,7 @@ def main() -> int:
         "federation_server_eval_seconds": fed_eval,
         "clients_train_seconds": client_train,
     }
-    if not args.skip_plain:
-        plain = plain_loop(cfg, args.clients, args.rounds, out / "teacher")
+    if plain is not None:
         result["plain_round_seconds"] = plain
         print(f"\nplain loop (same training and averaging, one process): {plain}")
         later = slice(1, None) if args.rounds > 1 else slice(0, None)

@@ -24,7 +24,6 @@ raises reaches the server as Flower's own error (a crash).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import json
@@ -70,8 +69,9 @@ def clear_process_caches() -> None:
     clear_cache()
     with _TABLES_LOCK:
         _TABLES.clear()
-    for cached in (_settings_of, _spec_size, _template):
+    for cached in (_settings_of, _spec_size):
         cached.cache_clear()
+    _STUDENTS.__dict__.clear()
 
 
 # ---- errors the server reads by kind ---------------------------------------------------------
@@ -200,11 +200,20 @@ def _spec_size(spec_text: str) -> int:
         return count_parameters(build_model(json.loads(spec_text)))
 
 
-@functools.lru_cache(maxsize=4)
-def _template(spec_text: str) -> torch.nn.Module:
-    """The student of ``spec_text``, built once per process; each message trains a copy
-    (building and initialising it again per message cost more than a small training step)."""
-    return build_model(json.loads(spec_text))
+_STUDENTS = threading.local()  # per thread: model spec text -> the student built for it
+
+
+def _reused_student(spec_text: str) -> torch.nn.Module:
+    """The student of ``spec_text``, built once per thread and process and overwritten by each
+    message's weights (every parameter and buffer is in its state dict, and :func:`load_arrays`
+    requires all of them): building and initialising it per message cost about as much as a
+    small training step. Per thread, so two handlers never share one."""
+    built = _STUDENTS.__dict__.setdefault("by_spec", {})
+    model = built.get(spec_text)
+    if model is None:
+        built.clear()  # one federation's student at a time
+        model = built[spec_text] = build_model(json.loads(spec_text))
+    return model
 
 
 def _student(
@@ -235,7 +244,7 @@ def _student(
             f"features per item, the federation's student expects {expected}: give data with "
             "the features the federation was set up with",
         )
-    model = copy.deepcopy(_template(spec_text))
+    model = _reused_student(spec_text)
     load_arrays(model, arrays)
     return model
 

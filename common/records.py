@@ -26,6 +26,7 @@ from fedrank.common.score_table import FORMAT, ScoreTable
 __all__ = [
     "ArrayRecord",
     "ConfigRecord",
+    "array_from_numpy",
     "array_numpy",
     "load_arrays",
     "model_arrays",
@@ -79,10 +80,24 @@ def array_numpy(array: Array) -> np.ndarray:
     return array.numpy()
 
 
+def array_from_numpy(value: np.ndarray) -> Array:
+    """``Array(value)``, byte for byte (the ``.npy`` bytes ``np.save`` writes), built from the
+    cached header of its dtype and shape instead of a new ``np.save`` per array."""
+    if value.dtype.kind not in "biuf" or not value.flags.c_contiguous:
+        return Array(value)
+    shape = tuple(int(n) for n in value.shape)
+    header = _npy_header(np.lib.format.dtype_to_descr(value.dtype), shape)
+    return Array(
+        dtype=str(value.dtype), shape=shape, stype=SType.NUMPY, data=header + value.tobytes()
+    )
+
+
 def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:
     """The model's state dict (parameters and buffers) as an ArrayRecord."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return ArrayRecord(torch_state_dict=state)
+    out = ArrayRecord()
+    for key, value in model.state_dict().items():
+        out[key] = array_from_numpy(value.detach().cpu().numpy())
+    return out
 
 
 def _as_numpy(arrays: ArrayRecord | Mapping[str, Any]) -> dict[str, np.ndarray]:

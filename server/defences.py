@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedrank.common.errors import ConfigError
-from fedrank.common.records import array_numpy
+from fedrank.common.records import array_from_numpy, array_numpy
 from fedrank.server.update_validation import Rejection
 
 __all__ = [
@@ -156,7 +156,7 @@ def prepare_updates(
             if old.dtype.kind == "f":
                 old64 = old.astype(np.float64)
                 value = old64 + (value.astype(np.float64) - old64) * scale
-            arrays[key] = Array(np.ascontiguousarray(value))
+            arrays[key] = array_from_numpy(value)
         content = RecordDict({arrays_key: arrays, metrics_key: MetricRecord({weight_key: weight})})
         prepared.append(
             Prepared(
