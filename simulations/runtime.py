@@ -30,7 +30,7 @@ from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
 from fedrank.common.errors import ConfigError
-from fedrank.simulations.message_lookup import per_node_message_lookup
+from fedrank.simulations.message_lookup import engine_message_poll
 
 __all__ = [
     "RayOptions",
@@ -115,9 +115,9 @@ def start_simulation(
     for key, value in SIMULATION_ENV.items():
         os.environ.setdefault(key, value)
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
-    # Flower's engine polls its message store once per node; the per-node lookup keeps that
-    # poll from checking every node's message for each node (see message_lookup)
-    with per_node_message_lookup():
+    # Flower's engine polls its message store node by node, checking every message each
+    # time: a poll by one scan and a per-node lookup (see message_lookup)
+    with engine_message_poll():
         run_simulation(
             server_app=server_app,
             client_app=client_app,

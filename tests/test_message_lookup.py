@@ -1,11 +1,14 @@
-"""The per-node message lookup used while a simulation runs: the same answers as Flower's
-``InMemoryLinkState.get_message_ins`` on a real in-memory LinkState."""
+"""The engine's message poll used while a simulation runs: the same answers as Flower's
+``InMemoryLinkState.get_message_ins`` and ``vce_api.add_messages_to_queue`` on a real
+in-memory LinkState."""
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import uuid
+from queue import Queue
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -15,15 +18,22 @@ from flwr.common.constant import (
     NOOP_FLWR_AID,
     SUPERLINK_NODE_ID,
 )
+from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 
-from fedrank.simulations.message_lookup import get_message_ins_per_node, per_node_message_lookup
+from fedrank.simulations.message_lookup import (
+    add_messages_to_queue_by_scan,
+    engine_message_poll,
+    get_message_ins_per_node,
+    nodes_with_undelivered,
+)
 
 FLOWER_LOOKUP = InMemoryLinkState.get_message_ins
+FLOWER_POLL = vce_api.add_messages_to_queue
 
 
 def _state_with_messages(ttls: dict[int, list[float]]) -> tuple[InMemoryLinkState, list[int]]:
@@ -88,11 +98,50 @@ def test_a_node_gets_only_its_own_undelivered_messages_once() -> None:
         get_message_ins_per_node(state, nodes[0], 0)
 
 
-def test_the_lookup_is_swapped_in_only_for_the_block() -> None:
-    with per_node_message_lookup() as swapped:
+def _poll(poll, state: InMemoryLinkState, nodes: list[int], cycles: float) -> list[list[int]]:
+    """Run an engine poll for about ``cycles`` cycles; the destinations it queued, by cycle."""
+    queue: Queue[Message] = Queue()
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=poll, args=(state, queue, {n: i for i, n in enumerate(nodes)}, stop)
+    )
+    thread.start()
+    time.sleep(0.1 * cycles)
+    stop.set()
+    thread.join()
+    got = []
+    while not queue.empty():
+        got.append(queue.get().metadata.dst_node_id)
+    return got
+
+
+def test_the_scan_poll_queues_what_flowers_poll_queues() -> None:
+    plan = {0: [60.0, 60.0], 1: [60.0], 2: [], 3: [60.0, 60.0, 60.0]}
+    flower_state, flower_nodes = _state_with_messages(plan)
+    ours_state, ours_nodes = _state_with_messages(plan)
+    assert nodes_with_undelivered(ours_state, {n: 0 for n in ours_nodes}) == [
+        ours_nodes[i] for i in (0, 1, 3)
+    ]
+    with engine_message_poll():  # both polls with the per-node lookup
+        want = _poll(FLOWER_POLL, flower_state, flower_nodes, 4.5)
+        got = _poll(add_messages_to_queue_by_scan, ours_state, ours_nodes, 4.5)
+    # every message queued once; one per node and cycle (a node's messages never overlap)
+    position = {n: i for i, n in enumerate(ours_nodes)}
+    assert sorted(position[n] for n in got) == [0, 0, 1, 3, 3, 3]
+    assert sorted(flower_nodes.index(n) for n in want) == [0, 0, 1, 3, 3, 3]
+    first_cycle = [position[n] for n in got[:3]]
+    assert first_cycle == [0, 1, 3]
+    assert nodes_with_undelivered(ours_state, {n: 0 for n in ours_nodes}) == []
+
+
+def test_the_poll_and_lookup_are_swapped_in_only_for_the_block() -> None:
+    with engine_message_poll() as swapped:
         assert swapped  # the Flower version of this project
         assert InMemoryLinkState.get_message_ins is get_message_ins_per_node
+        assert vce_api.add_messages_to_queue is add_messages_to_queue_by_scan
     assert InMemoryLinkState.get_message_ins is FLOWER_LOOKUP
-    with pytest.raises(RuntimeError), per_node_message_lookup():
+    assert vce_api.add_messages_to_queue is FLOWER_POLL
+    with pytest.raises(RuntimeError), engine_message_poll():
         raise RuntimeError("a simulation that fails")
     assert InMemoryLinkState.get_message_ins is FLOWER_LOOKUP
+    assert vce_api.add_messages_to_queue is FLOWER_POLL
