@@ -26,6 +26,7 @@ from fedrank.common.score_table import FORMAT, ScoreTable
 __all__ = [
     "ArrayRecord",
     "ConfigRecord",
+    "DecodedArray",
     "array_from_numpy",
     "array_numpy",
     "load_arrays",
@@ -90,6 +91,29 @@ def array_from_numpy(value: np.ndarray) -> Array:
     return Array(
         dtype=str(value.dtype), shape=shape, stype=SType.NUMPY, data=header + value.tobytes()
     )
+
+
+class DecodedArray(Array):
+    """An ``Array`` (the same ``.npy`` bytes) that keeps the values it was written from:
+    reading it back in this process (Flower's strategy aggregating the server's prepared
+    replies) is a copy of them, not another parse of the bytes. Setting its bytes, dtype or
+    shape drops the kept values."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        if not values.flags.c_contiguous:
+            values = np.ascontiguousarray(values)
+        written = array_from_numpy(values)
+        super().__init__(written.dtype, written.shape, written.stype, written.data)
+        self.__dict__["_values"] = values
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("dtype", "shape", "stype", "data"):
+            self.__dict__.pop("_values", None)
+        super().__setattr__(name, value)
+
+    def numpy(self) -> np.ndarray:
+        values = self.__dict__.get("_values")
+        return super().numpy() if values is None else np.array(values, copy=True)
 
 
 def model_to_arrays(model: torch.nn.Module) -> ArrayRecord:

@@ -31,7 +31,7 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedrank.common.errors import ConfigError
-from fedrank.common.records import array_from_numpy, array_numpy
+from fedrank.common.records import DecodedArray, array_numpy
 from fedrank.server.update_validation import Rejection
 
 __all__ = [
@@ -74,7 +74,7 @@ class Prepared:
     """A screened training reply, ready for the strategy."""
 
     node: int
-    message: Message  # float64 weights (clipped), metrics holding only the capped weight
+    message: Message  # float64 weights (clipped, DecodedArray), metrics: the capped weight
     metrics: dict[str, Any]  # everything the node reported
     weight: int  # the example weight used
     claimed: float  # the example weight the node claimed
@@ -156,7 +156,7 @@ def prepare_updates(
             if old.dtype.kind == "f":
                 old64 = old.astype(np.float64)
                 value = old64 + (value.astype(np.float64) - old64) * scale
-            arrays[key] = array_from_numpy(value)
+            arrays[key] = DecodedArray(value)
         content = RecordDict({arrays_key: arrays, metrics_key: MetricRecord({weight_key: weight})})
         prepared.append(
             Prepared(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from fedrank.common.errors import CheckpointError, ScoreTableError
 from fedrank.common.example_sets import ExampleSets
 from fedrank.common.records import (
+    DecodedArray,
     array_from_numpy,
     array_numpy,
     load_arrays,
@@ -181,6 +184,10 @@ def test_array_codec_matches_flowers(value: np.ndarray) -> None:
     written = array_from_numpy(value)
     assert (written.dtype, written.shape, written.stype) == (array.dtype, array.shape, array.stype)
     assert written.data == array.data and written.object_id == array.object_id
+    kept = DecodedArray(value)
+    assert np.array_equal(kept.numpy(), array.numpy())
+    assert (kept.numpy().dtype, kept.numpy().shape) == (array.numpy().dtype, array.numpy().shape)
+    assert np.array_equal(np.load(io.BytesIO(kept.data)), value)  # its bytes hold the values
     fast, flower = array_numpy(array), array.numpy()
     assert fast.dtype == flower.dtype and fast.shape == flower.shape
     assert np.array_equal(fast, flower) and fast.flags.writeable
@@ -199,3 +206,12 @@ def test_array_numpy_trusts_the_header_not_the_declared_shape_or_a_short_buffer(
         short.numpy()
     with pytest.raises(ValueError):
         array_numpy(short)
+
+
+def test_a_decoded_array_forgets_its_values_when_its_bytes_change() -> None:
+    kept = DecodedArray(np.ones(3, dtype=np.float32))
+    kept.numpy()[0] = 5.0  # a copy each time
+    assert kept.numpy().tolist() == [1.0, 1.0, 1.0]
+    other = Array(np.arange(3, dtype=np.float32))
+    kept.data = other.data
+    assert kept.numpy().tolist() == [0.0, 1.0, 2.0]
