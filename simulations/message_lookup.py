@@ -17,7 +17,8 @@ at 1,000 clients one cycle took seconds.
   still run on each message the node could receive;
 - :func:`add_messages_to_queue_by_scan`: each poll cycle first scans the store once for the
   nodes that have an undelivered message and asks only those (still one message per node per
-  cycle, so a node never runs two messages at once), instead of asking every node.
+  cycle, so a node never runs two messages at once), instead of asking every node; as a
+  cycle is now cheap, it runs every 20 ms instead of 100 ms.
 
 Messages delivered but not answered yet are checked when their replies are pulled, as in
 Flower. Both apply only to the Flower version they were written against (another version
@@ -46,7 +47,9 @@ __all__ = [
 ]
 
 WRITTEN_FOR = "1.42."  # the Flower releases whose engine poll and lookup these mirror
-POLL_INTERVAL = 0.1  # seconds between poll cycles, as in Flower's engine
+# seconds between poll cycles (Flower's engine: 0.1): a cycle is one scan of the store now,
+# so polling more often costs little and a round's messages start sooner
+POLL_INTERVAL = 0.02
 
 
 def get_message_ins_per_node(
@@ -99,7 +102,8 @@ def add_messages_to_queue_by_scan(
     f_stop: threading.Event,
 ) -> None:
     """``vce_api.add_messages_to_queue`` (Flower 1.42) asking only the nodes that have a
-    message waiting: at most one message per node and cycle, a cycle every 0.1 s."""
+    message waiting: at most one message per node and cycle, a cycle every
+    :data:`POLL_INTERVAL` seconds."""
     while not f_stop.is_set():
         for node_id in nodes_with_undelivered(state, nodes_mapping):
             for msg in state.get_message_ins(node_id=node_id, limit=1):

@@ -98,8 +98,8 @@ def test_a_node_gets_only_its_own_undelivered_messages_once() -> None:
         get_message_ins_per_node(state, nodes[0], 0)
 
 
-def _poll(poll, state: InMemoryLinkState, nodes: list[int], cycles: float) -> list[list[int]]:
-    """Run an engine poll for about ``cycles`` cycles; the destinations it queued, by cycle."""
+def _poll(poll, state: InMemoryLinkState, nodes: list[int], cycles: float) -> list[int]:
+    """Run an engine poll for ``cycles`` x 0.1 s; the destinations it queued, in order."""
     queue: Queue[Message] = Queue()
     stop = threading.Event()
     thread = threading.Thread(
