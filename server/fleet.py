@@ -291,29 +291,28 @@ def up(plan: FleetPlan, say: Say = print) -> dict[str, Any]:
     }
     certs_dir = str((folder / "certs").resolve())
     logs = folder.resolve() / "logs"
+
+    def launch(
+        name: str, args: list[str], address: str, process_env: dict[str, str] = env
+    ) -> ProcessRecord:
+        """Start one fleet process with its log under ``logs`` and record it."""
+        record = start(name, _local(args), logs / f"{name}.log", process_env, cwd, address=address)
+        _remember(folder, state, record)
+        return record
+
     try:
-        link = start(
+        link = launch(
             "superlink",
-            _local(superlink_command(certs_dir, plan.superlink_port)),
-            logs / "superlink.log",
-            env,
-            cwd,
-            address=f"{LOOPBACK}:{plan.superlink_port} (Control, Fleet and Runtime APIs)",
+            superlink_command(certs_dir, plan.superlink_port),
+            f"{LOOPBACK}:{plan.superlink_port} (Control, Fleet and Runtime APIs)",
         )
-        _remember(folder, state, link)
         _wait_listening(link, plan.superlink_port, 60.0)
         say(f"superlink: pid {link.pid}, {link.address}, TLS, SuperNode authentication")
-        gateway = start(
+        gateway = launch(
             "gateway",
-            _local(
-                gateway_command(certs_dir, f"{LOOPBACK}:{plan.gateway_port}", state["superlink"])
-            ),
-            logs / "gateway.log",
-            env,
-            cwd,
-            address=f"{state['gateway']} (Fleet API only)",
+            gateway_command(certs_dir, f"{LOOPBACK}:{plan.gateway_port}", state["superlink"]),
+            f"{state['gateway']} (Fleet API only)",
         )
-        _remember(folder, state, gateway)
         _wait_listening(gateway, plan.gateway_port, 60.0)
         say(f"gateway: pid {gateway.pid}, {gateway.address}")
         where = write_connection(plan.connection, state["superlink"], certs.ca_cert)
@@ -337,16 +336,13 @@ def up(plan: FleetPlan, say: Say = print) -> dict[str, Any]:
             )
             home = folder.resolve() / "nodes" / name / "flwr-home"
             home.mkdir(parents=True, exist_ok=True)
-            node = start(
+            launch(
                 name,
-                _local(args),
-                logs / f"{name}.log",
-                _environment(home),
-                cwd,
-                address=f"{LOOPBACK}:{plan.ports()[name]} (its Runtime API), node id "
+                args,
+                f"{LOOPBACK}:{plan.ports()[name]} (its Runtime API), node id "
                 f"{node_ids[i - 1]}, {sets} sets",
+                _environment(home),
             )
-            _remember(folder, state, node)
             state["nodes"].append({"name": name, "node_id": node_ids[i - 1], "data": str(data)})
             _save_state(folder, state)
         _wait_online(plan, state, set(node_ids), env, say)

@@ -26,11 +26,13 @@ from typing import Any
 
 __all__ = [
     "ProcessRecord",
+    "alive",
     "descendants",
     "is_ours",
     "process_stat",
     "log_tail",
     "read_pid_file",
+    "send_signal",
     "start",
     "stop",
 ]
@@ -161,12 +163,15 @@ def _group(pgid: int) -> list[tuple[int, int]]:
     return found
 
 
-def _alive(pid: int, ticks: int) -> bool:
+def alive(pid: int, ticks: int) -> bool:
+    """Whether process ``pid`` still runs and is the one that started at ``ticks`` (not a
+    later process that reuses the number)."""
     info = process_stat(pid)
     return info is not None and info[1] == ticks
 
 
-def _signal(pid: int, sig: int) -> None:
+def send_signal(pid: int, sig: int) -> None:
+    """``os.kill`` that ignores a process already gone or not ours to signal."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
 
@@ -182,23 +187,23 @@ def stop(record: ProcessRecord, timeout: float = 10.0) -> str:
     if not is_ours(record):
         return "not running"
     tree = [(record.pid, record.start_ticks), *descendants(record.pid)]
-    _signal(record.pid, signal.SIGTERM)
+    send_signal(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(record.pid, record.start_ticks):
+    while time.monotonic() < deadline and alive(record.pid, record.start_ticks):
         time.sleep(0.1)
-    killed = _alive(record.pid, record.start_ticks)
+    killed = alive(record.pid, record.start_ticks)
     tree += [d for d in descendants(record.pid) + _group(record.pid) if d not in tree]
     for pid, ticks in tree[1:]:
-        if _alive(pid, ticks):
-            _signal(pid, signal.SIGTERM)
+        if alive(pid, ticks):
+            send_signal(pid, signal.SIGTERM)
     grace = time.monotonic() + 3.0
-    while time.monotonic() < grace and any(_alive(p, t) for p, t in tree):
+    while time.monotonic() < grace and any(alive(p, t) for p, t in tree):
         time.sleep(0.1)
     for pid, ticks in tree:
-        if _alive(pid, ticks):
-            _signal(pid, signal.SIGKILL)
+        if alive(pid, ticks):
+            send_signal(pid, signal.SIGKILL)
     grace = time.monotonic() + 5.0
-    while time.monotonic() < grace and any(_alive(p, t) for p, t in tree):
+    while time.monotonic() < grace and any(alive(p, t) for p, t in tree):
         time.sleep(0.05)
     return "killed" if killed else "stopped"
 

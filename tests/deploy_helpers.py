@@ -33,7 +33,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from fedrank.server.deploy_commands import gateway_command, superlink_command, supernode_command
-from fedrank.server.processes import descendants, process_stat
+from fedrank.server.processes import alive, descendants, process_stat, send_signal
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
@@ -96,16 +96,6 @@ def flwr_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[st
 
 
 # ---- process tree bookkeeping ----------------------------------------------------------------
-def _alive(pid: int, start: int) -> bool:
-    info = process_stat(pid)
-    return info is not None and info[1] == start
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, sig)
-
-
 def processes_with_env(name: str, value: str) -> list[int]:
     """PIDs of this user's processes whose environment holds ``name=value``.
 
@@ -175,23 +165,23 @@ class Proc:
             return
         tree = descendants(self.pid)
         if self.alive():
-            _signal(self.pid, signal.SIGTERM)
+            send_signal(self.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
         # children the parent did not take down with it (e.g. a detached SuperExec)
         tree += [d for d in descendants(self.pid) if d not in tree] if self.alive() else []
         for pid, start in tree:
-            if _alive(pid, start):
-                _signal(pid, signal.SIGTERM)
+            if alive(pid, start):
+                send_signal(pid, signal.SIGTERM)
         grace = time.monotonic() + 3.0
-        while time.monotonic() < grace and any(_alive(p, s) for p, s in tree):
+        while time.monotonic() < grace and any(alive(p, s) for p, s in tree):
             time.sleep(0.1)
         for pid, start in tree:
-            if _alive(pid, start):
-                _signal(pid, signal.SIGKILL)
+            if alive(pid, start):
+                send_signal(pid, signal.SIGKILL)
         if self.alive():
-            _signal(self.pid, signal.SIGKILL)
+            send_signal(self.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=5.0)
         if self._log_file is not None:
@@ -244,7 +234,7 @@ class Processes:
         home = self.env.get("FLWR_HOME")
         if home:
             for pid in processes_with_env("FLWR_HOME", home):
-                _signal(pid, signal.SIGKILL)
+                send_signal(pid, signal.SIGKILL)
         if errors:
             raise RuntimeError("could not stop: " + "; ".join(errors))
 
@@ -521,4 +511,4 @@ def deployment(
         finally:
             for home in homes:
                 for pid in processes_with_env("FLWR_HOME", str(home)):
-                    _signal(pid, signal.SIGKILL)
+                    send_signal(pid, signal.SIGKILL)

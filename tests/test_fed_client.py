@@ -156,12 +156,8 @@ def _train_content(settings: dict, version: str) -> dict:
     return {"arrays": model_to_arrays(model), "config": config}
 
 
-def test_train_without_the_scores_is_an_error(settings: dict) -> None:
-    reply = _send("train", _train_content(settings, "v-missing"), _context())
-    _failure(reply, "stale-scores", "not delivered")
-
-
-def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
+def _context_with_scores(settings: dict) -> tuple[Context, ScoreTable]:
+    """A node context holding teacher scores for its sets (delivered by a scores message)."""
     context = _context()
     table = _local_table(settings)
     _send(
@@ -169,6 +165,16 @@ def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
         {"scores": score_table_to_record(table), "config": ConfigRecord(settings)},
         context,
     )
+    return context, table
+
+
+def test_train_without_the_scores_is_an_error(settings: dict) -> None:
+    reply = _send("train", _train_content(settings, "v-missing"), _context())
+    _failure(reply, "stale-scores", "not delivered")
+
+
+def test_train_and_evaluate_with_cached_scores(settings: dict) -> None:
+    context, table = _context_with_scores(settings)
     content = _train_content(settings, table.version)
     reply = _send("train", content, context)
     metrics = reply.content["metrics"]
@@ -248,13 +254,7 @@ def test_repeated_messages_train_from_the_global_model_each_time(settings: dict)
     """The node keeps one built student per process and trains a copy per message: the same
     message twice gives the same weights (the copy it trained first does not leak into the
     second), and another global model gives another result."""
-    context = _context()
-    table = _local_table(settings)
-    _send(
-        "query.scores",
-        {"scores": score_table_to_record(table), "config": ConfigRecord(settings)},
-        context,
-    )
+    context, table = _context_with_scores(settings)
     content = _train_content(settings, table.version)
     first = _send("train", content, context).content["arrays"]
     second = _send("train", content, context).content["arrays"]
