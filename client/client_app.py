@@ -71,7 +71,7 @@ def clear_process_caches() -> None:
         _TABLES.clear()
     for cached in (_settings_of, _spec_size):
         cached.cache_clear()
-    _STUDENTS.__dict__.clear()
+    _STUDENTS.by_spec = {}
 
 
 # ---- errors the server reads by kind ---------------------------------------------------------
@@ -116,11 +116,11 @@ def _settings_of(text: str) -> FedrankConfig:
 def _settings(config: ConfigRecord) -> FedrankConfig:
     values = {k: v for k, v in config.items() if k in CLIENT_KEYS}
     try:
-        try:
-            text = json.dumps(values, sort_keys=True)
-        except TypeError:  # a value JSON cannot hold (bytes): parse it directly
-            return FedrankConfig.from_run_config(values)
-        return _settings_of(text)
+        text = json.dumps(values, sort_keys=True)
+    except TypeError:  # a value JSON cannot hold (bytes): parsed directly, not cached
+        text = None
+    try:
+        return FedrankConfig.from_run_config(values) if text is None else _settings_of(text)
     except ConfigError as err:
         raise NodeFailure("settings", f"the server's settings are invalid: {err}") from None
 
@@ -208,7 +208,9 @@ def _reused_student(spec_text: str) -> torch.nn.Module:
     message's weights (every parameter and buffer is in its state dict, and :func:`load_arrays`
     requires all of them): building and initialising it per message cost about as much as a
     small training step. Per thread, so two handlers never share one."""
-    built = _STUDENTS.__dict__.setdefault("by_spec", {})
+    built = getattr(_STUDENTS, "by_spec", None)
+    if built is None:
+        built = _STUDENTS.by_spec = {}
     model = built.get(spec_text)
     if model is None:
         built.clear()  # one federation's student at a time

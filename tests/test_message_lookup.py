@@ -98,15 +98,18 @@ def test_a_node_gets_only_its_own_undelivered_messages_once() -> None:
         get_message_ins_per_node(state, nodes[0], 0)
 
 
-def _poll(poll, state: InMemoryLinkState, nodes: list[int], cycles: float) -> list[int]:
-    """Run an engine poll for ``cycles`` x 0.1 s; the destinations it queued, in order."""
+def _poll(poll, state: InMemoryLinkState, nodes: list[int], expected: int) -> list[int]:
+    """Run an engine poll until it queued ``expected`` messages (at most 10 s), then for 3
+    more of Flower's cycles (a duplicate would show); the destinations it queued, in order."""
     queue: Queue[Message] = Queue()
     stop = threading.Event()
-    thread = threading.Thread(
-        target=poll, args=(state, queue, {n: i for i, n in enumerate(nodes)}, stop)
-    )
+    mapping = {node: i for i, node in enumerate(nodes)}
+    thread = threading.Thread(target=poll, args=(state, queue, mapping, stop))
     thread.start()
-    time.sleep(0.1 * cycles)
+    deadline = time.monotonic() + 10.0
+    while queue.qsize() < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
     stop.set()
     thread.join()
     got = []
@@ -123,8 +126,8 @@ def test_the_scan_poll_queues_what_flowers_poll_queues() -> None:
         ours_nodes[i] for i in (0, 1, 3)
     ]
     with engine_message_poll():  # both polls with the per-node lookup
-        want = _poll(FLOWER_POLL, flower_state, flower_nodes, 4.5)
-        got = _poll(add_messages_to_queue_by_scan, ours_state, ours_nodes, 4.5)
+        want = _poll(FLOWER_POLL, flower_state, flower_nodes, 6)
+        got = _poll(add_messages_to_queue_by_scan, ours_state, ours_nodes, 6)
     # every message queued once; one per node and cycle (a node's messages never overlap)
     position = {n: i for i, n in enumerate(ours_nodes)}
     assert sorted(position[n] for n in got) == [0, 0, 1, 3, 3, 3]
