@@ -200,9 +200,10 @@ def open_study(
     return study, spec
 
 
-def worker_name() -> str:
-    """``HOST:PID``: who ran a trial (a trial's ``worker`` attribute)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """``HOST:PID``: who ran a trial (a trial's ``worker`` attribute); ``pid``: a worker
+    process started here (default: this process)."""
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 # ---- the study as a table ----------------------------------------------------------------------

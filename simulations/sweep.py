@@ -57,7 +57,12 @@ from fedrank.simulations.study_store import (
     trial_rows,
     worker_name,
 )
-from fedrank.simulations.sweep_app import next_step, point_label, retried_numbers
+from fedrank.simulations.sweep_app import (
+    next_step,
+    point_label,
+    release_trials,
+    retried_numbers,
+)
 
 __all__ = ["SweepResult", "main", "make_spec", "run_sweep"]
 
@@ -159,6 +164,7 @@ class Workers:
                 continue
             if proc is not None:  # it ended
                 self.slots[slot] = None
+                self.release(study, proc)
                 if proc.returncode != 0:
                     self.restarts[slot] += 1
                     if self.restarts[slot] > MAX_RESTARTS:
@@ -174,8 +180,9 @@ class Workers:
                 self.start(slot)
         return busy
 
-    def interrupt(self, grace: float = 30.0) -> None:
-        """SIGINT to each worker (they put their trials back), then SIGKILL after ``grace``."""
+    def interrupt(self, study: optuna.Study, grace: float = 30.0) -> None:
+        """SIGINT to each worker (they put their trials back), then SIGKILL after ``grace``;
+        whatever trial a worker still held when it ended is put back here."""
         procs = [p for p in self.slots if p is not None and p.poll() is None]
         for proc in procs:
             proc.send_signal(signal.SIGINT)
@@ -186,6 +193,15 @@ class Workers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            self.release(study, proc)
+
+    @staticmethod
+    def release(study: optuna.Study, proc: subprocess.Popen) -> None:
+        """Put back the trials an ended worker still holds (it crashed, was killed, or the
+        runtime ended it before it could), so they run again now, not after a heartbeat."""
+        if proc.returncode != 0:
+            reason = f"its worker ended (exit code {proc.returncode})"
+            release_trials(study, worker_name(proc.pid), reason)
 
 
 class Progress:
@@ -296,7 +312,7 @@ def run_sweep(
             time.sleep(1.0)
         progress.update(study)
     except KeyboardInterrupt:
-        pool.interrupt()
+        pool.interrupt(study)
         progress.update(study)
         print("interrupted: run the same command again to resume", file=sys.stderr, flush=True)
         raise

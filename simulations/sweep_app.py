@@ -21,7 +21,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -214,17 +216,21 @@ def release_trials(study: optuna.Study, worker: str, reason: str) -> list[int]:
 
 
 def make_sweep_app(
-    study: optuna.Study, runner: TrialRunner, max_trials: int = 0
+    study: optuna.Study,
+    runner: TrialRunner,
+    max_trials: int = 0,
+    stop: threading.Event | None = None,
 ) -> tuple[ServerApp, dict[str, int]]:
-    """The ServerApp that runs the study's trials (at most ``max_trials``; 0: no limit) and
-    a counter of the trials it ran."""
+    """The ServerApp that runs the study's trials (at most ``max_trials``; 0: no limit; none
+    started once ``stop`` is set) and a counter of the trials it ran."""
     app = ServerApp()
     count = {"trials": 0}
+    stop = stop or threading.Event()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         runner.grid = grid
-        while not max_trials or count["trials"] < max_trials:
+        while (not max_trials or count["trials"] < max_trials) and not stop.is_set():
             step = next_step(study, runner.spec)
             if step == "done":
                 break
@@ -253,7 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenario = spec.load_scenario()
     torch.set_num_threads(max(1, args.threads))
     runner = TrialRunner(spec, scenario, Path(args.out), worker)
-    app, count = make_sweep_app(study, runner, args.max_trials)
+    stop = threading.Event()
+    app, count = make_sweep_app(study, runner, args.max_trials, stop)
+
+    def interrupted(signum: int, frame: object) -> None:
+        # put the trials back before anything else: once the runtime stops, Ray may end this
+        # process from one of its own threads before the `except` below runs
+        if not stop.is_set():
+            stop.set()
+            release_trials(study, worker, "interrupted")
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
     code = 0
     try:
         start_simulation(

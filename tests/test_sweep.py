@@ -21,8 +21,13 @@ from optuna.trial import TrialState
 from fedrank.common.errors import ConfigError, FedrankError
 from fedrank.simulations.report import find_runs
 from fedrank.simulations.scenarios import load_scenario, parse_scenario
-from fedrank.simulations.study_store import default_storage, open_storage, open_study
-from fedrank.simulations.sweep import main, make_spec, run_sweep
+from fedrank.simulations.study_store import (
+    default_storage,
+    open_storage,
+    open_study,
+    worker_name,
+)
+from fedrank.simulations.sweep import Workers, main, make_spec, run_sweep
 from fedrank.simulations.sweep_app import TrialRunner, next_step, release_trials
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +139,27 @@ def test_next_step_grid_resume_and_released_trials(tmp_path: Path) -> None:
     assert trials[2].state == TrialState.COMPLETE and trials[2].params == trials[0].params
     assert trials[2].params != trials[1].params
     assert next_step(study, spec) == "done"
+
+
+def test_the_pool_puts_back_what_a_dead_worker_held(tmp_path: Path) -> None:
+    """A worker that ends without putting its trial back (killed, or ended by the runtime
+    before its own handler ran) has it put back by the pool that started it."""
+    study, spec = _study(tmp_path)
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    held = study.ask()
+    held.set_user_attr("worker", worker_name(killed.pid))
+    spec.suggest(held)
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])  # a clean exit holds nothing
+    finished.wait()
+    pool = Workers(["unused"], 2, tmp_path / "logs", one_trial=False)
+    pool.slots = [killed, finished]
+    pool.interrupt(study, grace=0.0)  # no grace: SIGINT, then SIGKILL at once
+    assert killed.returncode != 0
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL
+    assert "exit code" in trials[0].user_attrs["error"]
+    assert trials[1].state == TrialState.WAITING and trials[1].params == trials[0].params
+    assert next_step(study, spec) == "run"
 
 
 def test_next_step_counts_the_budget_of_random_and_tpe(tmp_path: Path) -> None:
