@@ -103,7 +103,12 @@ def _optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimize
     params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "sgd":
         return torch.optim.SGD(params, lr=s.learning_rate, weight_decay=s.weight_decay)
-    return torch.optim.Adam(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    try:
+        # the fused kernel updates every tensor in one call: a student's few small tensors
+        # cost ~3x less per step than Adam's per-tensor loop (the same update)
+        return torch.optim.Adam(params, lr=s.learning_rate, weight_decay=s.weight_decay, fused=True)
+    except RuntimeError:  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=s.learning_rate, weight_decay=s.weight_decay)
 
 
 def train_student(
