@@ -32,14 +32,17 @@ from fedrank.simulations.sweep_app import TrialRunner, next_step, release_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
-# six grid points, two clients, one round of two local steps: seconds per trial
-SIX_POINTS = """
-description = "six-point grid for tests"
+# twelve grid points, two clients, 40 short rounds of two local steps: a few seconds a trial,
+# so one worker cannot finish the grid while the second one starts (the interrupt test needs
+# both busy), and an interrupted trial has round checkpoints to continue from
+GRID_POINTS = 12
+TWELVE_POINTS = """
+description = "twelve-point grid for tests"
 clients = 2
 seeds = [0]
 [config]
 data-path = "synthetic:num_sets=120,min_items=8,max_items=12"
-num-server-rounds = 1
+num-server-rounds = 40
 local-epochs = 0
 local-steps = 2
 batch-size = 8
@@ -51,8 +54,8 @@ teacher-layers = 1
 fraction-evaluate = 0.0
 [sweep]
 [sweep.space]
-rank-weight = [0.0, 0.5, 1.0]
-temperature = [1.0, 2.0]
+rank-weight = [0.0, 0.5, 1.0, 2.0]
+temperature = [1.0, 2.0, 4.0]
 """
 
 
@@ -242,7 +245,7 @@ def _sweep_command(scenario: Path, out: Path, storage: str, workers: int) -> lis
         "--storage",
         storage,
         "--study",
-        "six",
+        "twelve",
     ]
 
 
@@ -252,8 +255,8 @@ def _env() -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path: Path) -> None:
-    scenario = tmp_path / "six.toml"
-    scenario.write_text(SIX_POINTS, encoding="utf-8")
+    scenario = tmp_path / "twelve.toml"
+    scenario.write_text(TWELVE_POINTS, encoding="utf-8")
     storage = default_storage(tmp_path / "a")
     (tmp_path / "a").mkdir()
 
@@ -270,7 +273,7 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(1.0)
         try:
-            study = optuna.load_study(study_name="six", storage=storage)
+            study = optuna.load_study(study_name="twelve", storage=storage)
         except KeyError:
             continue
         finished = study.get_trials(states=(TrialState.COMPLETE,))
@@ -281,7 +284,7 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     log, _ = first.communicate(timeout=120)
     assert finished, log.decode(errors="replace")[-4000:]
     assert first.returncode != 0 and b"run the same command again to resume" in log
-    study = optuna.load_study(study_name="six", storage=storage)
+    study = optuna.load_study(study_name="twelve", storage=storage)
     before = {t.number: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert not study.get_trials(states=(TrialState.RUNNING,))  # interrupted trials went back
     workers = {t.user_attrs["worker"] for t in study.get_trials() if "worker" in t.user_attrs}
@@ -311,10 +314,11 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     text = (out_resume + out_join).decode(errors="replace")
     assert resume.returncode == 0 and join.returncode == 0, text[-4000:]
 
-    study = optuna.load_study(study_name="six", storage=storage)
+    study = optuna.load_study(study_name="twelve", storage=storage)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     points = [json.dumps(t.params, sort_keys=True) for t in complete]
-    assert len(points) == 6 and len(set(points)) == 6  # every grid point once, none repeated
+    # every grid point once, none repeated
+    assert len(points) == GRID_POINTS and len(set(points)) == GRID_POINTS
     for number, trial in before.items():  # finished trials stay as they were, not run again
         assert study.get_trials()[number].state == TrialState.COMPLETE
         assert study.get_trials()[number].value == trial.value
@@ -323,7 +327,7 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     # the joining process added trials: runs in its own folder, recorded in the shared study
     joined = [r for r in find_runs([tmp_path / "b" / "runs"]) if r.complete]
     assert joined, text[-4000:]
-    assert "resuming study 'six'" in out_resume.decode()
+    assert "resuming study 'twelve'" in out_resume.decode()
 
 
 def test_a_point_the_configuration_rejects_is_pruned_with_the_reason(tmp_path: Path) -> None:
