@@ -32,7 +32,7 @@ from fedrank.simulations.sweep_app import TrialRunner, next_step, release_trials
 
 REPO = Path(__file__).resolve().parents[1]
 
-# twelve grid points, two clients, 40 short rounds of two local steps: a few seconds a trial,
+# twelve grid points, two clients, 80 short rounds of two local steps: seconds a trial,
 # so one worker cannot finish the grid while the second one starts (the interrupt test needs
 # both busy), and an interrupted trial has round checkpoints to continue from
 GRID_POINTS = 12
@@ -42,7 +42,7 @@ clients = 2
 seeds = [0]
 [config]
 data-path = "synthetic:num_sets=120,min_items=8,max_items=12"
-num-server-rounds = 40
+num-server-rounds = 80
 local-epochs = 0
 local-steps = 2
 batch-size = 8
@@ -249,6 +249,10 @@ def _sweep_command(scenario: Path, out: Path, storage: str, workers: int) -> lis
     ]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "PYTHONPATH": str(REPO)}
 
@@ -267,17 +271,23 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
         stderr=subprocess.STDOUT,
         env=_env(),
         start_new_session=True,
+        # Ctrl-C's default action even where this test was started in the background (a
+        # non-interactive shell starts background jobs with SIGINT ignored, and Python keeps it)
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 900  # a busy machine: Ray may need a second start
     finished: list[optuna.trial.FrozenTrial] = []
+    watched = None  # opened once: reopening a store that workers write to can wait seconds
     while time.monotonic() < deadline and first.poll() is None:
-        time.sleep(1.0)
-        try:
-            study = optuna.load_study(study_name="twelve", storage=storage)
-        except KeyError:
-            continue
-        finished = study.get_trials(states=(TrialState.COMPLETE,))
-        takers = {t.user_attrs.get("worker") for t in study.get_trials()} - {None}
+        time.sleep(0.5)
+        if watched is None:
+            try:
+                watched = optuna.load_study(study_name="twelve", storage=storage)
+            except KeyError:
+                continue
+        trials = watched.get_trials()
+        finished = [t for t in trials if t.state == TrialState.COMPLETE]
+        takers = {t.user_attrs.get("worker") for t in trials} - {None}
         if finished and len(takers) >= 2:
             break
     first.send_signal(signal.SIGINT)
