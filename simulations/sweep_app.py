@@ -282,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except KeyboardInterrupt:
         code = 130
+        # again: a trial the ServerApp thread had just started while the handler ran
         release_trials(study, worker, "interrupted")
     except BaseException:  # noqa: BLE001 - the runtime failed: the log gets it, the trial goes back
         traceback.print_exc()

@@ -277,7 +277,7 @@ def test_two_workers_interrupted_resumed_and_joined_by_a_second_process(tmp_path
     )
     deadline = time.monotonic() + 900  # a busy machine: Ray may need a second start
     finished: list[optuna.trial.FrozenTrial] = []
-    watched = None  # opened once: reopening a store that workers write to can wait seconds
+    watched = None  # the study, opened once it exists, then re-read each time
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.5)
         if watched is None:
